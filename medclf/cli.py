@@ -1,0 +1,320 @@
+"""`medclf` command line: phantoms, train, score, evaluate, demo.
+
+Each subcommand: parse arguments -> load and validate the config (failing before any work) ->
+one call into the library. `jobs/*.py` are the same subcommands under their own names, for
+`ray job submit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Optional
+
+from medclf import storage
+from medclf.config import Config, ConfigError, dump_config, load_config
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster in ray.address / RAY_ADDRESS, or start Ray in this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+    # Ray Data prints one progress line per stage; keep the log readable when not on a TTY.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def new_run_id(cfg: Config) -> str:
+    return cfg.run.id or f"{cfg.run.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_folder(cfg: Config, run_id: str) -> str:
+    path = storage.join(cfg.run.root, run_id)
+    if not storage.is_remote(path):
+        path = os.path.abspath(path)
+    storage.makedirs(path)
+    return path
+
+
+def save_resolved_config(cfg: Config, run_dir: str, job: str) -> None:
+    storage.write_bytes(storage.join(run_dir, f"{job}_config.yaml"), dump_config(cfg).encode())
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", default=DEFAULT_CONFIG,
+        help="YAML config (see README, 'Configuration'); default: %(default)s",
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=3 --set model.arch=resnet18 (repeatable; "
+        "values are parsed as YAML)",
+    )
+    p.add_argument("--run-id", help="run id (folder name under run.root); default: <run.name>-<UTC time>")
+    p.add_argument("--run-root", help="folder or s3:// prefix holding run folders (run.root); default from config")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _config_from(args: argparse.Namespace, extra: Optional[list[str]] = None) -> Config:
+    overrides = list(args.overrides) + (extra or [])
+    if args.run_id:
+        overrides.append(f"run.id={args.run_id}")
+    if args.run_root:
+        overrides.append(f"run.root={args.run_root}")
+    return load_config(args.config, overrides)
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def phantoms_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Write a labelled synthetic dataset (PNG + DICOM + manifest).")
+    p.add_argument("--out", required=True, help="output folder (local)")
+    p.add_argument("--config", default=None, help="YAML config whose 'phantoms' section sets the defaults")
+    p.add_argument("--n-train", type=int, help="number of training images")
+    p.add_argument("--n-test", type=int, help="number of test images")
+    p.add_argument("--image-size", type=int, help="side of the square images in pixels")
+    p.add_argument("--formats", nargs="+", choices=["png", "dcm"], help="file formats to write for each image")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same bytes)")
+    return p
+
+
+def train_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Train a classifier with Ray Train and write a model artifact into the run folder."
+    )
+    _add_common(p)
+    p.add_argument("--data", help="labelled image folder or s3:// prefix (data.root)")
+    p.add_argument("--manifest", help="labelled manifest Parquet/CSV instead of a folder (data.manifest)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (train.epochs)")
+    p.add_argument("--workers", type=int, help="number of Ray Train workers (train.num_workers)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (train.use_gpu)")
+    return p
+
+
+def score_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Score image files (PNG/JPEG/DICOM) with a model artifact; write predictions Parquet."
+    )
+    _add_common(p)
+    p.add_argument("--input", help="folder, glob, s3:// prefix or manifest of files to score (score.input)")
+    p.add_argument("--model", help="model artifact folder, local or s3:// (score.model)")
+    p.add_argument("--output", help="predictions folder (score.output); default <run folder>/predictions")
+    p.add_argument("--batch-size", type=int, help="images per inference batch (score.batch_size)")
+    p.add_argument("--num-actors", type=int, help="inference actors in the pool (score.num_actors)")
+    p.add_argument("--use-gpu", action="store_true", help="run the model on GPU, one per actor (score.use_gpu)")
+    p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any file failed to score")
+    return p
+
+
+def evaluate_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Evaluate predictions against labels; write a report.")
+    _add_common(p)
+    p.add_argument("--predictions", help="predictions Parquet folder from `score` (evaluate.predictions)")
+    p.add_argument("--labels", help="manifest with path,label (evaluate.labels); default: parent folder names")
+    p.add_argument("--model", help="model artifact, for class names and positive class (score.model)")
+    p.add_argument("--output", help="report folder (evaluate.output); default <run folder>/report")
+    return p
+
+
+def demo_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="End to end on phantoms: generate -> train -> score -> evaluate, in one run folder."
+    )
+    _add_common(p)
+    return p
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_phantoms(args: argparse.Namespace) -> int:
+    from medclf.phantoms import generate
+
+    cfg = load_config(args.config) if args.config else Config()
+    pc = cfg.phantoms
+    manifest = generate(
+        args.out,
+        n_train=args.n_train or pc.n_train,
+        n_test=args.n_test or pc.n_test,
+        image_size=args.image_size or pc.image_size,
+        formats=tuple(args.formats or pc.formats),
+        positive_fraction=pc.positive_fraction,
+        seed=cfg.run.seed if args.seed is None else args.seed,
+    )
+    print(f"wrote {len(manifest)} files to {args.out} (manifest: {os.path.join(args.out, 'manifest.parquet')})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, cfg: Optional[Config] = None) -> int:
+    from medclf.train import run_training
+
+    extra = []
+    if args.data:
+        extra.append(f"data.root={args.data}")
+    if args.manifest:
+        extra.append(f"data.manifest={args.manifest}")
+    if args.epochs:
+        extra.append(f"train.epochs={args.epochs}")
+    if args.workers:
+        extra.append(f"train.num_workers={args.workers}")
+    if args.use_gpu:
+        extra.append("train.use_gpu=true")
+    cfg = cfg or _config_from(args, extra)
+    run_id = new_run_id(cfg)
+    run_dir = run_folder(cfg, run_id)
+    save_resolved_config(cfg, run_dir, "train")
+    init_ray(cfg)
+    result = run_training(cfg, run_dir)
+    v = result.card.metrics["validation"]
+    print(f"model {result.card.model_id} -> {result.model_path}")
+    print(f"validation (best epoch {v['best_epoch']}): " + ", ".join(
+        f"{k} {v[k]:.4f}" for k in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1") if k in v))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from medclf.score import run_scoring
+
+    extra = []
+    for opt, key in (("input", "input"), ("model", "model"), ("output", "output"),
+                     ("batch_size", "batch_size"), ("num_actors", "num_actors")):
+        if getattr(args, opt):
+            extra.append(f"score.{key}={getattr(args, opt)}")
+    if args.use_gpu:
+        extra.append("score.use_gpu=true")
+    cfg = _config_from(args, extra)
+    if not cfg.score.input or not cfg.score.model:
+        raise ConfigError("score needs an input (--input or score.input) and a model (--model or score.model)")
+    run_id = new_run_id(cfg)
+    run_dir = run_folder(cfg, run_id)
+    output = cfg.score.output or storage.join(run_dir, "predictions")
+    save_resolved_config(cfg, run_dir, "score")
+    init_ray(cfg)
+    summary = run_scoring(cfg, run_id, cfg.score.input, cfg.score.model, output)
+    print(summary)
+    if summary.failed:
+        print(f"{summary.failed} file(s) failed; see the 'error' column in {output}")
+    return 1 if (summary.failed and args.fail_on_error) else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medclf.evaluate import run_evaluation
+    from medclf.models import load_card
+
+    extra = []
+    for opt, key in (("predictions", "evaluate.predictions"), ("labels", "evaluate.labels"),
+                     ("output", "evaluate.output"), ("model", "score.model")):
+        if getattr(args, opt):
+            extra.append(f"{key}={getattr(args, opt)}")
+    cfg = _config_from(args, extra)
+    if not cfg.evaluate.predictions:
+        raise ConfigError("evaluate needs predictions (--predictions or evaluate.predictions)")
+    if cfg.score.model:
+        card = load_card(cfg.score.model)
+        classes, positive = card.classes, card.positive_class
+    elif cfg.data.classes:
+        classes, positive = cfg.data.classes, cfg.data.positive_class
+    else:
+        raise ConfigError("evaluate needs the class names: --model ARTIFACT, or data.classes in the config")
+    run_dir = run_folder(cfg, new_run_id(cfg))
+    output = cfg.evaluate.output or storage.join(run_dir, "report")
+    report = run_evaluation(cfg.evaluate.predictions, output, classes, positive, cfg.evaluate.labels,
+                            cfg.data.class_map)
+    print_metrics(report.metrics)
+    print(f"report -> {output}")
+    return 0
+
+
+def print_metrics(metrics) -> None:
+    cols = [c for c in ("rule", "n", "threshold", "accuracy", "sensitivity", "specificity", "precision", "f1",
+                        "roc_auc", "pr_auc") if c in metrics.columns]
+    print(metrics[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medclf.evaluate import run_evaluation
+    from medclf.phantoms import generate
+    from medclf.score import run_scoring
+    from medclf.train import run_training
+
+    t0 = time.time()
+    cfg = _config_from(args)
+    run_id = new_run_id(cfg)
+    run_dir = run_folder(cfg, run_id)
+    data_dir = os.path.join(run_dir, "data")
+    pc = cfg.phantoms
+    print(f"[demo] run folder: {run_dir}")
+    manifest = generate(data_dir, pc.n_train, pc.n_test, pc.image_size, pc.positive_fraction, tuple(pc.formats),
+                        cfg.run.seed)
+    print(f"[demo] 1/4 phantoms: {len(manifest)} files ({', '.join(pc.formats)}) in {data_dir}")
+    cfg.data.root = data_dir
+    save_resolved_config(cfg, run_dir, "demo")
+    init_ray(cfg)
+    trained = run_training(cfg, run_dir)
+    print(f"[demo] 2/4 trained {trained.card.model_id}, threshold {trained.card.threshold:.3f} -> {trained.model_path}")
+    predictions = os.path.join(run_dir, "predictions")
+    summary = run_scoring(cfg, run_id, os.path.join(data_dir, cfg.data.test_split), trained.model_path, predictions)
+    print(f"[demo] 3/4 {summary}")
+    report = run_evaluation(predictions, os.path.join(run_dir, "report"), trained.card.classes,
+                            trained.card.positive_class, os.path.join(data_dir, "manifest.parquet"))
+    print(f"[demo] 4/4 report -> {report.output}")
+    print()
+    print(f"Test split ({report.n_evaluated} files scored, {report.n_failed} failed), model {trained.card.model_id}:")
+    print_metrics(report.metrics)
+    print(f"\ndone in {time.time() - t0:.0f}s; everything is under {run_dir}")
+    return 0
+
+
+COMMANDS = {
+    "phantoms": (phantoms_parser, cmd_phantoms),
+    "train": (train_parser, cmd_train),
+    "score": (score_parser, cmd_score),
+    "evaluate": (evaluate_parser, cmd_evaluate),
+    "demo": (demo_parser, cmd_demo),
+}
+
+
+def run_command(name: str, argv: list[str], prog: Optional[str] = None) -> int:
+    """Parse `argv` for subcommand `name` and run it; user errors print one clear message, exit 2."""
+    make_parser, command = COMMANDS[name]
+    args = make_parser(prog or f"medclf {name}").parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from medclf.data import DatasetError
+    from medclf.evaluate import EvaluationError
+    from medclf.models import ModelError
+
+    try:
+        return command(args)
+    except (ConfigError, DatasetError, ModelError, EvaluationError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="medclf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=list(COMMANDS), help="what to run; `medclf COMMAND --help` for its options")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.parse_args(argv[:1] or ["--help"])
+    return run_command(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

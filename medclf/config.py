@@ -1,0 +1,287 @@
+"""Typed job configuration: YAML in, validated objects out.
+
+One `Config` describes a whole run (data, preprocessing, model, training, scoring, evaluation,
+Ray). Every job reads the same file, so the model trained is the model scored. Validation is
+strict: an unknown key or a bad value fails at once, naming the key and the file, before any
+work starts. pydantic does the type checking (it ships with ray[default] anyway).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MODEL_ARCHS = (
+    "small_cnn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "densenet121",
+    "efficientnet_b0",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    """Prefix of the run id; the run id is `<name>-<UTC timestamp>` unless `id` is set."""
+    id: Optional[str] = None
+    """Fixed run id (re-using one resumes training and re-uses the run folder)."""
+    root: str = "runs"
+    """Folder (or s3:// prefix) under which each run gets `<root>/<run-id>/`."""
+    seed: int = 0
+
+    @field_validator("id", "name")
+    @classmethod
+    def _safe_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return v
+
+
+class PhantomConfig(_Section):
+    """Synthetic data for the demo and the tests (`medclf phantoms`)."""
+
+    n_train: int = Field(400, ge=2)
+    n_test: int = Field(200, ge=2)
+    image_size: int = Field(64, ge=32, le=1024)
+    positive_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    formats: list[Literal["png", "dcm"]] = ["png", "dcm"]
+
+
+class DataConfig(_Section):
+    root: Optional[str] = None
+    """Image folder: `<root>/<CLASS>/<file>` or `<root>/<split>/<CLASS>/<file>`; local or s3://."""
+    manifest: Optional[str] = None
+    """Alternative to `root`: Parquet/CSV with columns path, label[, split, patient_id]."""
+    classes: list[str] = Field(default_factory=list)
+    """Class names in model output order. Empty: the sorted (mapped) folder names."""
+    class_map: dict[str, str] = Field(default_factory=dict)
+    """Folder name -> class name, for messy folder names (`Bengin cases: benign`)."""
+    positive_class: Optional[str] = None
+    """Binary tasks: the class whose probability is thresholded (the finding)."""
+    extensions: list[str] = [".png", ".jpg", ".jpeg", ".dcm"]
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """When no validation split exists, this fraction of patients is held out for validation."""
+    patient_regex: Optional[str] = None
+    """Regex with one group pulling the patient id out of a file name; None: the file stem."""
+
+    @field_validator("patient_regex")
+    @classmethod
+    def _regex_compiles(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            try:
+                pattern = re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+            if pattern.groups < 1:
+                raise ValueError("needs one capture group, e.g. '(person\\d+)_'")
+        return v
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_lower(cls, v: list[str]) -> list[str]:
+        return [e.lower() if e.startswith(".") else "." + e.lower() for e in v]
+
+
+class PreprocessConfig(_Section):
+    image_size: int = Field(224, ge=16, le=2048)
+    """Square side in pixels the image is resized to."""
+    mean: float = 0.5
+    std: float = Field(0.25, gt=0.0)
+    """Intensity normalisation applied after scaling pixels to [0, 1]."""
+
+
+class ModelConfig(_Section):
+    arch: str = "resnet18"
+    weights: str = "none"
+    """`none`, a torchvision weights name (e.g. `IMAGENET1K_V1`), or a local .pt/.pth file."""
+    transfer: str = "finetune"
+    """`finetune`, `feature_extractor`, or `freeze_first:N`."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        if v not in MODEL_ARCHS:
+            hint = difflib.get_close_matches(v, MODEL_ARCHS, n=1)
+            raise ValueError(
+                f"unknown model '{v}'"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; known: {', '.join(MODEL_ARCHS)}"
+            )
+        return v
+
+    @field_validator("transfer")
+    @classmethod
+    def _known_transfer(cls, v: str) -> str:
+        if v in ("finetune", "feature_extractor") or re.fullmatch(r"freeze_first:\d+", v):
+            return v
+        raise ValueError(f"'{v}' is not one of finetune, feature_extractor, freeze_first:N")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    """Per worker."""
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    augment: bool = True
+    class_weighting: Literal["none", "balanced"] = "balanced"
+    early_stopping_patience: int = Field(5, ge=1)
+    threshold: Literal["youden", "target_sensitivity", "argmax"] = "youden"
+    target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0.0)
+    """Keep below the machine's share: Ray hangs when train workers take every CPU."""
+    use_gpu: bool = False
+    max_failures: int = Field(1, ge=0)
+    loader_workers: int = Field(0, ge=0)
+    """torch DataLoader worker processes per train worker."""
+
+
+class ScoreConfig(_Section):
+    input: Optional[str] = None
+    """Folder, glob or manifest (Parquet/CSV with a `path` column); local or s3://."""
+    model: Optional[str] = None
+    """Model artifact folder; local or s3://."""
+    output: Optional[str] = None
+    """Predictions Parquet folder; default `<run folder>/predictions`."""
+    batch_size: int = Field(32, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    use_gpu: bool = False
+    decode_batch_size: int = Field(16, ge=1)
+    extensions: list[str] = [".png", ".jpg", ".jpeg", ".dcm"]
+    """Which files under `input` to score (a manifest is taken as it is)."""
+
+    _dotted = field_validator("extensions")(DataConfig._dotted_lower.__func__)
+
+
+class EvaluateConfig(_Section):
+    predictions: Optional[str] = None
+    labels: Optional[str] = None
+    """Manifest with path + label; None: labels from each file's parent folder name."""
+    output: Optional[str] = None
+    """Report folder; default `<run folder>/report`."""
+
+
+class RayConfig(_Section):
+    address: Optional[str] = None
+    """None: start Ray in-process; `auto` or `ray://...`: join that cluster."""
+    num_cpus: Optional[int] = Field(None, ge=1)
+    """Only for an in-process Ray: cap the CPUs it may use."""
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    phantoms: PhantomConfig = Field(default_factory=PhantomConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.data.positive_class and self.data.classes and self.data.positive_class not in self.data.classes:
+            raise ValueError(
+                f"data.positive_class '{self.data.positive_class}' is not in data.classes {self.data.classes}"
+            )
+        return self
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            parent = _section_for(err["loc"][:-1])
+            hint = difflib.get_close_matches(str(err["loc"][-1]), list(parent.model_fields), n=1) if parent else []
+            msg = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if "input" in err and err["type"] not in ("missing",):
+                msg += f" (got {err['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _section_for(loc: tuple) -> Optional[type[BaseModel]]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. train.epochs=3")
+    key, raw = item.split("=", 1)
+    # YAML parsing gives overrides the same typing as the file: 3 -> int, null -> None, [a,b] -> list.
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read YAML (or start from defaults), apply `key.sub=value` overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    if overrides:
+        source += " (with overrides " + " ".join(overrides) + ")"
+        data = apply_overrides(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

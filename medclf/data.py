@@ -1,0 +1,156 @@
+"""Labelled datasets: discover files, map class names, split by patient.
+
+A dataset is a DataFrame with columns `path` (full path or URL), `label` (class name),
+`split` (train / val / test) and `patient_id`. It comes from an image folder
+(`<root>/<CLASS>/<file>` or `<root>/<split>/<CLASS>/<file>`) or a manifest (Parquet/CSV with
+`path` and `label`, optionally `split` and `patient_id`; relative paths are relative to the
+manifest's folder).
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import re
+from pathlib import PurePosixPath
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from medclf import storage
+from medclf.config import DataConfig
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def read_manifest(path: str) -> pd.DataFrame:
+    try:
+        raw = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: manifest not found") from None
+    try:
+        if path.lower().endswith(".csv"):
+            df = pd.read_csv(io.BytesIO(raw))
+        else:
+            df = pd.read_parquet(io.BytesIO(raw))
+    except Exception as exc:
+        raise DatasetError(f"{path}: not a readable Parquet/CSV manifest ({exc})") from None
+    if "path" not in df.columns:
+        raise DatasetError(f"{path}: manifest has no 'path' column (columns: {list(df.columns)})")
+    base = path.rsplit("/", 1)[0] if "/" in path else "."
+    df = df.copy()
+    df["path"] = [p if (storage.is_remote(p) or p.startswith("/")) else storage.join(base, p) for p in df["path"]]
+    return df
+
+
+def _relative_parts(path: str, root: str) -> list[str]:
+    root = root.rstrip("/")
+    rel = path[len(root) :].lstrip("/") if path.startswith(root) else path
+    return list(PurePosixPath(rel.replace("\\", "/")).parts)
+
+
+def patient_id_of(path: str, regex: Optional[str]) -> str:
+    """Patient id from a file name: the regex's first group, or the file stem."""
+    name = posixpath.basename(path)
+    if regex:
+        m = re.search(regex, name)
+        if m:
+            return m.group(1)
+    return name.rsplit(".", 1)[0]
+
+
+def discover(cfg: DataConfig) -> pd.DataFrame:
+    """Find the labelled files per the config; validate classes before any training work."""
+    if cfg.manifest:
+        df = read_manifest(cfg.manifest)
+        if "label" not in df.columns:
+            raise DatasetError(f"{cfg.manifest}: manifest has no 'label' column")
+        source = cfg.manifest
+        if "split" not in df.columns:
+            df["split"] = cfg.train_split
+    elif cfg.root:
+        source = cfg.root
+        if not storage.exists(cfg.root):
+            raise DatasetError(f"{cfg.root}: data folder not found")
+        paths = list(storage.list_files(cfg.root, cfg.extensions))
+        if not paths:
+            raise DatasetError(f"{cfg.root}: no image files ({', '.join(cfg.extensions)}) found")
+        rows = []
+        for p in paths:
+            parts = _relative_parts(p, cfg.root)
+            if len(parts) == 2:
+                split, folder = cfg.train_split, parts[0]
+            elif len(parts) == 3:
+                split, folder = parts[0], parts[1]
+            else:
+                raise DatasetError(
+                    f"{p}: expected <root>/<CLASS>/<file> or <root>/<split>/<CLASS>/<file> under {cfg.root}"
+                )
+            rows.append((p, folder, split))
+        df = pd.DataFrame(rows, columns=["path", "label", "split"])
+    else:
+        raise DatasetError("no data: set data.root (an image folder) or data.manifest")
+
+    df["label"] = df["label"].astype(str).map(lambda name: cfg.class_map.get(name, name))
+    found = sorted(df["label"].unique())
+    classes = cfg.classes or found
+    missing = [c for c in classes if c not in found]
+    if missing:
+        raise DatasetError(
+            f"{source}: no images for class(es) {missing}; found folders/labels {found}"
+            + (f" (after data.class_map {cfg.class_map})" if cfg.class_map else "")
+        )
+    extra = [c for c in found if c not in classes]
+    if extra:
+        raise DatasetError(
+            f"{source}: labels {extra} are not in data.classes {classes}; add them or map them with data.class_map"
+        )
+    if len(classes) < 2:
+        raise DatasetError(f"{source}: need at least 2 classes, found {classes}")
+    if "patient_id" not in df.columns:
+        df["patient_id"] = [patient_id_of(p, cfg.patient_regex) for p in df["path"]]
+    df["patient_id"] = df["patient_id"].astype(str)
+    return df.reset_index(drop=True)
+
+
+def class_names(df: pd.DataFrame, cfg: DataConfig) -> list[str]:
+    return list(cfg.classes) if cfg.classes else sorted(df["label"].unique())
+
+
+def assign_validation(df: pd.DataFrame, cfg: DataConfig, seed: int) -> pd.DataFrame:
+    """Carve a validation split out of train by patient, stratified by label, when none exists.
+
+    Every image of a patient lands in the same split; patients are drawn per (majority) label
+    so both splits keep the class balance. Deterministic for a seed.
+    """
+    df = df.copy()
+    if (df["split"] == cfg.val_split).any():
+        return df
+    train = df[df["split"] == cfg.train_split]
+    if train.empty:
+        raise DatasetError(f"no '{cfg.train_split}' images to train on (splits found: {sorted(df['split'].unique())})")
+    patient_label = train.groupby("patient_id")["label"].agg(lambda s: s.value_counts().index[0])
+    rng = np.random.default_rng(seed)
+    val_patients: set = set()
+    for label in sorted(patient_label.unique()):
+        patients = np.array(sorted(patient_label[patient_label == label].index))
+        rng.shuffle(patients)
+        n_val = int(round(len(patients) * cfg.val_fraction))
+        if len(patients) >= 2:
+            n_val = min(max(n_val, 1), len(patients) - 1)  # both splits keep every class
+        val_patients.update(patients[:n_val])
+    is_val = (df["split"] == cfg.train_split) & df["patient_id"].isin(val_patients)
+    df.loc[is_val, "split"] = cfg.val_split
+    return df
+
+
+def check_nonempty(df: pd.DataFrame, classes: list[str], splits: list[str], source: str) -> None:
+    for split in splits:
+        part = df[df["split"] == split]
+        counts = part["label"].value_counts()
+        empty = [c for c in classes if counts.get(c, 0) == 0]
+        if empty:
+            raise DatasetError(f"{source}: split '{split}' has no images of class(es) {empty}")

@@ -1,0 +1,253 @@
+"""Backbones, weights, freezing, and the model artifact.
+
+The artifact is a folder any job can read without unpickling code:
+    weights.pt   the state_dict (loaded with torch.load(weights_only=True))
+    model.json   arch, class names, positive class, decision threshold, preprocessing spec,
+                 validation metrics, the training config and the model id
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from medclf import storage
+from medclf.config import PreprocessConfig
+
+ARTIFACT_VERSION = 1
+WEIGHTS_FILE = "weights.pt"
+CARD_FILE = "model.json"
+
+
+class ModelError(ValueError):
+    pass
+
+
+class SmallCNN(nn.Module):
+    """Four conv blocks and a linear head: a minutes-long model for phantoms and smoke runs."""
+
+    def __init__(self, num_classes: int, widths=(16, 32, 64, 128), dropout: float = 0.0):
+        super().__init__()
+        blocks, c_in = [], 3
+        for w in widths:
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                    nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                    nn.MaxPool2d(2),
+                )
+            )
+            c_in = w
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)))
+
+
+def _replace_head(model: nn.Module, arch: str, num_classes: int, dropout: float) -> nn.Module:
+    """Size the new head from the backbone's own feature width, never a hard-coded number."""
+
+    def head(in_features: int) -> nn.Module:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes)) if dropout else nn.Linear(
+            in_features, num_classes
+        )
+
+    if arch.startswith("resnet"):
+        model.fc = head(model.fc.in_features)
+    elif arch.startswith("densenet"):
+        model.classifier = head(model.classifier.in_features)
+    elif arch.startswith(("efficientnet", "mobilenet")):
+        last = model.classifier[-1]
+        model.classifier[-1] = head(last.in_features)
+    else:  # pragma: no cover - guarded by config validation
+        raise ModelError(f"no head rule for '{arch}'")
+    return model
+
+
+def head_module(model: nn.Module, arch: str) -> nn.Module:
+    if arch.startswith("resnet"):
+        return model.fc
+    return model.classifier
+
+
+def backbone_blocks(model: nn.Module, arch: str) -> list[nn.Module]:
+    """Top-level blocks in input-to-output order; `freeze_first:N` freezes the first N."""
+    if arch == "small_cnn":
+        return list(model.features)
+    if arch.startswith("resnet"):
+        stem = nn.ModuleList([model.conv1, model.bn1])
+        return [stem, model.layer1, model.layer2, model.layer3, model.layer4]
+    return list(model.features)  # densenet, efficientnet, mobilenet
+
+
+def _load_weights_file(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"weights file not found: {path}") from None
+    except Exception as exc:
+        raise ModelError(f"{path}: not a weights_only-loadable state_dict ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: expected a state_dict (a mapping of tensors), got {type(state).__name__}")
+    return state
+
+
+def build_model(arch: str, num_classes: int, weights: str = "none", dropout: float = 0.0) -> nn.Module:
+    """A backbone with a fresh `num_classes` head; `weights` = none | torchvision name | file."""
+    if num_classes < 2:
+        raise ModelError(f"need at least 2 classes, got {num_classes}")
+    if arch == "small_cnn":
+        model: nn.Module = SmallCNN(num_classes, dropout=dropout)
+        if weights != "none":
+            _load_backbone_state(model, _load_weights_file(weights), weights, arch)
+        return model
+    builder = getattr(torchvision.models, arch)
+    if weights == "none":
+        model = builder(weights=None)
+    elif os.path.sep in weights or weights.endswith((".pt", ".pth", ".bin")):
+        model = builder(weights=None)
+        _load_backbone_state(model, _load_weights_file(weights), weights, arch)
+    else:
+        try:
+            enum = torchvision.models.get_model_weights(arch)[weights]
+        except KeyError:
+            known = ", ".join(w.name for w in torchvision.models.get_model_weights(arch))
+            raise ModelError(f"'{weights}' is not a torchvision weight for {arch}; known: {known}, or a file path") from None
+        try:
+            model = builder(weights=enum)
+        except Exception as exc:  # URLError, socket errors, hash mismatch...
+            raise ModelError(
+                f"could not download {arch} weights {weights} ({type(exc).__name__}: {exc}). On an offline "
+                f"machine, download {enum.url} elsewhere and set model.weights to the local file path."
+            ) from None
+    return _replace_head(model, arch, num_classes, dropout)
+
+
+def _load_backbone_state(model: nn.Module, state: dict, source: str, arch: str) -> None:
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ModelError(f"{source}: no tensor matches {arch}'s layer names and shapes")
+    model.load_state_dict(usable, strict=False)
+
+
+def apply_transfer_mode(model: nn.Module, arch: str, mode: str) -> list[nn.Module]:
+    """Freeze parameters per `mode`; returns the frozen modules (their BatchNorms stay in eval)."""
+    if mode == "finetune":
+        return []
+    blocks = backbone_blocks(model, arch)
+    if mode == "feature_extractor":
+        frozen = [m for m in model.children() if m is not head_module(model, arch)]
+    else:
+        n = int(mode.split(":", 1)[1])
+        if n > len(blocks):
+            raise ModelError(f"freeze_first:{n} but {arch} has only {len(blocks)} top-level blocks")
+        frozen = blocks[:n]
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return frozen
+
+
+def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
+    """model.train(), except BatchNorm in frozen parts keeps its running statistics fixed."""
+    model.train()
+    for module in frozen:
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+@dataclass
+class ModelCard:
+    arch: str
+    classes: list[str]
+    preprocess: dict
+    positive_class: Optional[str] = None
+    threshold: Optional[float] = None
+    threshold_rule: str = "argmax"
+    metrics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    model_id: str = ""
+    created_at: str = ""
+    artifact_version: int = ARTIFACT_VERSION
+
+    @property
+    def preprocess_spec(self) -> PreprocessConfig:
+        return PreprocessConfig.model_validate(self.preprocess)
+
+    @property
+    def positive_index(self) -> Optional[int]:
+        return self.classes.index(self.positive_class) if self.positive_class else None
+
+
+def prob_column(class_name: str) -> str:
+    """Parquet column holding a class's probability: `prob_<name>` with non-word characters -> '_'."""
+    return "prob_" + re.sub(r"\W+", "_", class_name).strip("_")
+
+
+def save_artifact(model: nn.Module, card: ModelCard, dest: str) -> ModelCard:
+    """Write weights + card to `dest` (local or s3://); the model id is derived from the weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights_path = os.path.join(tmp, WEIGHTS_FILE)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, weights_path)
+        with open(weights_path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        card.model_id = f"{card.arch}-{digest[:12]}"
+        card.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with open(os.path.join(tmp, CARD_FILE), "w") as f:
+            json.dump(asdict(card), f, indent=2, default=str)
+        storage.upload_dir(tmp, dest)
+    return card
+
+
+def load_card(path: str) -> ModelCard:
+    card_path = storage.join(path, CARD_FILE)
+    try:
+        raw = json.loads(storage.read_bytes(card_path))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: not a model artifact (no {CARD_FILE})") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{card_path}: not valid JSON ({exc})") from None
+    if raw.get("artifact_version") != ARTIFACT_VERSION:
+        raise ModelError(f"{card_path}: artifact version {raw.get('artifact_version')} is not {ARTIFACT_VERSION}")
+    known = set(ModelCard.__dataclass_fields__)
+    return ModelCard(**{k: v for k, v in raw.items() if k in known})
+
+
+def load_artifact(path: str, device: str = "cpu") -> tuple[nn.Module, ModelCard]:
+    """Rebuild the model from an artifact folder (local or s3://), in eval mode."""
+    card = load_card(path)
+    weights_path = storage.join(path, WEIGHTS_FILE)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = weights_path
+        if storage.is_remote(weights_path):
+            local = os.path.join(tmp, WEIGHTS_FILE)
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(weights_path))
+        state = _load_weights_file(local)
+    dropout = float(card.config.get("model", {}).get("dropout", 0.0) or 0.0)
+    model = build_model(card.arch, len(card.classes), "none", dropout=dropout)
+    model.load_state_dict(state)
+    return model.to(device).eval(), card

@@ -1,0 +1,38 @@
+"""Pixel array -> model input tensor. The ONE preprocessing function.
+
+Training, scoring and Grad-CAM all call `preprocess`, with the spec stored in the model
+artifact, so what the model saw in training is what it sees in production.
+
+Grayscale scans are replicated to 3 channels rather than adapting the first convolution:
+every torchvision backbone and every ImageNet weight file then works unchanged, and the cost
+(a 3x larger first activation) is small next to the rest of the network.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medclf.config import PreprocessConfig
+
+CHANNELS = 3
+
+
+def preprocess(image: np.ndarray, spec: PreprocessConfig) -> np.ndarray:
+    """HxW float image in [0, 1] (from `medclf.decode`) -> float32 array (3, S, S), normalised."""
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    size = spec.image_size
+    if x.shape[-2:] != (size, size):
+        # antialias: downscaling a 2000 px radiograph without it aliases fine texture.
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    x = (x.clamp_(0.0, 1.0) - spec.mean) / spec.std
+    return x[0].expand(CHANNELS, size, size).numpy().copy()
+
+
+def denormalize(tensor: np.ndarray, spec: PreprocessConfig) -> np.ndarray:
+    """Inverse of the intensity step, for pictures: (3, S, S) or (S, S) -> (S, S) in [0, 1]."""
+    arr = tensor[0] if tensor.ndim == 3 else tensor
+    return np.clip(arr * spec.std + spec.mean, 0.0, 1.0)

@@ -1,0 +1,132 @@
+"""Bytes in and out of local disk or object storage (s3://), through fsspec/s3fs.
+
+Everything that touches a path goes through here, so a local folder and an S3 prefix behave
+the same everywhere. S3 settings are the standard AWS ones: credentials from the usual
+environment variables or profile, `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) for an
+S3-compatible server, `AWS_DEFAULT_REGION`. Credentials are never logged.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Iterator, Optional
+
+import fsspec
+import pyarrow.fs
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _storage_options(path: str) -> dict:
+    if str(path).startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        opts: dict = {}
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        if region:
+            opts["client_kwargs"] = {"region_name": region}
+        return opts
+    return {}
+
+
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `path` and the path as that filesystem names it."""
+    fs, fs_path = fsspec.core.url_to_fs(str(path), **_storage_options(str(path)))
+    return fs, fs_path
+
+
+def arrow_filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """A pyarrow filesystem (for Ray Data / pyarrow datasets) backed by the same fsspec one."""
+    fs, fs_path = filesystem(path)
+    if not is_remote(path):
+        return pyarrow.fs.LocalFileSystem(), os.path.abspath(fs_path)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), fs_path
+
+
+def _url(fs: fsspec.AbstractFileSystem, fs_path: str, like: str) -> str:
+    if is_remote(like):
+        protocol = like.split("://", 1)[0]
+        return f"{protocol}://{fs_path}"
+    return fs_path
+
+
+def join(base: str, *parts: str) -> str:
+    if is_remote(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def isdir(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.isdir(p)
+
+
+def makedirs(path: str) -> None:
+    fs, p = filesystem(path)
+    if not is_remote(path):
+        os.makedirs(p, exist_ok=True)
+    # Object stores have no directories: writing a key creates its "folder".
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    fs, p = filesystem(path)
+    if not is_remote(path):
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+    with fs.open(p, "wb") as f:
+        f.write(data)
+
+
+def list_files(root: str, extensions: Optional[list[str]] = None) -> Iterator[str]:
+    """Every file under `root` (recursively) whose suffix is in `extensions`, sorted.
+
+    `root` may also be a glob (`s3://bucket/2026-*/**/*.dcm`).
+    """
+    fs, p = filesystem(root)
+    exts = tuple(e.lower() for e in extensions) if extensions else None
+    if any(ch in p for ch in "*?["):
+        found = fs.glob(p)
+    elif fs.isfile(p):
+        found = [p]
+    else:
+        found = fs.find(p)
+    for f in sorted(found):
+        name = f.rsplit("/", 1)[-1]
+        if name.startswith("."):
+            continue  # hidden files and success markers
+        if exts is None or name.lower().endswith(exts):
+            yield _url(fs, f, root)
+
+
+def upload_dir(local_dir: str, dest: str) -> None:
+    """Copy a local folder to `dest` (local or remote), replacing files of the same name."""
+    fs, p = filesystem(dest)
+    if not is_remote(dest):
+        import shutil
+
+        shutil.copytree(local_dir, p, dirs_exist_ok=True)
+        return
+    fs.put(local_dir.rstrip("/") + "/", p.rstrip("/") + "/", recursive=True)
+
+
+def download_dir(src: str, local_dir: str) -> str:
+    """Make the folder `src` available locally; returns a local path (src itself when local)."""
+    if not is_remote(src):
+        return src
+    fs, p = filesystem(src)
+    fs.get(p.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
+    return local_dir

@@ -1,0 +1,417 @@
+"""Training on Ray Train: data prep on the driver, `train_loop_per_worker` on each worker.
+
+Flow:
+  1. discover the labelled files, carve a patient-level validation split (medclf.data);
+  2. decode + preprocess every image once with the scoring stage (Ray Data tasks), so a bad
+     file fails the run before training starts, and workers never re-decode per epoch;
+  3. TorchTrainer runs `train_loop_per_worker` on N workers (DDP); each epoch reports metrics
+     and a checkpoint (latest state + best-so-far weights); a restarted worker or a re-run of the
+     same run id resumes from the latest checkpoint;
+  4. the driver picks the decision threshold on validation scores of the best epoch and writes
+     the model artifact, the metrics history (Parquet) and curves (PNG).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medclf import data as data_mod
+from medclf import storage
+from medclf.config import Config
+from medclf.metrics import choose_threshold, classification_metrics
+from medclf.models import (
+    ModelCard,
+    apply_transfer_mode,
+    build_model,
+    count_parameters,
+    save_artifact,
+    set_train_mode,
+)
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.pt"
+
+# Per-epoch history columns (history.parquet).
+HISTORY_COLUMNS = {
+    "epoch": "1-based epoch number",
+    "train_loss": "mean training loss (class-weighted if configured)",
+    "train_accuracy": "training accuracy (augmented images)",
+    "val_loss": "validation cross-entropy (unweighted)",
+    "val_accuracy": "validation accuracy (argmax)",
+    "val_roc_auc": "validation ROC AUC (binary; one-vs-rest macro for multi-class)",
+    "lr": "learning rate used in the epoch",
+    "images_per_s": "training images per second, all workers together",
+    "epoch_seconds": "wall time of the epoch (train + validation)",
+}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    model_path: str
+    history: pd.DataFrame
+    card: ModelCard
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-image random affine (small rotation, shift, zoom) and intensity jitter.
+
+    Applied to preprocessed tensors; geometric ranges stay small because anatomy has a fixed
+    orientation in a radiograph (no flips: the heart is on one side).
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    out = torch.empty_like(x)
+    n = x.shape[0]
+    params = torch.rand((n, 6), generator=gen)
+    size = x.shape[-1]
+    for i in range(n):
+        angle = float(params[i, 0] * 20 - 10)
+        tx, ty = [int(round(float(v * 0.1 - 0.05) * size)) for v in params[i, 1:3]]
+        scale = float(0.9 + params[i, 3] * 0.2)
+        fill = float(x[i].min())
+        out[i] = TF.affine(x[i], angle=angle, translate=[tx, ty], scale=scale, shear=[0.0], fill=fill)
+    contrast = (0.85 + 0.3 * params[:, 4]).view(n, 1, 1, 1)
+    brightness = (params[:, 5] * 0.3 - 0.15).view(n, 1, 1, 1)
+    return out * contrast + brightness
+
+
+def _lr_lambda(cfg: dict):
+    epochs, warmup, kind = cfg["epochs"], cfg["warmup_epochs"], cfg["scheduler"]
+
+    def factor(epoch: int) -> float:
+        if warmup and epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        if kind == "cosine":
+            progress = (epoch - warmup) / max(1, epochs - warmup)
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if kind == "step":
+            return 0.1 ** ((epoch - warmup) // max(1, (epochs - warmup) // 3))
+        return 1.0
+
+    return factor
+
+
+def _say(message: str) -> None:
+    # Ray Train V2 patches print() to tee into its logger, which doubles each line in the
+    # driver's output; writing to stdout directly prints once.
+    sys.stdout.write(f"[medclf] {message}\n")
+    sys.stdout.flush()
+
+
+def _gather(values: list) -> list:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The training loop Ray Train runs on every worker (one config dict in, reports out)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    tc = config["train"]
+    # One progress line per epoch is ours; Train's own per-report INFO lines are noise here.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"] + rank)
+    device = ray.train.torch.get_device()
+
+    arrays = ray.get(config["data_ref"])  # zero-copy from the object store
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # object-store arrays are read-only; we never write them
+        train_ds = TensorDataset(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"]))
+        val_ds = TensorDataset(
+            torch.from_numpy(arrays["val_x"]), torch.from_numpy(arrays["val_y"]), torch.arange(len(arrays["val_y"]))
+        )
+    train_loader = ray.train.torch.prepare_data_loader(
+        DataLoader(train_ds, batch_size=tc["batch_size"], shuffle=True, num_workers=tc["loader_workers"], drop_last=len(train_ds) > tc["batch_size"] * world)
+    )
+    val_loader = ray.train.torch.prepare_data_loader(DataLoader(val_ds, batch_size=tc["batch_size"] * 2, shuffle=False))
+
+    mc = config["model"]
+    model = build_model(mc["arch"], len(config["classes"]), mc["weights"], mc["dropout"])
+    frozen = apply_transfer_mode(model, mc["arch"], mc["transfer"])
+    trainable, total = count_parameters(model)
+    if rank == 0:
+        _say(f"{mc['arch']} transfer={mc['transfer']}: {trainable:,} of {total:,} parameters trainable")
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tc["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(params, lr=tc["lr"], momentum=0.9, weight_decay=tc["weight_decay"], nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc))
+    class_weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
+    train_criterion = torch.nn.CrossEntropyLoss(weight=class_weights)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    unwrapped = model.module if hasattr(model, "module") else model
+
+    start_epoch, history = 0, []
+    best = {"val_loss": float("inf"), "epoch": -1, "state": None, "val_probs": None}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        unwrapped.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        if rank == 0:
+            _say(f"resuming from the checkpoint of epoch {start_epoch}")
+
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    epochs, patience = tc["epochs"], tc["early_stopping_patience"]
+    run_start = time.time()
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        if world > 1:
+            train_loader.sampler.set_epoch(epoch)
+        set_train_mode(model, frozen)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in train_loader:
+            if tc["augment"]:
+                x = augment_batch(x.cpu(), gen).to(device)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                logits = model(x)
+                loss = train_criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        train_seconds = time.time() - t0
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+
+        model.eval()
+        idx_all, probs_all = [], []
+        with torch.inference_mode():
+            for x, y, idx in val_loader:
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    logits = model(x)
+                probs_all.extend(torch.softmax(logits.float(), 1).cpu().tolist())
+                idx_all.extend(idx.cpu().tolist())
+        totals = _gather([(loss_sum, correct, seen)])
+        pairs = dict(zip(_gather(idx_all), _gather(probs_all)))  # DistributedSampler pads: dedupe by index
+        order = sorted(pairs)
+        val_probs = np.array([pairs[i] for i in order], np.float32)
+        val_y = arrays["val_y"][order]
+        vm = classification_metrics(val_y, val_probs, config["positive_index"], None)
+        n_seen = sum(t[2] for t in totals)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": sum(t[0] for t in totals) / max(1, n_seen),
+            "train_accuracy": sum(t[1] for t in totals) / max(1, n_seen),
+            "val_loss": vm["log_loss"],
+            "val_accuracy": vm["accuracy"],
+            "val_roc_auc": vm["roc_auc"],
+            "lr": lr,
+            "images_per_s": n_seen / max(train_seconds, 1e-9),
+            "epoch_seconds": time.time() - t0,
+        }
+        history.append(row)
+        improved = row["val_loss"] < best["val_loss"]
+        if improved:
+            best = {
+                "val_loss": row["val_loss"],
+                "epoch": epoch + 1,
+                "state": {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()},
+                "val_probs": torch.from_numpy(val_probs),
+            }
+        stale = (epoch + 1) - best["epoch"]
+        stop = stale >= patience
+        if rank == 0:
+            left = (time.time() - run_start) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
+            _say(
+                f"epoch {epoch + 1}/{epochs} train_loss {row['train_loss']:.4f} "
+                f"val_loss {row['val_loss']:.4f} val_auc {row['val_roc_auc']:.4f} val_acc {row['val_accuracy']:.3f} "
+                f"| {row['images_per_s']:.0f} img/s | {row['epoch_seconds']:.1f}s"
+                + ("" if stop else f", ~{left:.0f}s left") + (" *" if improved else "")
+                + (f" | early stop: no val_loss gain for {stale} epochs" if stop else "")
+            )
+        metrics = {**row, "best_epoch": best["epoch"], "best_val_loss": best["val_loss"]}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(
+                    {
+                        "model": unwrapped.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "history": history,
+                        "best": best,
+                    },
+                    os.path.join(tmp, STATE_FILE),
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        if stop:
+            break
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def _preprocess_all(paths: list[str], cfg: Config) -> tuple[np.ndarray, list[str]]:
+    """Decode + preprocess every image once (Ray Data tasks); returns tensors and error messages."""
+    from medclf.score import images_dataset, text_or_none
+
+    ds = images_dataset(paths, cfg.preprocess, cfg.score.decode_batch_size)
+    pixels = np.zeros((len(paths), 3, cfg.preprocess.image_size, cfg.preprocess.image_size), np.float32)
+    where = {p: i for i, p in enumerate(paths)}
+    errors: list[str] = []
+    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+        for j, (path, err) in enumerate(zip(batch["path"], text_or_none(batch["error"]))):
+            if err is not None:
+                errors.append(str(err))
+            else:
+                pixels[where[str(path)]] = batch["pixels"][j]
+    return pixels, errors
+
+
+def prepare_data(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
+    """Discover + split + validate; raises before any heavy work on bad data."""
+    df = data_mod.discover(cfg.data)
+    classes = data_mod.class_names(df, cfg.data)
+    df = data_mod.assign_validation(df, cfg.data, cfg.run.seed)
+    source = cfg.data.manifest or cfg.data.root or "data"
+    data_mod.check_nonempty(df, classes, [cfg.data.train_split, cfg.data.val_split], source)
+    if cfg.data.positive_class and len(classes) != 2:
+        raise data_mod.DatasetError(f"data.positive_class is set but there are {len(classes)} classes {classes}")
+    return df, classes
+
+
+def run_training(cfg: Config, run_dir: str) -> TrainResult:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    df, classes = prepare_data(cfg)
+    positive = cfg.data.positive_class or (classes[-1] if len(classes) == 2 else None)
+    positive_index = classes.index(positive) if positive else None
+    splits = {s: df[df["split"] == s].reset_index(drop=True) for s in (cfg.data.train_split, cfg.data.val_split)}
+    log.info("train %d images, validation %d images, classes %s", *(len(v) for v in splits.values()), classes)
+    print(
+        f"[medclf] data: {len(splits[cfg.data.train_split])} train / {len(splits[cfg.data.val_split])} validation "
+        f"images, {df[df.split.isin(list(splits))].patient_id.nunique()} patients, classes {classes}",
+        flush=True,
+    )
+    storage.makedirs(run_dir)
+    split_file = storage.join(run_dir, "splits.parquet")
+    buf = df.to_parquet(index=False)
+    storage.write_bytes(split_file, buf)
+
+    arrays = {}
+    for name, part in (("train", splits[cfg.data.train_split]), ("val", splits[cfg.data.val_split])):
+        pixels, errors = _preprocess_all(list(part["path"]), cfg)
+        if errors:
+            shown = "\n  ".join(errors[:10])
+            raise data_mod.DatasetError(
+                f"{len(errors)} unreadable image(s) in the {name} split; fix or remove them before training:\n  {shown}"
+                + ("\n  ..." if len(errors) > 10 else "")
+            )
+        arrays[f"{name}_x"] = pixels
+        arrays[f"{name}_y"] = np.array([classes.index(c) for c in part["label"]], np.int64)
+    counts = np.bincount(arrays["train_y"], minlength=len(classes)).astype(float)
+    if cfg.train.class_weighting == "balanced":
+        class_weights = (counts.sum() / (len(classes) * np.maximum(counts, 1))).tolist()
+    else:
+        class_weights = [1.0] * len(classes)
+
+    loop_config = {
+        "data_ref": ray.put(arrays),
+        "classes": classes,
+        "positive_index": positive_index,
+        "class_weights": class_weights,
+        "seed": cfg.run.seed,
+        "train": cfg.train.model_dump(),
+        "model": cfg.model.model_dump(),
+    }
+    storage_path = run_dir if storage.is_remote(run_dir) else os.path.abspath(run_dir)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name="ray_train",
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise TrainingError(f"training produced no checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    best, history = state["best"], pd.DataFrame(state["history"])
+
+    val_probs = best["val_probs"].numpy()
+    if positive_index is not None:
+        y_pos = (arrays["val_y"] == positive_index).astype(int)
+        threshold = choose_threshold(y_pos, val_probs[:, positive_index], cfg.train.threshold, cfg.train.target_sensitivity)
+    else:
+        threshold = None
+    val_metrics = classification_metrics(arrays["val_y"], val_probs, positive_index, threshold)
+    val_metrics["best_epoch"] = best["epoch"]
+
+    model = build_model(cfg.model.arch, len(classes), "none", cfg.model.dropout)
+    model.load_state_dict(best["state"])
+    card = ModelCard(
+        arch=cfg.model.arch,
+        classes=classes,
+        preprocess=cfg.preprocess.model_dump(),
+        positive_class=positive,
+        threshold=threshold,
+        threshold_rule=cfg.train.threshold if threshold is not None else "argmax",
+        metrics={"validation": val_metrics},
+        config=cfg.model_dump(mode="json"),
+    )
+    model_path = storage.join(run_dir, "model")
+    card = save_artifact(model, card, model_path)
+    write_history(history, run_dir)
+    return TrainResult(model_path, history, card)
+
+
+def write_history(history: pd.DataFrame, run_dir: str) -> None:
+    from medclf.plots import training_curves
+
+    storage.write_bytes(storage.join(run_dir, "history.parquet"), history.to_parquet(index=False))
+    storage.write_bytes(storage.join(run_dir, "curves.png"), training_curves(history))

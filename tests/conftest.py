@@ -1,0 +1,65 @@
+"""Shared fixtures: small phantom datasets, one local Ray cluster, one tiny trained model.
+
+Everything is generated here; nothing is downloaded and no GPU is needed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from medclf.config import load_config
+from medclf.phantoms import PATIENT_REGEX, generate
+
+TINY = [
+    "run.name=test",
+    "data.classes=[NORMAL, POSITIVE]",
+    "data.positive_class=POSITIVE",
+    "data.extensions=[.png]",
+    f"data.patient_regex='{PATIENT_REGEX}'",
+    "preprocess.image_size=32",
+    "model.arch=small_cnn",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.num_workers=2",
+    "train.cpus_per_worker=0.5",
+    "train.augment=true",
+    "score.batch_size=16",
+    "score.decode_batch_size=8",
+    "score.cpus_per_actor=0.5",
+]
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("phantoms"))
+    generate(root, n_train=60, n_test=24, image_size=32, seed=7)
+    return root
+
+
+@pytest.fixture
+def tiny_config(phantom_root, tmp_path):
+    return load_config(None, TINY + [f"data.root={phantom_root}", f"run.root={tmp_path / 'runs'}"])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One in-process Ray for the whole session (2 CPUs, no dashboard)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_model(ray_cluster, phantom_root, tmp_path_factory):
+    """A 1-epoch model trained with Ray Train on the tiny phantoms (shared by scoring tests)."""
+    from medclf.train import run_training
+
+    run_dir = str(tmp_path_factory.mktemp("train_run"))
+    cfg = load_config(None, TINY + [f"data.root={phantom_root}", f"run.root={run_dir}"])
+    result = run_training(cfg, os.path.join(run_dir, "run"))
+    return result

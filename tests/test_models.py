@@ -1,0 +1,85 @@
+import json
+import os
+
+import pytest
+import torch
+
+from medclf.models import (
+    ModelCard, ModelError, apply_transfer_mode, build_model, count_parameters, load_artifact, save_artifact,
+    set_train_mode,
+)
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+def test_head_sized_from_backbone(arch):
+    model = build_model(arch, 3).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
+
+def _bn_stats(module):
+    return [m.running_mean.clone() for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("mode", ["finetune", "feature_extractor", "freeze_first:2"])
+def test_transfer_modes_freeze_what_they_say(mode):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2)
+    frozen = apply_transfer_mode(model, "resnet18", mode)
+    trainable, total = count_parameters(model)
+    fc = sum(p.numel() for p in model.fc.parameters())
+    frozen_params = sum(p.numel() for m in frozen for p in m.parameters())
+    if mode == "finetune":
+        assert trainable == total and not frozen
+    elif mode == "feature_extractor":
+        assert trainable == fc
+    else:
+        stem_and_layer1 = sum(p.numel() for m in (model.conv1, model.bn1, model.layer1) for p in m.parameters())
+        assert frozen_params == stem_and_layer1 and trainable == total - stem_and_layer1
+    before_frozen = [_bn_stats(m) for m in frozen]
+    weights_before = {n: p.clone() for n, p in model.named_parameters()}
+    set_train_mode(model, frozen)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(torch.randn(4, 3, 32, 32)).sum()
+    loss.backward()
+    opt.step()
+    for m, stats in zip(frozen, before_frozen):  # BatchNorm statistics unchanged in frozen parts
+        for a, b in zip(_bn_stats(m), stats):
+            assert torch.equal(a, b)
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, weights_before[n]), n
+    assert any(not torch.equal(p, weights_before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_freeze_too_many_blocks():
+    with pytest.raises(ModelError, match="only 5 top-level blocks"):
+        apply_transfer_mode(build_model("resnet18", 2), "resnet18", "freeze_first:9")
+
+
+def test_artifact_round_trip_is_weights_only(tmp_path):
+    model = build_model("small_cnn", 2).eval()
+    card = save_artifact(model, ModelCard(arch="small_cnn", classes=["a", "b"], preprocess={"image_size": 32},
+                                          positive_class="b", threshold=0.3), str(tmp_path / "m"))
+    assert card.model_id.startswith("small_cnn-") and len(card.model_id) == len("small_cnn-") + 12
+    state = torch.load(tmp_path / "m" / "weights.pt", weights_only=True)  # no pickled code inside
+    assert isinstance(state, dict)
+    loaded, card2 = load_artifact(str(tmp_path / "m"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x))
+    assert card2.threshold == 0.3 and card2.positive_index == 1 and card2.model_id == card.model_id
+    assert json.load(open(tmp_path / "m" / "model.json"))["preprocess"]["image_size"] == 32
+
+
+def test_local_weights_file_and_errors(tmp_path):
+    src = build_model("resnet18", 5)
+    torch.save(src.state_dict(), tmp_path / "backbone.pt")
+    model = build_model("resnet18", 2, weights=str(tmp_path / "backbone.pt"))
+    assert torch.equal(model.conv1.weight, src.conv1.weight) and model.fc.out_features == 2
+    with pytest.raises(ModelError, match="weights file not found"):
+        build_model("resnet18", 2, weights=str(tmp_path / "nope.pt"))
+    with pytest.raises(ModelError, match="not a torchvision weight"):
+        build_model("resnet18", 2, weights="IMAGENET_V9")
+    with pytest.raises(ModelError, match="not a model artifact"):
+        load_artifact(str(tmp_path))
