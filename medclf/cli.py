@@ -47,6 +47,10 @@ def run_folder(cfg: Config, run_id: str) -> str:
     path = storage.join(cfg.run.root, run_id)
     if not storage.is_remote(path):
         path = os.path.abspath(path)
+        if "runtime_resources" in path and not os.path.isabs(cfg.run.root):
+            # Under `ray job submit --working-dir`, a relative path lands in Ray's temporary copy.
+            print(f"warning: run.root '{cfg.run.root}' is relative; this job's outputs go to {path}, which Ray "
+                  "deletes with the session. Set --run-root to an absolute path or s3:// prefix.", file=sys.stderr)
     storage.makedirs(path)
     return path
 
@@ -161,8 +165,8 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace, cfg: Optional[Config] = None) -> int:
-    from medclf.train import run_training
+def cmd_train(args: argparse.Namespace) -> int:
+    from medclf.train import prepare_data, run_training
 
     extra = []
     if args.data:
@@ -175,12 +179,13 @@ def cmd_train(args: argparse.Namespace, cfg: Optional[Config] = None) -> int:
         extra.append(f"train.num_workers={args.workers}")
     if args.use_gpu:
         extra.append("train.use_gpu=true")
-    cfg = cfg or _config_from(args, extra)
+    cfg = _config_from(args, extra)
+    prepared = prepare_data(cfg)  # a data problem fails here, before Ray starts or a folder is made
     run_id = new_run_id(cfg)
     run_dir = run_folder(cfg, run_id)
     save_resolved_config(cfg, run_dir, "train")
     init_ray(cfg)
-    result = run_training(cfg, run_dir)
+    result = run_training(cfg, run_dir, prepared)
     v = result.card.metrics["validation"]
     print(f"model {result.card.model_id} -> {result.model_path}")
     print(f"validation (best epoch {v['best_epoch']}): " + ", ".join(

@@ -314,12 +314,13 @@ def prepare_data(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
     return df, classes
 
 
-def run_training(cfg: Config, run_dir: str) -> TrainResult:
+def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[str]] | None = None) -> TrainResult:
+    """Train per `cfg`; `prepared` is `prepare_data(cfg)` when the caller already checked the data."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    df, classes = prepare_data(cfg)
+    df, classes = prepared or prepare_data(cfg)
     positive = cfg.data.positive_class or (classes[-1] if len(classes) == 2 else None)
     positive_index = classes.index(positive) if positive else None
     splits = {s: df[df["split"] == s].reset_index(drop=True) for s in (cfg.data.train_split, cfg.data.val_split)}

@@ -48,6 +48,8 @@ def ray_cluster():
     """One in-process Ray for the whole session (2 CPUs, no dashboard)."""
     import ray
 
+    if ray.is_initialized():  # a test that started Ray by itself must not break the session
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

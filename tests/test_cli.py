@@ -1,0 +1,49 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from medclf.cli import run_command
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("job", ["train", "score", "evaluate", "demo"])
+def test_job_help_explains_every_option(job):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", f"{job}.py"), "--help"],
+                         capture_output=True, text=True, timeout=120, cwd="/")  # works from any directory
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert text.startswith(f"usage: jobs/{job}.py")
+    options = [line.split()[0] for line in text.split("options:")[1].splitlines() if line.strip().startswith("-")]
+    assert "--config" in text and "--set" in text and len(options) >= 5
+    for line in text.split("options:")[1].splitlines():
+        stripped = line.strip()
+        if stripped.startswith("-") and "  " not in stripped:
+            # an option whose help moved to the next line: that next line must be the help text
+            nxt = text.split(line, 1)[1].splitlines()[1]
+            assert nxt.startswith(" " * 10) and nxt.strip(), f"{stripped} has no help"
+
+
+def test_bad_config_fails_before_any_work(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"run:\n  root: {tmp_path / 'runs'}\nmodel:\n  arch: resnet19\ntrain:\n  epcohs: 3\n")
+    rc = run_command("train", ["--config", str(bad), "--data", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(bad) in err and "model.arch: unknown model 'resnet19'" in err and "train.epcohs: unknown key" in err
+    assert not (tmp_path / "runs").exists()  # nothing was started or written
+
+
+def test_missing_data_is_reported_with_its_path(tmp_path, capsys):
+    rc = run_command("train", ["--set", f"run.root={tmp_path / 'runs'}", "--data", str(tmp_path / "nowhere")])
+    assert rc == 2 and f"{tmp_path / 'nowhere'}: data folder not found" in capsys.readouterr().err
+    import ray
+
+    assert not ray.is_initialized()  # failed before starting Ray
+
+
+def test_phantoms_command(tmp_path, capsys):
+    rc = run_command("phantoms", ["--out", str(tmp_path), "--n-train", "4", "--n-test", "2", "--image-size", "32"])
+    assert rc == 0 and (tmp_path / "manifest.parquet").exists() and "wrote 12 files" in capsys.readouterr().out
