@@ -122,6 +122,8 @@ def score_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per inference batch (score.batch_size)")
     p.add_argument("--num-actors", type=int, help="inference actors in the pool (score.num_actors)")
     p.add_argument("--use-gpu", action="store_true", help="run the model on GPU, one per actor (score.use_gpu)")
+    p.add_argument("--rescore", action="store_true",
+                   help="score every file again, even those this model already scored (score.rescore)")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any file failed to score")
     return p
 
@@ -203,6 +205,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             extra.append(f"score.{key}={getattr(args, opt)}")
     if args.use_gpu:
         extra.append("score.use_gpu=true")
+    if args.rescore:
+        extra.append("score.rescore=true")
     cfg = _config_from(args, extra)
     if not cfg.score.input or not cfg.score.model:
         raise ConfigError("score needs an input (--input or score.input) and a model (--model or score.model)")

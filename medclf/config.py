@@ -175,6 +175,12 @@ class ScoreConfig(_Section):
     decode_batch_size: int = Field(16, ge=1)
     extensions: list[str] = [".png", ".jpg", ".jpeg", ".dcm"]
     """Which files under `input` to score (a manifest is taken as it is)."""
+    rows_per_file: int = Field(10_000, ge=1)
+    """Rows per committed predictions file (the unit of progress a killed run keeps)."""
+    rescore: bool = False
+    """Score every file even if this model already scored the same bytes."""
+    torch_threads: Optional[int] = Field(None, ge=1)
+    """Intra-op threads per inference actor; default: its CPU count (cpus_per_actor, at least 1)."""
 
     _dotted = field_validator("extensions")(DataConfig._dotted_lower.__func__)
 

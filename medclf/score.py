@@ -62,8 +62,30 @@ def prediction_schema(classes: list[str]):
     return pa.schema(fields)
 
 
-def load_images(batch: dict, spec: dict) -> dict:
-    """Ray Data task: paths -> bytes -> checksum -> pixels -> model tensors; errors as values."""
+def scored_key(path: str, checksum: str) -> int:
+    """64-bit key of (path, content): compact enough to ship millions of them to every task."""
+    return int.from_bytes(hashlib.blake2b(f"{path}\0{checksum}".encode(), digest_size=8).digest(), "little")
+
+
+def scored_keys(output: str, model_id: str) -> np.ndarray:
+    """Sorted keys of every file this model already has a committed row for in `output`."""
+    if not storage.exists(output):
+        return np.zeros(0, np.uint64)
+    import pyarrow.compute as pc
+
+    table = _predictions_dataset(output).to_table(
+        columns=["path", "checksum", "model_id"], filter=pc.field("model_id") == model_id
+    )
+    keys = [scored_key(p, c or "") for p, c in zip(table.column("path").to_pylist(), table.column("checksum").to_pylist())]
+    return np.unique(np.array(keys, np.uint64))
+
+
+def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None) -> dict:
+    """Ray Data task: paths -> bytes -> checksum -> pixels -> model tensors; errors as values.
+
+    Files whose (path, checksum) is in `skip_keys` were scored before: they are dropped here,
+    after hashing and before the expensive decode and inference.
+    """
     pre = PreprocessConfig.model_validate(spec)
     paths = [str(p) for p in batch["path"]]
     n, size = len(paths), pre.image_size
@@ -71,11 +93,18 @@ def load_images(batch: dict, spec: dict) -> dict:
     out: dict = {"path": paths, "size": np.full(n, -1, np.int64), "checksum": [None] * n, "error": [None] * n}
     for key in _META_KEYS:
         out[key] = [None] * n
+    keep = np.ones(n, bool)
     for i, path in enumerate(paths):
         try:
             data = storage.read_bytes(path)
             out["size"][i] = len(data)
             out["checksum"][i] = hashlib.sha256(data).hexdigest()
+            if skip_keys is not None and len(skip_keys):
+                k = np.uint64(scored_key(path, out["checksum"][i]))
+                j = np.searchsorted(skip_keys, k)
+                if j < len(skip_keys) and skip_keys[j] == k:
+                    keep[i] = False
+                    continue
             decoded = decode(data, path)
             for key in _META_KEYS:
                 out[key][i] = decoded.meta.get(key)
@@ -87,6 +116,9 @@ def load_images(batch: dict, spec: dict) -> dict:
         except Exception as exc:  # one bad file must not end the night's run
             out["error"][i] = f"{path}: {type(exc).__name__}: {exc}"
     out["pixels"] = pixels
+    if not keep.all():
+        out = {k: (v[keep] if isinstance(v, np.ndarray) else [x for x, kept in zip(v, keep) if kept])
+               for k, v in out.items()}
     return out
 
 
@@ -98,9 +130,11 @@ def text_or_none(values) -> list:
 class Predictor:
     """Ray Data actor: holds the model, turns a batch of tensors into prediction rows."""
 
-    def __init__(self, model_path: str, run_id: str, use_gpu: bool = False):
+    def __init__(self, model_path: str, run_id: str, use_gpu: bool = False, threads: int | None = None):
         import torch
 
+        if threads:
+            torch.set_num_threads(threads)
         self.torch = torch
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model, self.card = load_artifact(model_path, self.device)
@@ -158,17 +192,26 @@ def list_inputs(source: str, extensions: Iterable[str]) -> list[str]:
     return list(storage.list_files(source, list(extensions)))
 
 
-def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: int = 16):
+# Memory each read/decode task reserves: a 16-bit 2000x2000 radiograph takes ~100 MB while it
+# is rescaled and resized. The reservation also keeps Ray Data from fusing decoding into the
+# inference actors (it fuses only ops with identical resource requests), so decode runs in
+# its own tasks, overlapping inference, instead of serially inside each actor.
+DECODE_TASK_MEMORY = 256 * 1024**2
+
+
+def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: int = 16,
+                   skip_keys: np.ndarray | None = None):
     """Ray Dataset of decoded, preprocessed images (the stage training reuses)."""
     import ray.data
 
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // 64, 200)))
     return ds.map_batches(
         load_images,
-        fn_kwargs={"spec": spec.model_dump()},
+        fn_kwargs={"spec": spec.model_dump(), "skip_keys": skip_keys},
         batch_size=decode_batch_size,
         batch_format="numpy",
         num_cpus=0.5,  # leave CPU for the inference actors on small machines
+        memory=DECODE_TASK_MEMORY,  # (Ray Data's default SPREAD scheduling puts these on every node)
     )
 
 
@@ -176,50 +219,85 @@ def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: 
 class ScoreSummary:
     output: str
     seen: int
+    skipped: int
     scored: int
     failed: int
     seconds: float
+    files: list
 
     @property
     def images_per_s(self) -> float:
-        return self.seen / self.seconds if self.seconds > 0 else float("nan")
+        done = self.scored + self.failed
+        return done / self.seconds if self.seconds > 0 else float("nan")
 
     def __str__(self) -> str:
         return (
-            f"scored {self.scored}, failed {self.failed} of {self.seen} files in {self.seconds:.1f}s "
-            f"({self.images_per_s:.1f} images/s) -> {self.output}"
+            f"files seen {self.seen}, skipped {self.skipped} (already scored), scored {self.scored}, "
+            f"failed {self.failed}; {self.seconds:.1f}s, {self.images_per_s:.1f} images/s -> {self.output}"
         )
 
 
-def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, output: str) -> ScoreSummary:
+def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, output: str,
+                rescore: Optional[bool] = None) -> ScoreSummary:
+    """Score `input_path` into the predictions dataset `output`, incrementally.
+
+    Output layout: `<output>/run_date=YYYY-MM-DD/part-<run id>-<task>-<uuid>.parquet`, each
+    file committed atomically (medclf.sink). Unless `rescore`, files this model already scored
+    (same path and bytes) are skipped, so re-running a night, or resuming a killed one, adds
+    exactly the missing rows.
+    """
     import ray.data
 
+    from medclf.sink import CommitPerFileDatasink
+
     start = time.time()
+    rescore = cfg.score.rescore if rescore is None else rescore
     card = load_card(model_path)  # fail fast on a bad artifact, before any Ray work
     paths = list_inputs(input_path, cfg.score.extensions)
     if not paths:
         raise FileNotFoundError(f"{input_path}: no input files with extensions {cfg.score.extensions}")
-    log.info("scoring %d files from %s with model %s", len(paths), input_path, card.model_id)
-    ds = images_dataset(paths, card.preprocess_spec, cfg.score.decode_batch_size)
+    skip = np.zeros(0, np.uint64) if rescore else scored_keys(output, card.model_id)
+    log.info("scoring %d files from %s with model %s (%d already scored)", len(paths), input_path,
+             card.model_id, len(skip))
+    ds = images_dataset(paths, card.preprocess_spec, cfg.score.decode_batch_size, skip if len(skip) else None)
+    threads = cfg.score.torch_threads or max(1, int(cfg.score.cpus_per_actor))
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_path": model_path, "run_id": run_id, "use_gpu": cfg.score.use_gpu},
+        fn_constructor_kwargs={"model_path": model_path, "run_id": run_id, "use_gpu": cfg.score.use_gpu,
+                               "threads": threads},
         batch_size=cfg.score.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors),
         num_cpus=cfg.score.cpus_per_actor,
         num_gpus=1 if cfg.score.use_gpu else 0,
     )
-    fs, fs_path = storage.arrow_filesystem(output)
-    ds.write_parquet(fs_path, filesystem=fs, min_rows_per_file=1024, mode="overwrite")
-    table = read_predictions(output, columns=["status"])
-    failed = int((table["status"] == "error").sum())
-    return ScoreSummary(output, len(table), len(table) - failed, failed, time.time() - start)
+    run_date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    sink = CommitPerFileDatasink(storage.join(output, f"run_date={run_date}"), run_id,
+                                 prediction_schema(card.classes), cfg.score.rows_per_file)
+    ds.write_datasink(sink)
+    files = [path for path, _ in sink.committed]
+    statuses = _read_files(files, ["status"]) if files else pd.DataFrame({"status": []})
+    failed = int((statuses["status"] == "error").sum())
+    written = len(statuses)
+    return ScoreSummary(output, len(paths), len(paths) - written, written - failed, failed,
+                        time.time() - start, files)
 
 
-def read_predictions(path: str, columns: Optional[list[str]] = None) -> pd.DataFrame:
+def _read_files(files: list[str], columns: list[str]) -> pd.DataFrame:
+    fs, _ = storage.arrow_filesystem(files[0])
+    import pyarrow.dataset as pads
+
+    paths = [storage.filesystem(f)[1] if storage.is_remote(f) else f for f in files]
+    return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns).to_pandas()
+
+
+def _predictions_dataset(path: str):
     import pyarrow.dataset as pads
 
     fs, fs_path = storage.arrow_filesystem(path)
-    dataset = pads.dataset(fs_path, filesystem=fs, format="parquet", partitioning="hive")
-    return dataset.to_table(columns=columns).to_pandas()
+    return pads.dataset(fs_path, filesystem=fs, format="parquet", partitioning="hive")
+
+
+def read_predictions(path: str, columns: Optional[list[str]] = None) -> pd.DataFrame:
+    """All committed prediction rows under `path` (every run date); hidden temp files are ignored."""
+    return _predictions_dataset(path).to_table(columns=columns).to_pandas()

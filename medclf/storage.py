@@ -23,7 +23,9 @@ def is_remote(path: str) -> bool:
 def _storage_options(path: str) -> dict:
     if str(path).startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        opts: dict = {}
+        # Other processes (Ray tasks) write the prefixes this process lists: never trust a
+        # cached listing.
+        opts: dict = {"use_listings_cache": False}
         if endpoint:
             opts["endpoint_url"] = endpoint
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
