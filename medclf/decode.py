@@ -85,9 +85,14 @@ def _decode_pil(data: bytes, path: str, kind: str, max_pixels: int) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            # The header is read lazily: refuse huge images before decoding their pixels.
-            _check_size(path, img.width, img.height, max_pixels)
+            # Image.open reads only the header. Pillow's own bomb check is switched off for it
+            # because ours, just below, is stricter and names the size and the limit.
+            pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
+            _check_size(path, img.width, img.height, max_pixels)  # before any pixel is decoded
             img.load()
     except DecodeError:
         raise
@@ -200,5 +205,7 @@ def _window_linear(values: np.ndarray, center: float, width: float) -> np.ndarra
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    # pydicom lists the decoder packages that would work on the following lines: keep them,
+    # on one line, so the error row says what to install.
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return "; ".join(lines)[:400] if lines else type(exc).__name__

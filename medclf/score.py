@@ -192,11 +192,11 @@ def list_inputs(source: str, extensions: Iterable[str]) -> list[str]:
     return list(storage.list_files(source, list(extensions)))
 
 
-# Memory each read/decode task reserves: a 16-bit 2000x2000 radiograph takes ~100 MB while it
-# is rescaled and resized. The reservation also keeps Ray Data from fusing decoding into the
+# Memory each read/decode task reserves: the worker process with torch loaded (~400 MB) plus a
+# 16-bit 2000x2000 radiograph being rescaled and resized (~100 MB). The reservation also keeps Ray Data from fusing decoding into the
 # inference actors (it fuses only ops with identical resource requests), so decode runs in
 # its own tasks, overlapping inference, instead of serially inside each actor.
-DECODE_TASK_MEMORY = 256 * 1024**2
+DECODE_TASK_MEMORY = 640 * 1024**2
 
 
 def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: int = 16,
