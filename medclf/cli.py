@@ -35,8 +35,20 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
-    # Ray Data prints one progress line per stage; keep the log readable when not on a TTY.
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def check_shared_storage(path: str, cfg: Config, what: str = "run.root") -> None:
+    """Multi-node runs need outputs every node can reach: Ray Train writes checkpoints from worker
+    nodes, and scoring commits predictions from wherever its write tasks run."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and not storage.is_remote(path) and not cfg.run.shared_filesystem:
+        raise ConfigError(
+            f"{what} '{path}' is a local path, but the Ray cluster has {len(nodes)} nodes: checkpoints and outputs "
+            "written on other nodes would not land there. Use object storage (s3://bucket/prefix), or set "
+            "run.shared_filesystem=true if that path is a filesystem every node mounts."
+        )
 
 
 def new_run_id(cfg: Config) -> str:
@@ -183,10 +195,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra.append("train.use_gpu=true")
     cfg = _config_from(args, extra)
     prepared = prepare_data(cfg)  # a data problem fails here, before Ray starts or a folder is made
+    init_ray(cfg)
+    check_shared_storage(cfg.run.root, cfg)
     run_id = new_run_id(cfg)
     run_dir = run_folder(cfg, run_id)
     save_resolved_config(cfg, run_dir, "train")
-    init_ray(cfg)
     result = run_training(cfg, run_dir, prepared)
     v = result.card.metrics["validation"]
     print(f"model {result.card.model_id} -> {result.model_path}")
@@ -210,11 +223,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     cfg = _config_from(args, extra)
     if not cfg.score.input or not cfg.score.model:
         raise ConfigError("score needs an input (--input or score.input) and a model (--model or score.model)")
+    init_ray(cfg)
+    check_shared_storage(cfg.score.output or cfg.run.root, cfg, "score.output" if cfg.score.output else "run.root")
     run_id = new_run_id(cfg)
     run_dir = run_folder(cfg, run_id)
     output = cfg.score.output or storage.join(run_dir, "predictions")
     save_resolved_config(cfg, run_dir, "score")
-    init_ray(cfg)
     summary = run_scoring(cfg, run_id, cfg.score.input, cfg.score.model, output)
     print(summary)
     if summary.failed:
@@ -275,6 +289,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg.data.root = data_dir
     save_resolved_config(cfg, run_dir, "demo")
     init_ray(cfg)
+    check_shared_storage(cfg.run.root, cfg)
     trained = run_training(cfg, run_dir)
     print(f"[demo] 2/4 trained {trained.card.model_id}, threshold {trained.card.threshold:.3f} -> {trained.model_path}")
     predictions = os.path.join(run_dir, "predictions")

@@ -45,6 +45,8 @@ class RunConfig(_Section):
     root: str = "runs"
     """Folder (or s3:// prefix) under which each run gets `<root>/<run-id>/`."""
     seed: int = 0
+    shared_filesystem: bool = False
+    """Declare a local `root` to be shared by every node (NFS, EFS...); else multi-node runs need s3://."""
 
     @field_validator("id", "name")
     @classmethod
@@ -156,6 +158,8 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(0.5, gt=0.0)
     """Keep below the machine's share: Ray hangs when train workers take every CPU."""
     use_gpu: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the train workers on nodes (STRICT_SPREAD: one per node)."""
     max_failures: int = Field(1, ge=0)
     loader_workers: int = Field(0, ge=0)
     """torch DataLoader worker processes per train worker."""
@@ -179,6 +183,9 @@ class ScoreConfig(_Section):
     """Rows per committed predictions file (the unit of progress a killed run keeps)."""
     rescore: bool = False
     """Score every file even if this model already scored the same bytes."""
+    buffer_mb: int = Field(1024, ge=64)
+    """Object-store memory the pipeline may hold in flight (decoded images waiting for the model).
+    Bounds memory whatever the archive size; 1 GiB is ~5,000 images at 224 px."""
     torch_threads: Optional[int] = Field(None, ge=1)
     """Intra-op threads per inference actor; default: its CPU count (cpus_per_actor, at least 1)."""
 

@@ -19,8 +19,11 @@ from medclf.config import PreprocessConfig
 CHANNELS = 3
 
 
-def preprocess(image: np.ndarray, spec: PreprocessConfig) -> np.ndarray:
-    """HxW float image in [0, 1] (from `medclf.decode`) -> float32 array (3, S, S), normalised."""
+def preprocess_gray(image: np.ndarray, spec: PreprocessConfig) -> np.ndarray:
+    """HxW float image in [0, 1] (from `medclf.decode`) -> float32 (1, S, S): resized, normalised.
+
+    This is the form pipelines store and ship (3x smaller); `to_model_input` makes it 3-channel.
+    """
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
@@ -29,7 +32,18 @@ def preprocess(image: np.ndarray, spec: PreprocessConfig) -> np.ndarray:
         # antialias: downscaling a 2000 px radiograph without it aliases fine texture.
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     x = (x.clamp_(0.0, 1.0) - spec.mean) / spec.std
-    return x[0].expand(CHANNELS, size, size).numpy().copy()
+    return x[0].numpy()
+
+
+def to_model_input(gray: torch.Tensor) -> torch.Tensor:
+    """(N, 1, S, S) -> (N, 3, S, S): replicate the channel (a view, no copy)."""
+    return gray.expand(-1, CHANNELS, -1, -1)
+
+
+def preprocess(image: np.ndarray, spec: PreprocessConfig) -> np.ndarray:
+    """HxW float image in [0, 1] -> the model's input, float32 (3, S, S)."""
+    gray = torch.from_numpy(preprocess_gray(image, spec))[None]
+    return to_model_input(gray)[0].numpy().copy()
 
 
 def denormalize(tensor: np.ndarray, spec: PreprocessConfig) -> np.ndarray:

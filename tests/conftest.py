@@ -43,51 +43,13 @@ def tiny_config(phantom_root, tmp_path):
     return load_config(None, TINY + [f"data.root={phantom_root}", f"run.root={tmp_path / 'runs'}"])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible server (moto in server mode) on 127.0.0.1, for this test session.
+    """A real S3-compatible server (moto, server mode) on 127.0.0.1 for this test session."""
+    from medclf.devserver import local_s3_server
 
-    The AWS variables are set before Ray starts, so Ray's worker processes reach it too.
-    """
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto server did not start")
-            time.sleep(0.2)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with local_s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
