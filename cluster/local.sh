@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 # Job entrypoints run `python` from the head's PATH: make that the project's virtual environment.
 if [ -d .venv/bin ]; then export PATH="$PWD/.venv/bin:$PATH"; fi
 RAY=${RAY:-ray}
+# A head enables token authentication by default; nodes joining it (and `ray job submit`) must
+# use token mode too. They share the token in ~/.ray/auth_token on this machine.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 PORT=${RAY_GCS_PORT:-6379}
 case "${1:-}" in
   start)

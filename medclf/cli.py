@@ -37,18 +37,32 @@ def init_ray(cfg: Config) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
+def _multi_node() -> int:
+    import ray
+
+    return len([n for n in ray.nodes() if n.get("Alive")])
+
+
 def check_shared_storage(path: str, cfg: Config, what: str = "run.root") -> None:
     """Multi-node runs need outputs every node can reach: Ray Train writes checkpoints from worker
     nodes, and scoring commits predictions from wherever its write tasks run."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and not storage.is_remote(path) and not cfg.run.shared_filesystem:
+    nodes = _multi_node()
+    if nodes > 1 and not storage.is_remote(path) and not cfg.run.shared_filesystem:
         raise ConfigError(
-            f"{what} '{path}' is a local path, but the Ray cluster has {len(nodes)} nodes: checkpoints and outputs "
-            "written on other nodes would not land there. Use object storage (s3://bucket/prefix), or set "
-            "run.shared_filesystem=true if that path is a filesystem every node mounts."
+            f"{what} '{path}' is a local path, but the Ray cluster has {nodes} nodes: checkpoints and outputs "
+            "written on other nodes would not land there. Use object storage (s3://bucket/prefix; run.shared_root "
+            "sets one used automatically on multi-node clusters), or set run.shared_filesystem=true if that path "
+            "is a filesystem every node mounts."
         )
+
+
+def use_shared_root(cfg: Config) -> None:
+    """On a multi-node cluster, a local run.root gives way to run.shared_root when one is set."""
+    if cfg.run.shared_root and not storage.is_remote(cfg.run.root) and not cfg.run.shared_filesystem \
+            and _multi_node() > 1:
+        print(f"multi-node cluster: run folders go to run.shared_root {cfg.run.shared_root}", file=sys.stderr)
+        cfg.run.root = cfg.run.shared_root
+    check_shared_storage(cfg.run.root, cfg)
 
 
 def new_run_id(cfg: Config) -> str:
@@ -196,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config_from(args, extra)
     prepared = prepare_data(cfg)  # a data problem fails here, before Ray starts or a folder is made
     init_ray(cfg)
-    check_shared_storage(cfg.run.root, cfg)
+    use_shared_root(cfg)
     run_id = new_run_id(cfg)
     run_dir = run_folder(cfg, run_id)
     save_resolved_config(cfg, run_dir, "train")
@@ -224,7 +238,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not cfg.score.input or not cfg.score.model:
         raise ConfigError("score needs an input (--input or score.input) and a model (--model or score.model)")
     init_ray(cfg)
-    check_shared_storage(cfg.score.output or cfg.run.root, cfg, "score.output" if cfg.score.output else "run.root")
+    use_shared_root(cfg)
+    if cfg.score.output:
+        check_shared_storage(cfg.score.output, cfg, "score.output")
     run_id = new_run_id(cfg)
     run_dir = run_folder(cfg, run_id)
     output = cfg.score.output or storage.join(run_dir, "predictions")
@@ -289,7 +305,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg.data.root = data_dir
     save_resolved_config(cfg, run_dir, "demo")
     init_ray(cfg)
-    check_shared_storage(cfg.run.root, cfg)
+    use_shared_root(cfg)
     trained = run_training(cfg, run_dir)
     print(f"[demo] 2/4 trained {trained.card.model_id}, threshold {trained.card.threshold:.3f} -> {trained.model_path}")
     predictions = os.path.join(run_dir, "predictions")

@@ -45,6 +45,8 @@ class RunConfig(_Section):
     root: str = "runs"
     """Folder (or s3:// prefix) under which each run gets `<root>/<run-id>/`."""
     seed: int = 0
+    shared_root: Optional[str] = None
+    """Run root used instead of a local `root` when the Ray cluster has more than one node (s3://...)."""
     shared_filesystem: bool = False
     """Declare a local `root` to be shared by every node (NFS, EFS...); else multi-node runs need s3://."""
 

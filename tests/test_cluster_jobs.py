@@ -37,7 +37,10 @@ def _ray(*args, env, check=True):
 def cluster(s3_server):
     temp_dir = f"/tmp/rt{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths must stay under 108 bytes
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "RAY_USAGE_STATS_ENABLED": "0"}
+    # Token auth is on by default for a head; a joining node and the job CLI must use it too
+    # (they share the token in ~/.ray/auth_token).
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     common = ["--temp-dir", temp_dir, "--disable-usage-stats", "--dashboard-agent-listen-port", str(_free_port())]
     _ray("start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
@@ -69,10 +72,16 @@ def submit(cluster, job, *args, check=True):
     return done
 
 
-def node_ids(cluster):
-    from ray.util.state import list_nodes
+def ray_list(cluster, what, *filters):
+    """`ray list ...` against the cluster (the state API, as an operator would call it)."""
+    args = ["list", what, "--address", cluster["address"], "--format", "json", "--limit", "10000", "--detail"]
+    for f in filters:
+        args += ["--filter", f]
+    return json.loads(_ray(*args, env=cluster["env"]).stdout)
 
-    return {n.node_id for n in list_nodes(address=cluster["address"]) if n.state == "ALIVE"}
+
+def node_ids(cluster):
+    return {n["node_id"] for n in ray_list(cluster, "nodes", "state=ALIVE")}
 
 
 def test_train_score_evaluate_submitted_to_a_two_node_cluster(cluster, phantom_root, s3_bucket):
@@ -94,10 +103,8 @@ def test_train_score_evaluate_submitted_to_a_two_node_cluster(cluster, phantom_r
     pred = read_predictions(f"{s3_bucket}/predictions")
     n_test = sum(len(fs) for _, _, fs in os.walk(os.path.join(phantom_root, "test")))
     assert len(pred) == n_test == pred.path.nunique()
-    from ray.util.state import list_tasks
-
-    decode_nodes = {t.node_id for t in list_tasks(address=cluster["address"], limit=10000, detail=True,
-                                                  filters=[("name", "=", "MapBatches(load_images)")]) if t.node_id}
+    tasks = ray_list(cluster, "tasks", "name=MapBatches(load_images)")
+    decode_nodes = {t["node_id"] for t in tasks if t.get("node_id")}
     assert len(decode_nodes) == 2, decode_nodes  # reading and decoding spread over both nodes
 
     evaluate = submit(cluster, "evaluate", "--predictions", f"{s3_bucket}/predictions", "--model", model,
@@ -113,6 +120,14 @@ def test_failures_are_reported_by_exit_status(cluster, phantom_root, tmp_path):
     local = submit(cluster, "train", "--data", phantom_root, "--run-root", str(tmp_path / "runs"), check=False)
     assert local.returncode != 0 and "is a local path, but the Ray cluster has 2 nodes" in local.stdout + local.stderr
     assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+def test_multi_node_runs_default_to_the_shared_root(cluster, phantom_root, s3_bucket, tmp_path):
+    # The same command that writes under a local runs/ on one machine goes to object storage here.
+    job = submit(cluster, "train", "--data", phantom_root, "--run-root", str(tmp_path / "runs"),
+                 "--set", f"run.shared_root={s3_bucket}/shared-runs", "--run-id", "auto", "--set", "train.epochs=1")
+    assert "run folders go to run.shared_root" in job.stdout + job.stderr
+    assert storage.exists(f"{s3_bucket}/shared-runs/auto/model/model.json") and not (tmp_path / "runs").exists()
 
 
 def test_scoring_survives_losing_a_node(cluster, phantom_root, s3_bucket):
