@@ -42,7 +42,7 @@ def local_s3_server() -> Iterator[str]:
         except Exception:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError(f"the local S3 server did not start on {endpoint}")
+                raise RuntimeError(f"the local S3 server did not start on {endpoint}") from None
             time.sleep(0.2)
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
     old = {k: os.environ.get(k) for k in env}

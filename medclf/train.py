@@ -223,7 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.eval()
         idx_all, probs_all = [], []
         with torch.inference_mode():
-            for x, y, idx in val_loader:
+            for x, _, idx in val_loader:
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     logits = model(to_model_input(x))
                 probs_all.extend(torch.softmax(logits.float(), 1).cpu().tolist())

@@ -20,7 +20,7 @@ def phantoms(tmp_path_factory):
 def test_png_and_dicom_give_the_same_model_input(phantoms):
     root, m = phantoms
     spec = PreprocessConfig(image_size=64, mean=0.4, std=0.25)
-    for idx, pair in m.groupby("image_index"):
+    for _, pair in m.groupby("image_index"):
         png = pair[pair.format == "png"].path.item()
         dcm = pair[pair.format == "dcm"].path.item()
         a = preprocess(decode((root / png).read_bytes(), png).image, spec)
