@@ -274,7 +274,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = run_folder(cfg, new_run_id(cfg))
     output = cfg.evaluate.output or storage.join(run_dir, "report")
     report = run_evaluation(cfg.evaluate.predictions, output, classes, positive, cfg.evaluate.labels,
-                            cfg.data.class_map)
+                            cfg.data.class_map, cfg.evaluate.bootstrap_resamples, cfg.evaluate.bootstrap_seed)
     print_metrics(report.metrics)
     print(f"report -> {output}")
     return 0
@@ -312,7 +312,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_scoring(cfg, run_id, os.path.join(data_dir, cfg.data.test_split), trained.model_path, predictions)
     print(f"[demo] 3/4 {summary}")
     report = run_evaluation(predictions, os.path.join(run_dir, "report"), trained.card.classes,
-                            trained.card.positive_class, os.path.join(data_dir, "manifest.parquet"))
+                            trained.card.positive_class, os.path.join(data_dir, "manifest.parquet"),
+                            bootstrap_resamples=cfg.evaluate.bootstrap_resamples, bootstrap_seed=cfg.evaluate.bootstrap_seed)
     print(f"[demo] 4/4 report -> {report.output}")
     print()
     print(f"Test split ({report.n_evaluated} files scored, {report.n_failed} failed), model {trained.card.model_id}:")

@@ -200,6 +200,9 @@ class EvaluateConfig(_Section):
     """Manifest with path + label; None: labels from each file's parent folder name."""
     output: Optional[str] = None
     """Report folder; default `<run folder>/report`."""
+    bootstrap_resamples: int = Field(1000, ge=0)
+    """Stratified bootstrap resamples for 95% confidence intervals (0: none)."""
+    bootstrap_seed: int = 0
 
 
 class RayConfig(_Section):

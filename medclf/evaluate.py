@@ -2,9 +2,12 @@
 
 Report folder:
     metrics.parquet    one row per operating point (`rule`): the model's stored threshold, and
-                       for binary tasks also Youden J and argmax (0.5); columns from medclf.metrics
+                       for binary tasks also Youden J and argmax (0.5); columns from medclf.metrics,
+                       with `<metric>_ci_low/high` (95% stratified bootstrap) for binary tasks
     confusion.parquet  true_label, predicted_label, count (at the stored threshold)
     roc.parquet        class, fpr, tpr, threshold
+    pr.parquet         class, precision, recall, threshold
+    calibration.parquet  (binary) bin, bin_low, bin_high, count, mean_predicted, fraction_positive
     roc.png, confusion.png
 """
 
@@ -20,7 +23,15 @@ import pandas as pd
 
 from medclf import storage
 from medclf.data import read_manifest
-from medclf.metrics import choose_threshold, classification_metrics, confusion_table, roc_points
+from medclf.metrics import (
+    bootstrap_ci,
+    calibration_table,
+    choose_threshold,
+    classification_metrics,
+    confusion_table,
+    pr_points,
+    roc_points,
+)
 from medclf.models import prob_column
 from medclf.plots import confusion_plot, roc_plot
 from medclf.score import read_predictions
@@ -65,6 +76,8 @@ def run_evaluation(
     positive_class: Optional[str] = None,
     labels: Optional[str] = None,
     class_map: Optional[dict] = None,
+    bootstrap_resamples: int = 1000,
+    bootstrap_seed: int = 0,
 ) -> Report:
     pred = read_predictions(predictions)
     if pred.empty:
@@ -94,6 +107,12 @@ def run_evaluation(
         youden = choose_threshold(y_pos, probs[:, pos], "youden")
         rows.append({"rule": "youden_on_this_data", **classification_metrics(y, probs, pos, youden)})
         rows.append({"rule": "argmax", **classification_metrics(y, probs, pos, 0.5)})
+    if pos is not None and len(classes) == 2 and bootstrap_resamples:
+        y_pos = (y == pos).astype(int)
+        for row in rows:  # 95% CIs at each operating point
+            ci = bootstrap_ci(y_pos, probs[:, pos], row["threshold"], bootstrap_resamples, bootstrap_seed)
+            for r in ci.itertuples():
+                row[f"{r.metric}_ci_low"], row[f"{r.metric}_ci_high"] = r.ci_low, r.ci_high
     metrics = pd.DataFrame(rows)
     metrics.insert(1, "n_failed", n_failed)
 
@@ -104,9 +123,13 @@ def run_evaluation(
         y_pred = probs.argmax(axis=1)
     confusion = confusion_table(y, y_pred, classes)
     roc = roc_points(y, probs, classes, pos)
+    pr = pr_points(y, probs, classes, pos)
+    tables = {"metrics": metrics, "confusion": confusion, "roc": roc, "pr": pr}
+    if pos is not None and len(classes) == 2:
+        tables["calibration"] = calibration_table((y == pos).astype(int), probs[:, pos])
 
     storage.makedirs(output)
-    for name, table in (("metrics", metrics), ("confusion", confusion), ("roc", roc)):
+    for name, table in tables.items():
         storage.write_bytes(storage.join(output, f"{name}.parquet"), table.to_parquet(index=False))
     head = metrics.iloc[0]
     if pos is not None:

@@ -67,8 +67,12 @@ def test_ray_data_scoring_equals_plain_loop(ray_cluster, trained_model, phantom_
     report = run_evaluation(out, str(tmp_path / "report"), card.classes, card.positive_class,
                             os.path.join(phantom_root, "manifest.parquet"))
     assert report.n_evaluated == len(pred)
-    for name in ("metrics.parquet", "confusion.parquet", "roc.parquet", "roc.png", "confusion.png"):
+    for name in ("metrics.parquet", "confusion.parquet", "roc.parquet", "pr.parquet", "calibration.parquet",
+                 "roc.png", "confusion.png"):
         assert os.path.getsize(tmp_path / "report" / name) > 0
+    m = pd.read_parquet(tmp_path / "report" / "metrics.parquet").set_index("rule")
+    assert (m.roc_auc_ci_low <= m.roc_auc).all() and (m.roc_auc <= m.roc_auc_ci_high).all()
+    assert m.loc["stored", "n"] == len(pred) and 0 <= m.loc["stored", "ece"] <= 1
 
 
 def test_bad_files_become_error_rows(ray_cluster, trained_model, phantom_root, tmp_path):
