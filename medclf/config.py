@@ -142,6 +142,32 @@ class ModelConfig(_Section):
         raise ValueError(f"'{v}' is not one of finetune, feature_extractor, freeze_first:N")
 
 
+class AugmentConfig(_Section):
+    """Training-time augmentation of the preprocessed 1-channel tensor (none at evaluation).
+
+    No flips by default: anatomy has a side (the heart is on the left in a PA chest film).
+    Intensity terms mimic acquisition differences between sites (exposure, contrast, gamma,
+    detector blur and noise), which is what shifts between a training archive and a new one.
+    """
+
+    enabled: bool = True
+    rotate_deg: float = Field(10.0, ge=0.0, le=180.0)
+    translate: float = Field(0.05, ge=0.0, le=0.5)
+    """Largest shift as a fraction of the image side."""
+    scale: tuple[float, float] = (0.9, 1.1)
+    hflip: bool = False
+    brightness: float = Field(0.15, ge=0.0)
+    """Largest additive shift, in normalised intensity units."""
+    contrast: float = Field(0.15, ge=0.0, lt=1.0)
+    """Largest relative contrast change (0.15: x0.85..x1.15)."""
+    gamma: tuple[float, float] = (1.0, 1.0)
+    """Range of gamma applied to the [0, 1] image before normalisation (1, 1: off)."""
+    blur_prob: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability of a Gaussian blur (sigma 0.5-1.5 px)."""
+    noise_std: float = Field(0.0, ge=0.0)
+    """Largest standard deviation of additive Gaussian noise (normalised units)."""
+
+
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -151,9 +177,18 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     scheduler: Literal["cosine", "step", "none"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
-    augment: bool = True
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    """`true`/`false` or a mapping of AugmentConfig fields."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Cross-entropy label smoothing: softer targets, less over-confident scores."""
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    """Exponential moving average of the weights (0: off); validated and saved instead of the raw weights."""
+    select_by: Literal["val_loss", "val_roc_auc"] = "val_loss"
+    """Which validation figure picks the best epoch (early stopping always watches val_loss)."""
     class_weighting: Literal["none", "balanced"] = "balanced"
     early_stopping_patience: int = Field(5, ge=1)
+    max_minutes: Optional[float] = Field(None, gt=0.0)
+    """Time box: no new epoch starts that would end after this many minutes of training (None: no limit)."""
     threshold: Literal["youden", "target_sensitivity", "argmax"] = "youden"
     target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)
     num_workers: int = Field(2, ge=1)
@@ -165,6 +200,13 @@ class TrainConfig(_Section):
     max_failures: int = Field(1, ge=0)
     loader_workers: int = Field(0, ge=0)
     """torch DataLoader worker processes per train worker."""
+    channels_last: bool = True
+    """NHWC memory layout: faster convolutions on CPU (~1.3x for ResNet18 at 128 px here) and GPU."""
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_flag(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v
 
 
 class ScoreConfig(_Section):

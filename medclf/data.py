@@ -10,6 +10,7 @@ manifest's folder).
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import re
 from pathlib import PurePosixPath
@@ -47,6 +48,8 @@ def read_manifest(path: str) -> pd.DataFrame:
 
 
 def _relative_parts(path: str, root: str) -> list[str]:
+    if not storage.is_remote(root):  # listed paths are absolute and normalised ('../x' resolved)
+        root, path = os.path.abspath(root), os.path.abspath(path)
     root = root.rstrip("/")
     rel = path[len(root) :].lstrip("/") if path.startswith(root) else path
     return list(PurePosixPath(rel.replace("\\", "/")).parts)

@@ -17,23 +17,39 @@ from sklearn import metrics as skm
 def choose_threshold(y_true: np.ndarray, p_pos: np.ndarray, rule: str, target_sensitivity: float = 0.95) -> float:
     """Operating point on validation scores.
 
-    youden: maximise sensitivity + specificity - 1.
+    youden: maximise sensitivity + specificity - 1. A well-separated validation set has a whole
+      interval of thresholds with the same best J; we take its middle in logit space (the
+      largest margin to both classes) rather than an edge, because new data shifts scores and
+      an edge threshold turns the first shift into errors.
     target_sensitivity: the highest threshold whose sensitivity reaches the target.
     argmax: 0.5 (what a plain argmax over two softmax outputs does).
     """
     y_true = np.asarray(y_true).astype(int)
     if rule == "argmax" or len(np.unique(y_true)) < 2:
         return 0.5
-    fpr, tpr, thr = skm.roc_curve(y_true, p_pos)
+    fpr, tpr, thr = skm.roc_curve(y_true, p_pos, drop_intermediate=False)
     thr = np.clip(thr, 0.0, 1.0)  # sklearn's first threshold is +inf
     if rule == "youden":
-        best = int(np.argmax(tpr - fpr))
-    elif rule == "target_sensitivity":
+        j = tpr - fpr
+        best_idx = np.flatnonzero(j >= j.max() - 1e-12)
+        first, last = int(best_idx[0]), int(best_idx[-1])
+        # thresholds in (score below the plateau, thr[first]] all give the best J
+        high = float(thr[first])
+        low = float(thr[last + 1]) if last + 1 < len(thr) else float(thr[last])
+        return float(_expit((_logit(high) + _logit(low)) / 2)) if high > low else high
+    if rule == "target_sensitivity":
         reaching = np.flatnonzero(tpr >= target_sensitivity)
-        best = int(reaching[0])  # tpr rises as the threshold falls: the first is the highest threshold
-    else:
-        raise ValueError(f"unknown threshold rule '{rule}'")
-    return float(thr[best])
+        return float(thr[int(reaching[0])])  # tpr rises as the threshold falls: the first is the highest
+    raise ValueError(f"unknown threshold rule '{rule}'")
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return float(np.log(p / (1 - p)))
+
+
+def _expit(z: float) -> float:
+    return float(1 / (1 + np.exp(-z)))
 
 
 def binary_metrics(y_true: np.ndarray, p_pos: np.ndarray, threshold: float) -> dict:

@@ -72,27 +72,45 @@ class TrainResult:
 # ---------------------------------------------------------------- worker side
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Per-image random affine (small rotation, shift, zoom) and intensity jitter.
+def augment_batch(x: torch.Tensor, aug: dict, mean: float, std: float, gen: torch.Generator) -> torch.Tensor:
+    """Random affine + acquisition-like intensity changes on a batch of preprocessed (N,1,S,S) images.
 
-    Applied to preprocessed tensors; geometric ranges stay small because anatomy has a fixed
-    orientation in a radiograph (no flips: the heart is on one side).
+    One batched affine_grid/grid_sample instead of a per-image loop; intensity terms act on the
+    [0, 1] image (undoing the normalisation) so gamma means what it means on a radiograph.
     """
+    import torch.nn.functional as F
     from torchvision.transforms.v2 import functional as TF
 
-    out = torch.empty_like(x)
     n = x.shape[0]
-    params = torch.rand((n, 6), generator=gen)
-    size = x.shape[-1]
-    for i in range(n):
-        angle = float(params[i, 0] * 20 - 10)
-        tx, ty = [int(round(float(v * 0.1 - 0.05) * size)) for v in params[i, 1:3]]
-        scale = float(0.9 + params[i, 3] * 0.2)
-        fill = float(x[i].min())
-        out[i] = TF.affine(x[i], angle=angle, translate=[tx, ty], scale=scale, shear=[0.0], fill=fill)
-    contrast = (0.85 + 0.3 * params[:, 4]).view(n, 1, 1, 1)
-    brightness = (params[:, 5] * 0.3 - 0.15).view(n, 1, 1, 1)
-    return out * contrast + brightness
+    u = torch.rand((n, 10), generator=gen)
+    angle = (u[:, 0] * 2 - 1) * math.radians(aug["rotate_deg"])
+    lo, hi = aug["scale"]
+    zoom = lo + u[:, 1] * (hi - lo)
+    shift = (u[:, 2:4] * 2 - 1) * aug["translate"] * 2  # grid units: the side is 2 long
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if aug["hflip"] else torch.ones(n)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    floor = x.amin(dim=(1, 2, 3), keepdim=True)  # fill uncovered corners with the image's darkest value
+    x = F.grid_sample(x - floor, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + floor
+
+    v = (x * std + mean).clamp(0.0, 1.0)
+    g_lo, g_hi = aug["gamma"]
+    if g_hi > g_lo or g_lo != 1.0:
+        gamma = torch.exp(math.log(g_lo) + u[:, 5] * (math.log(g_hi) - math.log(g_lo))).view(n, 1, 1, 1)
+        v = v.clamp_min(1e-6) ** gamma
+    contrast = (1 + (u[:, 6] * 2 - 1) * aug["contrast"]).view(n, 1, 1, 1)
+    img_mean = v.mean(dim=(1, 2, 3), keepdim=True)
+    v = (v - img_mean) * contrast + img_mean
+    x = (v - mean) / std + ((u[:, 7] * 2 - 1) * aug["brightness"]).view(n, 1, 1, 1)
+    if aug["blur_prob"] > 0:
+        blurred = u[:, 8] < aug["blur_prob"]
+        if blurred.any():
+            sigma = float(0.5 + torch.rand((), generator=gen) * 1.0)
+            x[blurred] = TF.gaussian_blur(x[blurred], kernel_size=[5, 5], sigma=[sigma, sigma])
+    if aug["noise_std"] > 0:
+        x = x + torch.randn(x.shape, generator=gen) * (u[:, 9] * aug["noise_std"]).view(n, 1, 1, 1)
+    return x
 
 
 def _lr_lambda(cfg: dict):
@@ -128,6 +146,79 @@ def _gather(values: list) -> list:
     return [v for part in parts for v in part]
 
 
+@dataclass
+class TrainingParts:
+    """Model, optimiser, schedule, loss, AMP scaler and weight average for one training process.
+
+    Shared by the Ray Train loop and the plain single-process loop of the throughput benchmark,
+    so both do exactly the same work per batch.
+    """
+
+    model: torch.nn.Module
+    unwrapped: torch.nn.Module
+    frozen: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: torch.nn.Module
+    scaler: torch.amp.GradScaler
+    ema: object
+    use_amp: bool
+    device: torch.device
+    config: dict
+    trainable: int
+    total: int
+
+    @classmethod
+    def build(cls, config: dict, device: torch.device, wrap=lambda m: m) -> "TrainingParts":
+        """`wrap`: ray.train.torch.prepare_model on a Train worker (DDP + device), identity otherwise."""
+        mc, tc = config["model"], config["train"]
+        model = build_model(mc["arch"], len(config["classes"]), mc["weights"], mc["dropout"])
+        frozen = apply_transfer_mode(model, mc["arch"], mc["transfer"])
+        trainable, total = count_parameters(model)
+        if tc["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        model = wrap(model.to(device))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if tc["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(params, lr=tc["lr"], momentum=0.9, weight_decay=tc["weight_decay"], nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc))
+        class_weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
+        criterion = torch.nn.CrossEntropyLoss(weight=class_weights, label_smoothing=tc["label_smoothing"])
+        use_amp = device.type == "cuda"
+        unwrapped = model.module if hasattr(model, "module") else model
+        ema = None
+        if tc["ema_decay"] > 0:
+            # Weight averaging (torch's AveragedModel): the averaged copy, BatchNorm buffers included,
+            # is what gets validated and saved; it generalises better than the last step's weights.
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            ema = AveragedModel(unwrapped, multi_avg_fn=get_ema_multi_avg_fn(tc["ema_decay"]), use_buffers=True)
+        return cls(model, unwrapped, frozen, optimizer, scheduler, criterion, torch.amp.GradScaler("cuda", enabled=use_amp),
+                   ema, use_amp, device, config, trainable, total)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment, forward, backward, optimiser step, weight average; returns (loss, logits)."""
+        tc, pc = self.config["train"], self.config["preprocess"]
+        if tc["augment"]["enabled"]:
+            x = augment_batch(x.cpu(), tc["augment"], pc["mean"], pc["std"], gen)  # 1-channel form: 3x cheaper
+        x = to_model_input(x.to(self.device))
+        y = y.to(self.device)
+        if tc["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            logits = self.model(x)
+            loss = self.criterion(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.unwrapped)
+        return loss.detach(), logits.detach()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The training loop Ray Train runs on every worker (one config dict in, reports out)."""
     import ray
@@ -135,7 +226,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    tc = config["train"]
+    tc, pc = config["train"], config["preprocess"]
     # One progress line per epoch is ours; Train's own per-report INFO lines are noise here.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
@@ -155,31 +246,21 @@ def train_loop_per_worker(config: dict) -> None:
     )
     val_loader = ray.train.torch.prepare_data_loader(DataLoader(val_ds, batch_size=tc["batch_size"] * 2, shuffle=False))
 
-    mc = config["model"]
-    model = build_model(mc["arch"], len(config["classes"]), mc["weights"], mc["dropout"])
-    frozen = apply_transfer_mode(model, mc["arch"], mc["transfer"])
-    trainable, total = count_parameters(model)
+    parts = TrainingParts.build(config, device, wrap=ray.train.torch.prepare_model)
     if rank == 0:
-        _say(f"{mc['arch']} transfer={mc['transfer']}: {trainable:,} of {total:,} parameters trainable")
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if tc["optimizer"] == "sgd":
-        optimizer = torch.optim.SGD(params, lr=tc["lr"], momentum=0.9, weight_decay=tc["weight_decay"], nesterov=True)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc))
-    class_weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
-    train_criterion = torch.nn.CrossEntropyLoss(weight=class_weights)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    unwrapped = model.module if hasattr(model, "module") else model
+        mc = config["model"]
+        _say(f"{mc['arch']} transfer={mc['transfer']}: {parts.trainable:,} of {parts.total:,} parameters trainable")
+    model, unwrapped, ema, frozen = parts.model, parts.unwrapped, parts.ema, parts.frozen
+    optimizer, scheduler, use_amp = parts.optimizer, parts.scheduler, parts.use_amp
+    eval_model = ema.module if ema is not None else model
+    select_key = tc["select_by"]
 
     # Where each worker runs (node id per rank), kept with the run for placement checks.
     workers = _gather([{"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "device": str(device)}])
     start_epoch, history = 0, []
-    best = {"val_loss": float("inf"), "epoch": -1, "state": None, "val_probs": None}
+    # best: the epoch kept (by select_by); lowest_loss: what early stopping watches
+    best = {"val_loss": float("inf"), "score": -float("inf"), "epoch": -1, "state": None, "val_probs": None}
+    lowest_loss = {"val_loss": float("inf"), "epoch": 0}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -187,7 +268,9 @@ def train_loop_per_worker(config: dict) -> None:
         unwrapped.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, history, best, lowest_loss = state["epoch"] + 1, state["history"], state["best"], state["lowest_loss"]
         if rank == 0:
             _say(f"resuming from the checkpoint of epoch {start_epoch}")
 
@@ -201,18 +284,7 @@ def train_loop_per_worker(config: dict) -> None:
         set_train_mode(model, frozen)
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in train_loader:
-            if tc["augment"]:
-                x = augment_batch(x.cpu(), gen).to(device)  # on the 1-channel form: 3x cheaper
-            x = to_model_input(x)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                logits = model(x)
-                loss = train_criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, logits = parts.step(x, y, gen)
             loss_sum += float(loss) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
@@ -220,15 +292,19 @@ def train_loop_per_worker(config: dict) -> None:
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
-        model.eval()
+        eval_model.eval()
         idx_all, probs_all = [], []
         with torch.inference_mode():
             for x, _, idx in val_loader:
+                x = to_model_input(x)
+                if tc["channels_last"]:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    logits = model(to_model_input(x))
+                    logits = eval_model(x)
                 probs_all.extend(torch.softmax(logits.float(), 1).cpu().tolist())
                 idx_all.extend(idx.cpu().tolist())
-        totals = _gather([(loss_sum, correct, seen)])
+        # elapsed time travels with the totals so every worker takes the same time-box decision
+        totals = _gather([(loss_sum, correct, seen, time.time() - run_start)])
         pairs = dict(zip(_gather(idx_all), _gather(probs_all)))  # DistributedSampler pads: dedupe by index
         order = sorted(pairs)
         val_probs = np.array([pairs[i] for i in order], np.float32)
@@ -247,16 +323,23 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch_seconds": time.time() - t0,
         }
         history.append(row)
-        improved = row["val_loss"] < best["val_loss"]
+        score = -row["val_loss"] if select_key == "val_loss" else row[select_key]
+        improved = score > best["score"] or best["epoch"] < 0
         if improved:
+            kept = ema.module if ema is not None else unwrapped
             best = {
                 "val_loss": row["val_loss"],
+                "score": float(score),
                 "epoch": epoch + 1,
-                "state": {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()},
+                "state": {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()},
                 "val_probs": torch.from_numpy(val_probs),
             }
-        stale = (epoch + 1) - best["epoch"]
-        stop = stale >= patience
+        if row["val_loss"] < lowest_loss["val_loss"]:
+            lowest_loss = {"val_loss": row["val_loss"], "epoch": epoch + 1}
+        stale = (epoch + 1) - lowest_loss["epoch"]
+        elapsed = max(t[3] for t in totals)
+        out_of_time = tc["max_minutes"] is not None and elapsed * (1 + 1 / (epoch + 1 - start_epoch)) > tc["max_minutes"] * 60
+        stop = stale >= patience or (out_of_time and epoch + 1 < epochs)
         if rank == 0:
             left = (time.time() - run_start) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
             _say(
@@ -264,7 +347,8 @@ def train_loop_per_worker(config: dict) -> None:
                 f"val_loss {row['val_loss']:.4f} val_auc {row['val_roc_auc']:.4f} val_acc {row['val_accuracy']:.3f} "
                 f"| {row['images_per_s']:.0f} img/s | {row['epoch_seconds']:.1f}s"
                 + ("" if stop else f", ~{left:.0f}s left") + (" *" if improved else "")
-                + (f" | early stop: no val_loss gain for {stale} epochs" if stop else "")
+                + (f" | early stop: no val_loss gain for {stale} epochs" if stop and stale >= patience else "")
+                + (f" | stop: next epoch would pass train.max_minutes={tc['max_minutes']}" if stop and stale < patience else "")
             )
         metrics = {**row, "best_epoch": best["epoch"], "best_val_loss": best["val_loss"]}
         if rank == 0:
@@ -277,6 +361,8 @@ def train_loop_per_worker(config: dict) -> None:
                         "epoch": epoch,
                         "history": history,
                         "best": best,
+                        "lowest_loss": lowest_loss,
+                        "ema": ema.state_dict() if ema is not None else None,
                         "workers": workers,
                     },
                     os.path.join(tmp, STATE_FILE),
@@ -291,7 +377,7 @@ def train_loop_per_worker(config: dict) -> None:
 # ---------------------------------------------------------------- driver side
 
 
-def _preprocess_all(paths: list[str], cfg: Config) -> tuple[np.ndarray, list[str]]:
+def preprocess_all(paths: list[str], cfg: Config) -> tuple[np.ndarray, list[str]]:
     """Decode + preprocess every image once (Ray Data tasks); returns tensors and error messages."""
     from medclf.score import images_dataset, text_or_none
 
@@ -320,6 +406,23 @@ def prepare_data(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
     return df, classes
 
 
+def worker_config(cfg: Config, classes: list[str], train_y: np.ndarray) -> dict:
+    """The plain-data part of the config dict a training process gets (see TrainingParts)."""
+    counts = np.bincount(train_y, minlength=len(classes)).astype(float)
+    if cfg.train.class_weighting == "balanced":
+        class_weights = (counts.sum() / (len(classes) * np.maximum(counts, 1))).tolist()
+    else:
+        class_weights = [1.0] * len(classes)
+    return {
+        "classes": classes,
+        "class_weights": class_weights,
+        "seed": cfg.run.seed,
+        "train": cfg.train.model_dump(),
+        "model": cfg.model.model_dump(),
+        "preprocess": cfg.preprocess.model_dump(),
+    }
+
+
 def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[str]] | None = None) -> TrainResult:
     """Train per `cfg`; `prepared` is `prepare_data(cfg)` when the caller already checked the data."""
     import ray
@@ -343,7 +446,7 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
 
     arrays = {}
     for name, part in (("train", splits[cfg.data.train_split]), ("val", splits[cfg.data.val_split])):
-        pixels, errors = _preprocess_all(list(part["path"]), cfg)
+        pixels, errors = preprocess_all(list(part["path"]), cfg)
         if errors:
             shown = "\n  ".join(errors[:10])
             raise data_mod.DatasetError(
@@ -352,20 +455,10 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
             )
         arrays[f"{name}_x"] = pixels
         arrays[f"{name}_y"] = np.array([classes.index(c) for c in part["label"]], np.int64)
-    counts = np.bincount(arrays["train_y"], minlength=len(classes)).astype(float)
-    if cfg.train.class_weighting == "balanced":
-        class_weights = (counts.sum() / (len(classes) * np.maximum(counts, 1))).tolist()
-    else:
-        class_weights = [1.0] * len(classes)
-
     loop_config = {
+        **worker_config(cfg, classes, arrays["train_y"]),
         "data_ref": ray.put(arrays),
-        "classes": classes,
         "positive_index": positive_index,
-        "class_weights": class_weights,
-        "seed": cfg.run.seed,
-        "train": cfg.train.model_dump(),
-        "model": cfg.model.model_dump(),
     }
     storage_path = run_dir if storage.is_remote(run_dir) else os.path.abspath(run_dir)
     trainer = TorchTrainer(

@@ -29,6 +29,17 @@ def test_threshold_rules():
     assert t95 == pytest.approx(0.55) and binary_metrics(y, p, t95)["sensitivity"] == 1.0
 
 
+def test_youden_takes_the_middle_of_a_separating_gap():
+    # Every threshold in (0.2, 0.8] separates the classes; the rule returns the logit midpoint
+    # (0.5 here), not an edge that the first shift in scores would cross.
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.1, 0.2, 0.8, 0.9])
+    assert choose_threshold(y, p, "youden") == pytest.approx(0.5)
+    p = np.array([0.01, 0.02, 0.5, 0.9])  # gap (0.02, 0.5]: logit midpoint ~0.125
+    t = choose_threshold(y, p, "youden")
+    assert 0.02 < t < 0.5 and t == pytest.approx(1 / (1 + np.sqrt(49)), rel=1e-6)
+
+
 def test_multiclass_and_confusion():
     y = np.array([0, 1, 2, 2])
     probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.6, 0.2, 0.2]])

@@ -1,0 +1,170 @@
+"""Pneumonia benchmark: train from scratch on the Kermany chest X-ray train split, time-boxed.
+
+    python benchmarks/train_pneumonia.py [--data ../shared/data/chest_xray/train] [--set KEY=VALUE ...]
+
+On a 2-core CPU machine, within 45 minutes wall clock:
+  1. throughput: a plain single-process PyTorch loop (2 threads) over a sample of the training
+     images, same model, batch, augmentation and optimiser as the Ray Train job (TrainingParts);
+  2. the training job itself (Ray Train, 2 workers, config configs/pneumonia_xray.yaml), whose
+     per-epoch images/s is compared with (1);
+  3. validation metrics of the saved model at its own threshold, on the patient-level validation
+     split as it is and under acquisition shifts (gamma, contrast + blur, zoom) that stand in for a
+     new site's images, plus test-time augmentation (mean over zooms);
+and prints the model artifact path for `jobs/score.py --model`. Results: <run folder>/benchmark.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from medclf import cli  # noqa: E402
+from medclf.config import load_config  # noqa: E402
+from medclf.metrics import binary_metrics  # noqa: E402
+from medclf.models import load_artifact  # noqa: E402
+from medclf.preprocess import to_model_input  # noqa: E402
+from medclf.train import TrainingParts, preprocess_all, prepare_data, run_training, worker_config  # noqa: E402
+
+
+def plain_loop_images_per_s(cfg, df, classes, n_images: int, threads: int) -> float:
+    """Images/s of one process training on a sample of the train split (first batch is warm-up)."""
+    batch = cfg.train.batch_size * cfg.train.num_workers  # the Ray job's global batch
+    n_images = max(n_images, 3 * batch)  # a warm-up batch and at least two timed ones
+    train = df[df.split == cfg.data.train_split].sample(n=n_images, random_state=0)
+    pixels, errors = preprocess_all(list(train.path), cfg)
+    assert not errors, errors[:3]
+    y = torch.tensor([classes.index(c) for c in train.label])
+    torch.set_num_threads(threads)
+    parts = TrainingParts.build(worker_config(cfg, classes, y.numpy()), torch.device("cpu"))
+    parts.model.train()
+    gen = torch.Generator().manual_seed(0)
+    x_all = torch.from_numpy(pixels)
+    seen, start = 0, None
+    for i in range(0, n_images - batch + 1, batch):
+        parts.step(x_all[i:i + batch], y[i:i + batch], gen)
+        if start is None:
+            start = time.time()  # after the warm-up batch
+        else:
+            seen += batch
+    return seen / (time.time() - start)
+
+
+def shifted(x: torch.Tensor, kind: str, mean: float, std: float) -> torch.Tensor:
+    """Deterministic acquisition shifts of preprocessed (N,1,S,S) images."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if kind == "as is":
+        return x
+    if kind.startswith("zoom"):
+        scale = float(kind.split()[1])
+        return torch.stack([TF.affine(im, angle=0.0, translate=[0, 0], scale=scale, shear=[0.0], fill=float(im.min()))
+                            for im in x])
+    v = (x * std + mean).clamp(0, 1)
+    if kind.startswith("gamma"):
+        v = v.clamp_min(1e-6) ** float(kind.split()[1])
+    elif kind == "low contrast + blur":
+        m = v.mean(dim=(1, 2, 3), keepdim=True)
+        v = TF.gaussian_blur((v - m) * 0.75 + m, kernel_size=[5, 5], sigma=[1.0, 1.0])
+    return (v - mean) / std
+
+
+def predict(model, x: torch.Tensor, positive: int, batch: int = 128) -> np.ndarray:
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            xb = to_model_input(x[i:i + batch]).contiguous(memory_format=torch.channels_last)
+            out.append(torch.softmax(model(xb), 1)[:, positive].numpy())
+    return np.concatenate(out)
+
+
+def robustness_table(cfg, model_path: str, run_dir: str) -> pd.DataFrame:
+    """Validation metrics at the model's threshold: as is, under shifts, and with zoom TTA."""
+    model, card = load_artifact(model_path)
+    model = model.to(memory_format=torch.channels_last)
+    splits = pd.read_parquet(os.path.join(run_dir, "splits.parquet"))
+    val = splits[splits.split == cfg.data.val_split]
+    pixels, _ = preprocess_all(list(val.path), cfg)
+    x = torch.from_numpy(pixels)
+    y = (val.label == card.positive_class).astype(int).to_numpy()
+    pos, pc = card.positive_index, card.preprocess_spec
+    rows, probs = [], {}
+    for kind in ("as is", "gamma 0.7", "gamma 1.4", "low contrast + blur", "zoom 0.9", "zoom 1.1"):
+        probs[kind] = predict(model, shifted(x, kind, pc.mean, pc.std), pos)
+        rows.append({"validation": kind, **binary_metrics(y, probs[kind], card.threshold)})
+    tta = np.mean([probs["as is"], probs["zoom 0.9"], probs["zoom 1.1"]], axis=0)
+    rows.append({"validation": "TTA: mean of as is, zoom 0.9, zoom 1.1", **binary_metrics(y, tta, card.threshold)})
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "pneumonia_xray.yaml"))
+    p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "chest_xray", "train"))
+    p.add_argument("--run-root", default=os.path.join(ROOT, "runs"))
+    p.add_argument("--run-id", help="fixed run id (re-using one resumes the training)")
+    p.add_argument("--plain-images", type=int, default=448, help="images in the plain-loop throughput sample")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+
+    t0 = time.time()
+    overrides = [f"data.root={args.data}", f"run.root={args.run_root}"] + args.overrides
+    if args.run_id:
+        overrides.append(f"run.id={args.run_id}")
+    cfg = load_config(args.config, overrides)
+    df, classes = prepare_data(cfg)
+    cli.init_ray(cfg)
+    run_dir = cli.run_folder(cfg, cli.new_run_id(cfg))
+    cli.save_resolved_config(cfg, run_dir, "train")
+    print(f"[bench] run folder {run_dir}", flush=True)
+
+    plain = plain_loop_images_per_s(cfg, df, classes, args.plain_images, args.threads)
+    print(f"[bench] plain loop, 1 process x {args.threads} threads: {plain:.1f} images/s", flush=True)
+
+    result = run_training(cfg, run_dir, (df, classes))
+    hist = result.history
+    ray_ips = float(hist.images_per_s.median())
+    train_wall = float(hist.epoch_seconds.sum())
+    print(f"[bench] Ray Train, {cfg.train.num_workers} workers: {ray_ips:.1f} images/s (median over "
+          f"{len(hist)} epochs); ratio to plain loop {ray_ips / plain:.3f}", flush=True)
+
+    table = robustness_table(cfg, result.model_path, run_dir)
+    cols = ["validation", "threshold", "accuracy", "sensitivity", "specificity", "roc_auc", "f1"]
+    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+    wall = time.time() - t0
+    report = {
+        "run_dir": run_dir,
+        "model_path": result.model_path,
+        "model_id": result.card.model_id,
+        "threshold": result.card.threshold,
+        "wall_seconds": wall,
+        "train_epoch_seconds_sum": train_wall,
+        "epochs_run": int(len(hist)),
+        "best_epoch": result.card.metrics["validation"]["best_epoch"],
+        "plain_loop_images_per_s": plain,
+        "ray_train_images_per_s": ray_ips,
+        "throughput_ratio": ray_ips / plain,
+        "validation": table.to_dict(orient="records"),
+        "device": "cuda" if torch.cuda.is_available() and cfg.train.use_gpu else f"cpu x{os.cpu_count()}",
+    }
+    with open(os.path.join(run_dir, "benchmark.json"), "w") as f:
+        json.dump(report, f, indent=2, default=float)
+    print(f"[bench] done in {wall / 60:.1f} min; model artifact: {result.model_path}")
+    print(f"[bench] score other data with: python jobs/score.py --config {args.config} "
+          f"--model {result.model_path} --input <folder>")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
