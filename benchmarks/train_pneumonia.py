@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from medclf import cli  # noqa: E402
+from medclf.augment import ACQUISITION_SHIFTS, acquisition_shift  # noqa: E402
 from medclf.config import load_config  # noqa: E402
 from medclf.metrics import binary_metrics  # noqa: E402
 from medclf.models import load_artifact  # noqa: E402
@@ -59,25 +60,6 @@ def plain_loop_images_per_s(cfg, df, classes, n_images: int, threads: int) -> fl
     return seen / (time.time() - start)
 
 
-def shifted(x: torch.Tensor, kind: str, mean: float, std: float) -> torch.Tensor:
-    """Deterministic acquisition shifts of preprocessed (N,1,S,S) images."""
-    from torchvision.transforms.v2 import functional as TF
-
-    if kind == "as is":
-        return x
-    if kind.startswith("zoom"):
-        scale = float(kind.split()[1])
-        return torch.stack([TF.affine(im, angle=0.0, translate=[0, 0], scale=scale, shear=[0.0], fill=float(im.min()))
-                            for im in x])
-    v = (x * std + mean).clamp(0, 1)
-    if kind.startswith("gamma"):
-        v = v.clamp_min(1e-6) ** float(kind.split()[1])
-    elif kind == "low contrast + blur":
-        m = v.mean(dim=(1, 2, 3), keepdim=True)
-        v = TF.gaussian_blur((v - m) * 0.75 + m, kernel_size=[5, 5], sigma=[1.0, 1.0])
-    return (v - mean) / std
-
-
 def predict(model, x: torch.Tensor, positive: int, batch: int = 128) -> np.ndarray:
     out = []
     with torch.inference_mode():
@@ -98,8 +80,8 @@ def robustness_table(cfg, model_path: str, run_dir: str) -> pd.DataFrame:
     y = (val.label == card.positive_class).astype(int).to_numpy()
     pos, pc = card.positive_index, card.preprocess_spec
     rows, probs = [], {}
-    for kind in ("as is", "gamma 0.7", "gamma 1.4", "low contrast + blur", "zoom 0.9", "zoom 1.1"):
-        probs[kind] = predict(model, shifted(x, kind, pc.mean, pc.std), pos)
+    for kind in ("as is", *ACQUISITION_SHIFTS):
+        probs[kind] = predict(model, acquisition_shift(x, kind, pc.mean, pc.std), pos)
         rows.append({"validation": kind, **binary_metrics(y, probs[kind], card.threshold)})
     tta = np.mean([probs["as is"], probs["zoom 0.9"], probs["zoom 1.1"]], axis=0)
     rows.append({"validation": "TTA: mean of as is, zoom 0.9, zoom 1.1", **binary_metrics(y, tta, card.threshold)})

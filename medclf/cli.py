@@ -1,4 +1,4 @@
-"""`medclf` command line: phantoms, train, score, evaluate, demo.
+"""`medclf` command line: phantoms, train, score, evaluate, explain, demo.
 
 Each subcommand: parse arguments -> load and validate the config (failing before any work) ->
 one call into the library. `jobs/*.py` are the same subcommands under their own names, for
@@ -164,6 +164,21 @@ def evaluate_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
+def explain_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Grad-CAM heatmaps (PNG overlay + .npy array per image, and an index Parquet)."
+    )
+    _add_common(p)
+    p.add_argument("--model", help="model artifact folder, local or s3:// (score.model)")
+    p.add_argument("--input", help="folder, glob, s3:// prefix or manifest of files to explain (score.input)")
+    p.add_argument("--flagged", metavar="PREDICTIONS",
+                   help="instead of --input: the files this model flagged positive in a predictions folder")
+    p.add_argument("--output", help="heatmaps folder (explain.output); default <run folder>/explanations")
+    p.add_argument("--layer", help="layer to explain, e.g. layer4 (explain.layer); default per architecture")
+    p.add_argument("--target", help="class to explain, or 'predicted' (explain.target)")
+    return p
+
+
 def demo_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="End to end on phantoms: generate -> train -> score -> evaluate, in one run folder."
@@ -217,8 +232,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run_training(cfg, run_dir, prepared)
     v = result.card.metrics["validation"]
     print(f"model {result.card.model_id} -> {result.model_path}")
-    print(f"validation (best epoch {v['best_epoch']}): " + ", ".join(
-        f"{k} {v[k]:.4f}" for k in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1") if k in v))
+    names = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1") if result.card.positive_class else \
+        ("accuracy", "balanced_accuracy", "roc_auc", "f1")
+    print(f"validation (best epoch {v['best_epoch']}): " + ", ".join(f"{k} {v[k]:.4f}" for k in names if k in v)
+          + ("" if result.card.positive_class else " (macro)"))
+    if not result.card.positive_class:
+        print("validation recall per class: " + ", ".join(
+            f"{c} {v[f'recall_{k}']:.4f}" for k, c in enumerate(result.card.classes)))
+    print(f"validation report -> {storage.join(run_dir, 'validation_report')}")
     return 0
 
 
@@ -237,6 +258,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     cfg = _config_from(args, extra)
     if not cfg.score.input or not cfg.score.model:
         raise ConfigError("score needs an input (--input or score.input) and a model (--model or score.model)")
+    from medclf.models import load_card
+
+    if cfg.score.explain_flagged and not load_card(cfg.score.model).positive_class:
+        raise ConfigError("score.explain_flagged needs a binary model with a positive class; "
+                          "use `medclf explain --target CLASS` for multi-class models")
     init_ray(cfg)
     use_shared_root(cfg)
     if cfg.score.output:
@@ -247,13 +273,23 @@ def cmd_score(args: argparse.Namespace) -> int:
     save_resolved_config(cfg, run_dir, "score")
     summary = run_scoring(cfg, run_id, cfg.score.input, cfg.score.model, output)
     print(summary)
+    if cfg.score.explain_flagged:
+        from medclf.gradcam import flagged_paths
+
+        card = load_card(cfg.score.model)
+        flagged = flagged_paths(output, card.model_id, card.positive_class, run_id)
+        heatmaps = cfg.explain.output or storage.join(run_dir, "explanations")
+        if flagged:
+            index = explain_into(cfg, flagged, cfg.score.model, heatmaps)
+            print(f"Grad-CAM for {len(index)} flagged file(s) -> {heatmaps}")
+        else:
+            print("no file flagged in this run; no heatmaps")
     if summary.failed:
         print(f"{summary.failed} file(s) failed; see the 'error' column in {output}")
     return 1 if (summary.failed and args.fail_on_error) else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from medclf.evaluate import run_evaluation
     from medclf.models import load_card
 
     extra = []
@@ -273,11 +309,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("evaluate needs the class names: --model ARTIFACT, or data.classes in the config")
     run_dir = run_folder(cfg, new_run_id(cfg))
     output = cfg.evaluate.output or storage.join(run_dir, "report")
-    report = run_evaluation(cfg.evaluate.predictions, output, classes, positive, cfg.evaluate.labels,
-                            cfg.data.class_map, cfg.evaluate.bootstrap_resamples, cfg.evaluate.bootstrap_seed)
+    report = evaluation_for(cfg, cfg.evaluate.predictions, output, classes, positive, cfg.evaluate.labels)
     print_metrics(report.metrics)
     print(f"report -> {output}")
     return 0
+
+
+def evaluation_for(cfg: Config, predictions: str, output: str, classes: list[str], positive: Optional[str],
+                   labels: Optional[str]):
+    from medclf.evaluate import run_evaluation
+
+    ec = cfg.evaluate
+    return run_evaluation(predictions, output, classes, positive, labels, cfg.data.class_map, ec.bootstrap_resamples,
+                          ec.bootstrap_seed, ec.group_by, ec.target_sensitivity, ec.allow_unscored)
 
 
 def print_metrics(metrics) -> None:
@@ -286,8 +330,51 @@ def print_metrics(metrics) -> None:
     print(metrics[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from medclf.gradcam import flagged_paths
+    from medclf.models import load_card
+    from medclf.score import list_inputs
+
+    extra = []
+    for opt, key in (("model", "score.model"), ("input", "score.input"), ("output", "explain.output"),
+                     ("layer", "explain.layer"), ("target", "explain.target")):
+        if getattr(args, opt):
+            extra.append(f"{key}={getattr(args, opt)}")
+    cfg = _config_from(args, extra)
+    if not cfg.score.model:
+        raise ConfigError("explain needs a model (--model or score.model)")
+    if not (cfg.score.input or args.flagged):
+        raise ConfigError("explain needs files: --input FOLDER/GLOB/MANIFEST, or --flagged PREDICTIONS")
+    card = load_card(cfg.score.model)
+    if args.flagged:
+        if not card.positive_class:
+            raise ConfigError(f"--flagged needs a binary model with a positive class; {card.model_id} has none")
+        paths = flagged_paths(args.flagged, card.model_id, card.positive_class)
+        if not paths:
+            print(f"no file in {args.flagged} was flagged {card.positive_class} by {card.model_id}; nothing to explain")
+            return 0
+    else:
+        paths = list_inputs(cfg.score.input, cfg.score.extensions)
+    init_ray(cfg)
+    use_shared_root(cfg)
+    run_dir = run_folder(cfg, new_run_id(cfg))
+    output = cfg.explain.output or storage.join(run_dir, "explanations")
+    save_resolved_config(cfg, run_dir, "explain")
+    index = explain_into(cfg, paths, cfg.score.model, output)
+    failed = int((index["status"] != "ok").sum())
+    print(f"explained {len(index) - failed} file(s), {failed} failed -> {output} (index: explanations.parquet)")
+    return 0
+
+
+def explain_into(cfg: Config, paths: list[str], model: str, output: str):
+    from medclf.gradcam import run_explain
+
+    ec = cfg.explain
+    return run_explain(paths, model, output, ec.layer, ec.target, ec.batch_size, ec.num_actors, ec.cpus_per_actor,
+                       cfg.score.decode_batch_size)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from medclf.evaluate import run_evaluation
     from medclf.phantoms import generate
     from medclf.score import run_scoring
     from medclf.train import run_training
@@ -311,9 +398,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     predictions = os.path.join(run_dir, "predictions")
     summary = run_scoring(cfg, run_id, os.path.join(data_dir, cfg.data.test_split), trained.model_path, predictions)
     print(f"[demo] 3/4 {summary}")
-    report = run_evaluation(predictions, os.path.join(run_dir, "report"), trained.card.classes,
-                            trained.card.positive_class, os.path.join(data_dir, "manifest.parquet"),
-                            bootstrap_resamples=cfg.evaluate.bootstrap_resamples, bootstrap_seed=cfg.evaluate.bootstrap_seed)
+    # the manifest labels every phantom; only the test split was scored
+    cfg.evaluate.allow_unscored = True
+    report = evaluation_for(cfg, predictions, os.path.join(run_dir, "report"), trained.card.classes,
+                            trained.card.positive_class, os.path.join(data_dir, "manifest.parquet"))
     print(f"[demo] 4/4 report -> {report.output}")
     print()
     print(f"Test split ({report.n_evaluated} files scored, {report.n_failed} failed), model {trained.card.model_id}:")
@@ -327,6 +415,7 @@ COMMANDS = {
     "train": (train_parser, cmd_train),
     "score": (score_parser, cmd_score),
     "evaluate": (evaluate_parser, cmd_evaluate),
+    "explain": (explain_parser, cmd_explain),
     "demo": (demo_parser, cmd_demo),
 }
 

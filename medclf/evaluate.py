@@ -1,18 +1,25 @@
-"""Predictions + ground truth -> evaluation report (Parquet tables + PNG plots).
+"""Predictions + ground truth -> evaluation report (Parquet tables, PNG plots, one HTML page).
 
-Report folder:
-    metrics.parquet    one row per operating point (`rule`): the model's stored threshold, and
-                       for binary tasks also Youden J and argmax (0.5); columns from medclf.metrics,
-                       with `<metric>_ci_low/high` (95% stratified bootstrap) for binary tasks
-    confusion.parquet  true_label, predicted_label, count (at the stored threshold)
-    roc.parquet        class, fpr, tpr, threshold
-    pr.parquet         class, precision, recall, threshold
-    calibration.parquet  (binary) bin, bin_low, bin_high, count, mean_predicted, fraction_positive
-    roc.png, confusion.png
+`run_evaluation` reads a predictions dataset (from `score`) and labels; `write_report` takes any
+frame of scored, labelled rows, so training writes its validation report with the same code.
+Table schemas: docs/evaluation.md. Report folder:
+
+    metrics.parquet      one row per operating point (`rule`): the model's stored threshold, and for
+                         binary tasks Youden J, a target sensitivity and argmax (0.5) chosen on this
+                         data; `<metric>_ci_low/high`: 95% stratified bootstrap (binary tasks)
+    per_class.parquet    one-vs-rest figures per class at the stored operating point
+    confusion.parquet    true_label, predicted_label, count (at the stored operating point)
+    roc.parquet, pr.parquet           curve points per class
+    calibration.parquet  reliability bins (binary: P(positive); multi-class: top-class confidence)
+    subgroups.parquet    the same figures per value of each grouping column (format, modality, site...)
+    roc.png pr.png confusion.png reliability.png histogram.png gallery.png
+    summary.html         one self-contained page (plots embedded) for people; summary.json for tools
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import posixpath
 from dataclasses import dataclass
@@ -22,19 +29,25 @@ import numpy as np
 import pandas as pd
 
 from medclf import storage
-from medclf.data import read_manifest
+from medclf.data import DatasetError, read_manifest
 from medclf.metrics import (
     bootstrap_ci,
     calibration_table,
     choose_threshold,
     classification_metrics,
     confusion_table,
+    expected_calibration_error,
+    per_class_table,
     pr_points,
     roc_points,
 )
 from medclf.models import prob_column
-from medclf.plots import confusion_plot, roc_plot
 from medclf.score import read_predictions
+
+# Columns that, when present in the predictions or the labels manifest, get a subgroup table.
+SUBGROUP_CANDIDATES = ("format", "modality", "site", "hospital", "scanner", "manufacturer", "view",
+                       "view_position", "body_part", "sex", "age_group")
+GALLERY_SIZE = 16
 
 
 class EvaluationError(ValueError):
@@ -49,24 +62,62 @@ class Report:
     n_failed: int
 
 
-def attach_labels(pred: pd.DataFrame, labels: Optional[str], class_map: Optional[dict] = None) -> pd.DataFrame:
-    """Add a `label` column: from a manifest (joined on path) or each file's parent folder name."""
+def attach_labels(pred: pd.DataFrame, labels: Optional[str], class_map: Optional[dict] = None,
+                  allow_unscored: bool = False) -> pd.DataFrame:
+    """Add `label` (and the manifest's other columns) to the predictions.
+
+    From a manifest joined on path, or else from each file's parent folder name. A scored file
+    without a label, or a labelled file never scored, is an error (the second unless
+    `allow_unscored`): either means the two sides do not describe the same data.
+    """
     if labels:
-        manifest = read_manifest(labels)
+        try:
+            manifest = read_manifest(labels)
+        except DatasetError as exc:
+            raise EvaluationError(str(exc)) from None
         if "label" not in manifest.columns:
-            raise EvaluationError(f"{labels}: labels manifest has no 'label' column")
-        table = manifest[["path", "label"]].drop_duplicates("path")
+            raise EvaluationError(f"{labels}: labels manifest has no 'label' column (columns: {list(manifest.columns)})")
+        extra = [c for c in manifest.columns if c not in pred.columns or c == "path"]
+        table = manifest[extra].drop_duplicates("path")
         merged = pred.merge(table, on="path", how="left")
-        missing = merged["label"].isna().sum()
-        if missing:
-            sample = merged.loc[merged["label"].isna(), "path"].head(3).tolist()
-            raise EvaluationError(f"{labels}: no label for {missing} scored file(s), e.g. {sample}")
+        unlabelled = merged["label"].isna()
+        if unlabelled.all():
+            raise EvaluationError(
+                f"{labels}: none of the {len(pred)} scored files has a label; the paths do not match "
+                f"(scored e.g. {pred['path'].iloc[0]!r}, labelled e.g. {manifest['path'].iloc[0]!r})")
+        if unlabelled.any():
+            sample = merged.loc[unlabelled, "path"].head(3).tolist()
+            raise EvaluationError(f"{labels}: no label for {int(unlabelled.sum())} scored file(s), e.g. {sample}")
+        unscored = sorted(set(table["path"]) - set(pred["path"]))
+        if unscored and not allow_unscored:
+            raise EvaluationError(
+                f"{labels}: {len(unscored)} labelled file(s) were never scored, e.g. {unscored[:3]}; score them, "
+                "or set evaluate.allow_unscored=true to evaluate the scored subset")
     else:
         merged = pred.copy()
         merged["label"] = [posixpath.basename(posixpath.dirname(p.replace("\\", "/"))) for p in merged["path"]]
     if class_map:
         merged["label"] = merged["label"].map(lambda v: class_map.get(v, v))
     return merged
+
+
+def load_predictions(predictions: str, classes: list[str]) -> pd.DataFrame:
+    if not storage.exists(predictions):
+        raise EvaluationError(f"{predictions}: predictions folder not found")
+    try:
+        pred = read_predictions(predictions)
+    except Exception as exc:  # not Parquet, unreadable, mixed schemas
+        raise EvaluationError(f"{predictions}: not a readable predictions dataset ({exc})") from None
+    if pred.empty:
+        raise EvaluationError(f"{predictions}: the predictions set is empty (no committed rows); run `score` first")
+    prob_cols = [prob_column(c) for c in classes]
+    absent = [c for c in prob_cols if c not in pred.columns]
+    if absent:
+        found = [c for c in pred.columns if c.startswith("prob_")]
+        raise EvaluationError(
+            f"{predictions}: no probability columns {absent} for classes {classes}; the predictions have {found} "
+            "(scored by a model with other class names?)")
+    return pred
 
 
 def run_evaluation(
@@ -78,72 +129,236 @@ def run_evaluation(
     class_map: Optional[dict] = None,
     bootstrap_resamples: int = 1000,
     bootstrap_seed: int = 0,
+    group_by: Optional[list[str]] = None,
+    target_sensitivity: float = 0.95,
+    allow_unscored: bool = False,
 ) -> Report:
-    pred = read_predictions(predictions)
-    if pred.empty:
-        raise EvaluationError(f"{predictions}: no predictions to evaluate")
-    prob_cols = [prob_column(c) for c in classes]
-    absent = [c for c in prob_cols if c not in pred.columns]
-    if absent:
-        raise EvaluationError(f"{predictions}: no probability columns {absent} for classes {classes}")
-    df = attach_labels(pred, labels, class_map)
-    unknown = sorted(set(df["label"]) - set(classes))
+    pred = load_predictions(predictions, classes)
+    df = attach_labels(pred, labels, class_map, allow_unscored)
+    source = {"predictions": predictions, "labels": labels or "parent folder names"}
+    return write_report(df, output, classes, positive_class, bootstrap_resamples, bootstrap_seed, group_by,
+                        target_sensitivity, source)
+
+
+def _decisions(probs: np.ndarray, pos: Optional[int], threshold: Optional[float]) -> np.ndarray:
+    if pos is not None and probs.shape[1] == 2:
+        return np.where(probs[:, pos] >= (0.5 if threshold is None else threshold), pos, 1 - pos)
+    return probs.argmax(axis=1)
+
+
+def subgroup_table(df: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes: list[str], pos: Optional[int],
+                   threshold: Optional[float], columns: list[str]) -> pd.DataFrame:
+    """Figures per value of each grouping column, with counts: a drop on one scanner shows here."""
+    rows = []
+    for col in columns:
+        values = df[col].astype("string").fillna("<missing>").to_numpy()
+        for value in sorted(set(values)):
+            inside = values == value
+            m = classification_metrics(y[inside], probs[inside], pos, threshold)
+            counts = {f"n_{c}": int((y[inside] == k).sum()) for k, c in enumerate(classes)}
+            rows.append({"group": col, "value": value, **counts, **m})
+    return pd.DataFrame(rows)
+
+
+def write_report(
+    df: pd.DataFrame,
+    output: str,
+    classes: list[str],
+    positive_class: Optional[str] = None,
+    bootstrap_resamples: int = 1000,
+    bootstrap_seed: int = 0,
+    group_by: Optional[list[str]] = None,
+    target_sensitivity: float = 0.95,
+    source: Optional[dict] = None,
+) -> Report:
+    """`df`: path, label, status, threshold, model_id and one `prob_<class>` column per class."""
+    from medclf import plots
+
+    unknown = sorted(set(df["label"].dropna()) - set(classes))
     if unknown:
-        raise EvaluationError(f"labels {unknown} are not among the model's classes {classes}")
-    ok = df[df["status"] == "ok"]
+        raise EvaluationError(
+            f"labels {unknown} are not among the model's classes {classes}; map them with data.class_map "
+            "or check that the labels belong to this model")
+    ok = df[df["status"] == "ok"].reset_index(drop=True)
     n_failed = int((df["status"] != "ok").sum())
     if ok.empty:
-        raise EvaluationError(f"{predictions}: every prediction failed; nothing to evaluate")
+        raise EvaluationError(f"every one of the {len(df)} predictions failed; nothing to evaluate")
+    prob_cols = [prob_column(c) for c in classes]
     y = ok["label"].map(classes.index).to_numpy()
     probs = ok[prob_cols].to_numpy(np.float64)
+    binary = positive_class is not None and len(classes) == 2
     pos = classes.index(positive_class) if positive_class else None
-    stored = ok["threshold"].dropna()
-    stored_threshold = float(stored.iloc[0]) if len(stored) else None
+    stored = ok["threshold"].dropna() if "threshold" in ok else pd.Series([], dtype=float)
+    threshold = float(stored.iloc[0]) if len(stored) else None
 
-    rows = [{"rule": "stored" if stored_threshold is not None else "argmax",
-             **classification_metrics(y, probs, pos, stored_threshold)}]
-    if pos is not None and len(classes) == 2:
+    rows = [{"rule": "stored" if threshold is not None else "argmax", **classification_metrics(y, probs, pos, threshold)}]
+    if binary:
         y_pos = (y == pos).astype(int)
-        youden = choose_threshold(y_pos, probs[:, pos], "youden")
-        rows.append({"rule": "youden_on_this_data", **classification_metrics(y, probs, pos, youden)})
-        rows.append({"rule": "argmax", **classification_metrics(y, probs, pos, 0.5)})
-    if pos is not None and len(classes) == 2 and bootstrap_resamples:
-        y_pos = (y == pos).astype(int)
-        for row in rows:  # 95% CIs at each operating point
-            ci = bootstrap_ci(y_pos, probs[:, pos], row["threshold"], bootstrap_resamples, bootstrap_seed)
-            for r in ci.itertuples():
-                row[f"{r.metric}_ci_low"], row[f"{r.metric}_ci_high"] = r.ci_low, r.ci_high
+        if len(np.unique(y_pos)) == 2:
+            rows.append({"rule": "youden_on_this_data",
+                         **classification_metrics(y, probs, pos, choose_threshold(y_pos, probs[:, pos], "youden"))})
+            t = choose_threshold(y_pos, probs[:, pos], "target_sensitivity", target_sensitivity)
+            rows.append({"rule": f"sensitivity_{target_sensitivity:g}_on_this_data", **classification_metrics(y, probs, pos, t)})
+        if threshold is not None:
+            rows.append({"rule": "argmax", **classification_metrics(y, probs, pos, 0.5)})
+        if bootstrap_resamples and len(np.unique(y_pos)) == 2:
+            for row in rows:  # 95% CIs at each operating point
+                ci = bootstrap_ci(y_pos, probs[:, pos], row["threshold"], bootstrap_resamples, bootstrap_seed)
+                for r in ci.itertuples():
+                    row[f"{r.metric}_ci_low"], row[f"{r.metric}_ci_high"] = r.ci_low, r.ci_high
     metrics = pd.DataFrame(rows)
     metrics.insert(1, "n_failed", n_failed)
 
-    if pos is not None and len(classes) == 2:
-        t = 0.5 if stored_threshold is None else stored_threshold
-        y_pred = np.where(probs[:, pos] >= t, pos, 1 - pos)
-    else:
-        y_pred = probs.argmax(axis=1)
-    confusion = confusion_table(y, y_pred, classes)
-    roc = roc_points(y, probs, classes, pos)
-    pr = pr_points(y, probs, classes, pos)
-    tables = {"metrics": metrics, "confusion": confusion, "roc": roc, "pr": pr}
-    if pos is not None and len(classes) == 2:
-        tables["calibration"] = calibration_table((y == pos).astype(int), probs[:, pos])
-
+    y_pred = _decisions(probs, pos, threshold)
+    if binary:
+        calibration = calibration_table((y == pos).astype(int), probs[:, pos])
+        calibration_what = f"true {positive_class}"
+    else:  # multi-class: is the top class right as often as its probability says?
+        calibration = calibration_table((y_pred == y).astype(int), probs.max(axis=1))
+        calibration_what = "top class correct"
+    columns = group_by if group_by is not None else [c for c in SUBGROUP_CANDIDATES if c in ok.columns]
+    missing_cols = [c for c in columns if c not in ok.columns]
+    if missing_cols:
+        raise EvaluationError(f"evaluate.group_by names {missing_cols}, not columns of the predictions or labels "
+                              f"(have: {sorted(ok.columns)})")
+    columns = [c for c in columns if ok[c].nunique(dropna=False) >= 2 or group_by is not None]
+    tables = {
+        "metrics": metrics,
+        "per_class": per_class_table(y, y_pred, probs, classes),
+        "confusion": confusion_table(y, y_pred, classes),
+        "roc": roc_points(y, probs, classes, pos),
+        "pr": pr_points(y, probs, classes, pos),
+        "calibration": calibration,
+        "subgroups": subgroup_table(ok, y, probs, classes, pos, threshold, columns),
+    }
     storage.makedirs(output)
     for name, table in tables.items():
         storage.write_bytes(storage.join(output, f"{name}.parquet"), table.to_parquet(index=False))
-    head = metrics.iloc[0]
-    if pos is not None:
-        aucs = {classes[pos]: head["roc_auc"]}
-        op = (1 - head["specificity"], head["sensitivity"])
-    else:
-        from sklearn.metrics import roc_auc_score
 
-        aucs = {c: roc_auc_score((y == k).astype(int), probs[:, k]) for k, c in enumerate(classes) if len(set(y == k)) == 2}
-        op = None
-    storage.write_bytes(storage.join(output, "roc.png"), roc_plot(roc, aucs, op))
-    storage.write_bytes(storage.join(output, "confusion.png"), confusion_plot(confusion, classes))
-    summary = {"predictions": predictions, "classes": classes, "positive_class": positive_class,
-               "threshold": stored_threshold, "n_evaluated": int(len(ok)), "n_failed": n_failed,
-               "model_ids": sorted(ok["model_id"].unique().tolist())}
-    storage.write_bytes(storage.join(output, "summary.json"), json.dumps(summary, indent=2).encode())
+    head = metrics.iloc[0]
+    per_class = tables["per_class"].set_index("class")
+    if binary:
+        aucs, aps = {positive_class: head["roc_auc"]}, {positive_class: head["pr_auc"]}
+        roc_op = (1 - head["specificity"], head["sensitivity"])
+        pr_op = (head["sensitivity"], head["precision"])
+        hist = plots.score_histogram({c: probs[y == k, pos] for k, c in enumerate(classes)},
+                                     f"P({positive_class})", threshold if threshold is not None else 0.5)
+        ece = expected_calibration_error((y == pos).astype(int), probs[:, pos])
+    else:
+        aucs, aps = per_class["roc_auc"].to_dict(), per_class["pr_auc"].to_dict()
+        roc_op = pr_op = None
+        hist = plots.score_histogram({c: probs[y == k].max(axis=1) if (y == k).any() else np.zeros(0)
+                                      for k, c in enumerate(classes)}, "probability of the predicted class")
+        ece = expected_calibration_error((y_pred == y).astype(int), probs.max(axis=1))
+    prevalence = {c: float((y == k).mean()) for k, c in enumerate(classes)}
+    pictures = {
+        "roc.png": plots.roc_plot(tables["roc"], aucs, roc_op),
+        "pr.png": plots.pr_plot(tables["pr"], aps, prevalence, pr_op),
+        "confusion.png": plots.confusion_plot(tables["confusion"], classes),
+        "reliability.png": plots.reliability_plot(calibration, calibration_what, ece),
+        "histogram.png": hist,
+        "gallery.png": gallery(ok, y, y_pred, probs, classes),
+    }
+    for name, png in pictures.items():
+        storage.write_bytes(storage.join(output, name), png)
+
+    summary = {**(source or {}), "classes": classes, "positive_class": positive_class, "threshold": threshold,
+               "n_evaluated": int(len(ok)), "n_failed": n_failed,
+               "class_counts": {c: int((y == k).sum()) for k, c in enumerate(classes)},
+               "model_ids": sorted(ok["model_id"].dropna().unique().tolist()) if "model_id" in ok else [],
+               "subgroup_columns": columns,
+               "metrics": {k: (None if pd.isna(v) else v) for k, v in head.items() if k != "rule"}}
+    storage.write_bytes(storage.join(output, "summary.json"), json.dumps(summary, indent=2, default=float).encode())
+    storage.write_bytes(storage.join(output, "summary.html"), summary_html(summary, tables, pictures).encode())
     return Report(output, metrics, int(len(ok)), n_failed)
+
+
+def gallery(ok: pd.DataFrame, y: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, classes: list[str]) -> bytes:
+    """Sample predictions: the most confident errors first, then the least confident correct calls."""
+    from medclf.config import PreprocessConfig
+    from medclf.decode import decode
+    from medclf.plots import gallery_plot
+    from medclf.preprocess import preprocess_gray
+
+    confidence = probs[np.arange(len(y_pred)), y_pred]
+    wrong = np.flatnonzero(y_pred != y)
+    right = np.flatnonzero(y_pred == y)
+    order = list(wrong[np.argsort(-confidence[wrong])][:GALLERY_SIZE])
+    order += list(right[np.argsort(confidence[right])][: GALLERY_SIZE - len(order)])
+    display = PreprocessConfig(image_size=160, mean=0.0, std=1.0)  # the same resize, intensities kept in [0, 1]
+    images, captions = [], []
+    for i in order:
+        path = str(ok["path"].iloc[i])
+        try:
+            images.append(preprocess_gray(decode(storage.read_bytes(path), path).image, display)[0])
+        except Exception:  # the gallery illustrates; an unreadable file must not sink the report
+            images.append(None)
+        name = posixpath.basename(path)
+        captions.append(f"{name[:28]}\ntrue {classes[y[i]]} / pred {classes[y_pred[i]]}\np(pred) = {confidence[i]:.3f}")
+    n_wrong = min(len(wrong), GALLERY_SIZE)
+    title = f"Sample predictions: {n_wrong} most confident error(s) (red), then least confident correct calls"
+    return gallery_plot(images, captions, [bool(y_pred[i] != y[i]) for i in order], title)
+
+
+def _table_html(table: pd.DataFrame, columns: list[str]) -> str:
+    cols = [c for c in columns if c in table.columns]
+    return table[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-", border=0)
+
+
+def summary_html(summary: dict, tables: dict, pictures: dict) -> str:
+    """One self-contained page: what was evaluated, the headline figures with CIs, tables, plots."""
+    metrics = tables["metrics"].copy()
+    for m in ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "roc_auc"):
+        if f"{m}_ci_low" in metrics:
+            metrics[m] = [f"{v:.3f} ({lo:.3f}-{hi:.3f})" if pd.notna(lo) else f"{v:.3f}"
+                          for v, lo, hi in zip(metrics[m], metrics[f"{m}_ci_low"], metrics[f"{m}_ci_high"])]
+    threshold = summary["threshold"]
+    facts = [
+        ("Predictions", summary.get("predictions", "-")),
+        ("Labels", summary.get("labels", "-")),
+        ("Model", ", ".join(summary["model_ids"]) or "-"),
+        ("Classes", ", ".join(f"{c} ({n})" for c, n in summary["class_counts"].items())),
+        ("Positive class", summary["positive_class"] or "- (multi-class: argmax)"),
+        ("Decision threshold", "argmax" if threshold is None else f"{threshold:.4f} (stored in the model)"),
+        ("Images evaluated", f"{summary['n_evaluated']} ({summary['n_failed']} failed to score, not counted)"),
+    ]
+    fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
+    img = {name: base64.b64encode(png).decode() for name, png in pictures.items()}
+    metric_cols = ["rule", "n", "threshold", "accuracy", "sensitivity", "specificity", "precision", "npv", "f1",
+                   "roc_auc", "pr_auc", "brier", "ece", "log_loss", "balanced_accuracy"]
+    subgroups = tables["subgroups"]
+    sub_html = (_table_html(subgroups, ["group", "value", *[c for c in subgroups.columns if c.startswith("n_")],
+                                        "accuracy", "sensitivity", "specificity", "f1", "roc_auc"])
+                if not subgroups.empty else "<p>No grouping column with more than one value.</p>")
+
+    def figure(name: str, alt: str) -> str:
+        return f'<figure><img src="data:image/png;base64,{img[name]}" alt="{alt}"><figcaption>{alt}</figcaption></figure>'
+
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>medclf evaluation report</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 1em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.2em; font-size: 0.9em; }}
+th, td {{ padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: left; }}
+figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
+figure img {{ max-width: 520px; }} .wide img {{ max-width: 1050px; }}
+</style></head><body>
+<h1>Evaluation report</h1>
+<table>{fact_rows}</table>
+<h2>Operating points</h2>
+<p>95% confidence intervals (stratified bootstrap) in brackets. <i>stored</i> is the threshold the model chose
+on its own validation data; rules marked <i>on_this_data</i> are chosen on these labels (optimistic).</p>
+{_table_html(metrics, metric_cols)}
+<h2>Per class (one-vs-rest, at the stored operating point)</h2>
+{_table_html(tables["per_class"], ["class", "n", "predicted", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc"])}
+<h2>Subgroups</h2>
+{sub_html}
+<h2>Plots</h2>
+{figure("roc.png", "ROC curve, operating point marked")}
+{figure("pr.png", "Precision-recall curve")}
+{figure("confusion.png", "Confusion matrix at the stored threshold")}
+{figure("reliability.png", "Reliability diagram (calibration)")}
+{figure("histogram.png", "Score distribution per true class")}
+<div class="wide">{figure("gallery.png", "Sample predictions, most confident errors first")}</div>
+</body></html>
+"""

@@ -88,13 +88,44 @@ def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, n_classes: int) ->
         "sensitivity": float(skm.recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
     }
-    try:
-        out["roc_auc"] = float(skm.roc_auc_score(y_true, probs, multi_class="ovr", labels=labels))
-    except ValueError:
-        out["roc_auc"] = float("nan")
+    for name, fn in (("precision", skm.precision_score), ("sensitivity", skm.recall_score), ("f1", skm.f1_score)):
+        out[f"{name}_weighted"] = float(fn(y_true, y_pred, labels=labels, average="weighted", zero_division=0))
+    cm = skm.confusion_matrix(y_true, y_pred, labels=labels)
+    negatives = cm.sum() - cm.sum(axis=1)
+    true_negatives = cm.sum() - cm.sum(axis=0) - cm.sum(axis=1) + np.diag(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["specificity"] = float(np.nanmean(true_negatives / negatives))  # macro one-vs-rest
+    for average in ("macro", "weighted"):
+        suffix = "" if average == "macro" else "_weighted"
+        try:
+            out[f"roc_auc{suffix}"] = float(skm.roc_auc_score(y_true, probs, multi_class="ovr", labels=labels,
+                                                             average=average))
+        except ValueError:
+            out[f"roc_auc{suffix}"] = float("nan")
+    onehot = np.eye(n_classes)[y_true]
+    present = onehot.sum(axis=0) > 0
+    out["pr_auc"] = float(np.mean([skm.average_precision_score(onehot[:, k], probs[:, k])
+                                   for k in range(n_classes) if present[k]])) if present.any() else float("nan")
     for k, r in enumerate(skm.recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)):
         out[f"recall_{k}"] = float(r)
     return out
+
+
+def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """One-vs-rest figures per class at the given decisions: n, precision, recall, specificity, F1, AUCs."""
+    y_true, y_pred = np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int)
+    rows = []
+    for k, name in enumerate(classes):
+        t, p = (y_true == k).astype(int), (y_pred == k).astype(int)
+        tp, fp = int((t & p).sum()), int(((1 - t) & p).sum())
+        fn, tn = int((t & (1 - p)).sum()), int(((1 - t) & (1 - p)).sum())
+        both = 0 < t.sum() < len(t)
+        rows.append({"class": name, "n": int(t.sum()), "predicted": int(p.sum()),
+                     "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
+                     "specificity": _ratio(tn, tn + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+                     "roc_auc": float(skm.roc_auc_score(t, probs[:, k])) if both else float("nan"),
+                     "pr_auc": float(skm.average_precision_score(t, probs[:, k])) if both else float("nan")})
+    return pd.DataFrame(rows)
 
 
 def classification_metrics(

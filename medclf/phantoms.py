@@ -17,6 +17,7 @@ window that maps back to u/255 exactly, so both formats decode to the same pixel
 from __future__ import annotations
 
 import io
+import json
 import os
 from dataclasses import dataclass
 
@@ -176,6 +177,7 @@ def generate(
                             path=rel, label=label, split=split, patient_id=patient_id, format=fmt, image_index=index,
                             lesion_x=lesion[0], lesion_y=lesion[1], lesion_sigma=lesion[2],
                             n_lesions=len(phantom.lesions),
+                            lesions=json.dumps([[round(v, 3) for v in les] for les in phantom.lesions]),
                         )
                     )
                 index += 1

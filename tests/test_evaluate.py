@@ -1,0 +1,157 @@
+"""Evaluation reports from a predictions dataset + labels: tables, plots, page, and clear errors.
+
+The predictions are written here in the exact schema `score` writes (no Ray needed), for real
+phantom image files, so the gallery decodes real images.
+"""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from medclf.evaluate import EvaluationError, run_evaluation
+from medclf.models import prob_column
+from medclf.score import prediction_schema
+
+CLASSES = ["NORMAL", "POSITIVE"]
+
+
+def write_predictions(folder, paths, probs, classes, threshold=0.5, fmt=None):
+    """Predictions Parquet in score's layout and schema; probs (N, C)."""
+    n = len(paths)
+    schema = prediction_schema(classes)
+    cols = {name: [None] * n for name in schema.names}
+    cols["path"] = list(paths)
+    cols["size"] = [1] * n
+    cols["checksum"] = [f"{i:064x}" for i in range(n)]
+    cols["format"] = fmt or [p.rsplit(".", 1)[-1] for p in paths]
+    for k, c in enumerate(classes):
+        cols[prob_column(c)] = np.asarray(probs)[:, k].astype(np.float32)
+    cols["predicted_label"] = [classes[int(i)] for i in np.asarray(probs).argmax(1)]
+    cols["threshold"] = [threshold] * n
+    cols["model_id"] = ["small_cnn-abc"] * n
+    cols["run_id"] = ["r1"] * n
+    cols["status"] = ["ok"] * n
+    part = os.path.join(folder, "run_date=2026-11-22")
+    os.makedirs(part, exist_ok=True)
+    pq.write_table(pa.table(cols, schema=schema), os.path.join(part, "part-r1-0.parquet"))
+    return folder
+
+
+@pytest.fixture
+def scored(phantom_root, tmp_path):
+    """Phantom test files (PNG + DICOM) with informative but imperfect scores."""
+    manifest = pd.read_parquet(os.path.join(phantom_root, "manifest.parquet"))
+    test = manifest[manifest.split == "test"].reset_index(drop=True)
+    paths = [os.path.join(phantom_root, p) for p in test.path]
+    rng = np.random.default_rng(0)
+    y = (test.label == "POSITIVE").to_numpy().astype(int)
+    p = np.clip(0.5 + (y - 0.5) * 0.5 + rng.normal(0, 0.25, len(y)), 0.01, 0.99)
+    pred = write_predictions(str(tmp_path / "pred"), paths, np.stack([1 - p, p], 1), CLASSES, threshold=0.45)
+    labels = test.assign(path=paths, site=np.where(np.arange(len(test)) % 3 == 0, "A", "B"))
+    labels_path = str(tmp_path / "labels.parquet")
+    labels.to_parquet(labels_path)
+    return pred, labels_path, y, p
+
+
+def test_report_tables_plots_and_page(scored, tmp_path):
+    pred, labels, y, p = scored
+    out = str(tmp_path / "report")
+    report = run_evaluation(pred, out, CLASSES, "POSITIVE", labels, bootstrap_resamples=200)
+    for name in ("metrics", "per_class", "confusion", "roc", "pr", "calibration", "subgroups"):
+        assert os.path.getsize(os.path.join(out, f"{name}.parquet")) > 0, name
+    for name in ("roc", "pr", "confusion", "reliability", "histogram", "gallery"):
+        with open(os.path.join(out, f"{name}.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+    m = report.metrics.set_index("rule")
+    assert {"stored", "youden_on_this_data", "sensitivity_0.95_on_this_data", "argmax"} <= set(m.index)
+    stored = m.loc["stored"]
+    assert stored["threshold"] == pytest.approx(0.45) and stored["n"] == len(y)
+    assert stored["sensitivity"] == pytest.approx(((p >= 0.45) & (y == 1)).sum() / y.sum())
+    assert m.loc["sensitivity_0.95_on_this_data", "sensitivity"] >= 0.95
+    for metric in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+        assert m.loc["stored", f"{metric}_ci_low"] <= stored[metric] <= m.loc["stored", f"{metric}_ci_high"]
+
+    # subgroups: format (from the predictions) and site (from the labels manifest), with counts
+    sub = pd.read_parquet(os.path.join(out, "subgroups.parquet"))
+    assert set(sub.group) >= {"format", "site"}
+    for group, part in sub.groupby("group"):
+        assert part["n"].sum() == len(y), group
+        assert (part["n_NORMAL"] + part["n_POSITIVE"] == part["n"]).all()
+    site_a = sub[(sub.group == "site") & (sub.value == "A")].iloc[0]
+    assert site_a["n"] == (np.arange(len(y)) % 3 == 0).sum()
+
+    per_class = pd.read_parquet(os.path.join(out, "per_class.parquet")).set_index("class")
+    assert per_class.loc["POSITIVE", "recall"] == pytest.approx(stored["sensitivity"])
+    assert per_class.loc["NORMAL", "recall"] == pytest.approx(stored["specificity"])
+
+    page = open(os.path.join(out, "summary.html")).read()
+    assert "small_cnn-abc" in page and "0.4500" in page and page.count("data:image/png;base64,") == 6
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["n_evaluated"] == len(y) and summary["subgroup_columns"] == ["format", "site"]
+
+
+def test_multiclass_report(phantom_root, tmp_path):
+    classes = ["benign", "malignant", "normal"]
+    files = sorted(os.listdir(os.path.join(phantom_root, "test", "NORMAL")))[:9]
+    paths = [os.path.join(phantom_root, "test", "NORMAL", f) for f in files]
+    y = np.arange(9) % 3
+    probs = np.full((9, 3), 0.1)
+    probs[np.arange(9), y] = 0.8
+    probs[0] = [0.1, 0.8, 0.1]  # one benign called malignant
+    pred = write_predictions(str(tmp_path / "pred"), paths, probs, classes, threshold=None)
+    labels = str(tmp_path / "labels.csv")
+    pd.DataFrame({"path": paths, "label": [classes[k] for k in y]}).to_csv(labels, index=False)
+    report = run_evaluation(pred, str(tmp_path / "rep"), classes, None, labels, bootstrap_resamples=0)
+    row = report.metrics.iloc[0]
+    assert row["rule"] == "argmax" and row["accuracy"] == pytest.approx(8 / 9)
+    # recall per class 2/3, 1, 1 -> macro 8/9; precision 1, 3/4, 1 -> macro 11/12
+    assert row["sensitivity"] == pytest.approx(8 / 9) and row["precision"] == pytest.approx(11 / 12)
+    assert row["precision_weighted"] == pytest.approx(11 / 12)  # equal class counts
+    per_class = pd.read_parquet(str(tmp_path / "rep" / "per_class.parquet")).set_index("class")
+    assert per_class.loc["benign", "recall"] == pytest.approx(2 / 3)
+    assert per_class.loc["malignant", "specificity"] == pytest.approx(5 / 6)
+
+
+def test_wrong_input_is_explained(scored, phantom_root, tmp_path):
+    pred, labels, _, _ = scored
+    out = str(tmp_path / "r")
+    # labels that cover none of the scored files (predictions without labels)
+    other = str(tmp_path / "other.csv")
+    pd.DataFrame({"path": ["/elsewhere/a.png"], "label": ["NORMAL"]}).to_csv(other, index=False)
+    with pytest.raises(EvaluationError, match="none of the .* scored files has a label"):
+        run_evaluation(pred, out, CLASSES, "POSITIVE", other)
+    # some scored files unlabelled
+    lab = pd.read_parquet(labels)
+    partial = str(tmp_path / "partial.parquet")
+    lab.iloc[2:].to_parquet(partial)
+    with pytest.raises(EvaluationError, match="no label for 2 scored file"):
+        run_evaluation(pred, out, CLASSES, "POSITIVE", partial)
+    # labels for files never scored
+    extra = str(tmp_path / "extra.parquet")
+    pd.concat([lab, lab.iloc[:1].assign(path="/never/scored.png")]).to_parquet(extra)
+    with pytest.raises(EvaluationError, match="1 labelled file.* never scored.*never/scored.png"):
+        run_evaluation(pred, out, CLASSES, "POSITIVE", extra)
+    run_evaluation(pred, out, CLASSES, "POSITIVE", extra, bootstrap_resamples=0, allow_unscored=True)
+    # class names that differ between model and labels
+    renamed = str(tmp_path / "renamed.parquet")
+    lab.assign(label=lab.label.replace({"POSITIVE": "PNEUMONIA"})).to_parquet(renamed)
+    with pytest.raises(EvaluationError, match=r"labels \['PNEUMONIA'\] are not among the model's classes"):
+        run_evaluation(pred, out, CLASSES, "POSITIVE", renamed)
+    with pytest.raises(EvaluationError, match=r"no probability columns \['prob_PNEUMONIA'\]"):
+        run_evaluation(pred, out, ["NORMAL", "PNEUMONIA"], "PNEUMONIA", labels)
+    # an empty predictions set, and a missing one
+    empty = str(tmp_path / "empty")
+    write_predictions(empty, [], np.zeros((0, 2)), CLASSES)
+    with pytest.raises(EvaluationError, match="predictions set is empty"):
+        run_evaluation(empty, out, CLASSES, "POSITIVE", labels)
+    with pytest.raises(EvaluationError, match="predictions folder not found"):
+        run_evaluation(str(tmp_path / "nope"), out, CLASSES, "POSITIVE", labels)
+    # a grouping column that does not exist
+    with pytest.raises(EvaluationError, match=r"group_by names \['scanner'\]"):
+        run_evaluation(pred, out, CLASSES, "POSITIVE", labels, bootstrap_resamples=0, group_by=["scanner"])
