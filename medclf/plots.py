@@ -77,7 +77,8 @@ def pr_plot(pr: pd.DataFrame, aps: dict, prevalence: dict, operating_point: Opti
     for name, part in pr.groupby("class", sort=False):
         line, = ax.plot(part["recall"], part["precision"], label=f"{name} (AP {aps.get(name, float('nan')):.3f})")
         if name in prevalence:
-            ax.axhline(prevalence[name], ls=":", color=line.get_color(), alpha=0.7)
+            ax.axhline(prevalence[name], ls=":", color=line.get_color(), alpha=0.7,
+                       label=f"{name} prevalence {prevalence[name]:.2f} (chance)")
     if operating_point is not None:
         ax.plot(*operating_point, "o", color="red", markersize=8, label="operating point")
     ax.set(title="Precision-recall curve", xlabel="recall (sensitivity)", ylabel="precision (PPV)",
