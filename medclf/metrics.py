@@ -134,16 +134,16 @@ def classification_metrics(
     """Binary metrics when a positive class is set, multi-class ones otherwise; plus log loss."""
     n_classes = probs.shape[1]
     y_true = np.asarray(y_true).astype(int)
-    # float32 softmax outputs miss 1.0 by ~1e-7; renormalise in float64 for log loss.
+    # Thresholds compare the scores as given (a threshold chosen on them must select the same
+    # images); only log loss sees them renormalised (float32 softmax misses 1.0 by ~1e-7).
     probs = np.asarray(probs, dtype=np.float64)
-    probs = probs / probs.sum(axis=1, keepdims=True)
     if positive_index is not None and n_classes == 2:
         out = binary_metrics((y_true == positive_index).astype(int), probs[:, positive_index],
                              0.5 if threshold is None else threshold)
     else:
         out = multiclass_metrics(y_true, probs, n_classes)
     eps = 1e-7
-    clipped = np.clip(probs, eps, 1 - eps)
+    clipped = np.clip(probs / probs.sum(axis=1, keepdims=True), eps, 1 - eps)
     out["log_loss"] = float(skm.log_loss(y_true, clipped / clipped.sum(axis=1, keepdims=True), labels=list(range(n_classes))))
     return out
 
