@@ -64,10 +64,11 @@ def default_layer(arch: str) -> str:
     return DEFAULT_LAYERS.get(arch, "features")
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Heatmaps (N, S, S) in [0, 1] for class indices `target` (N,), plus softmax probs (N, C).
+def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Heatmaps (N, S, S) in [0, 1], softmax probs (N, C) and the explained class per image (N,).
 
-    `x` is the 3-channel model input (N, 3, S, S); `model` is in eval mode.
+    `x` is the 3-channel model input (N, 3, S, S); `model` is in eval mode. `target`: class
+    indices (N,), or a function probs -> indices (the decision), applied to this same forward pass.
     """
     modules = dict(model.named_modules())
     if layer not in modules:
@@ -79,6 +80,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target: torch.Tensor
         with torch.enable_grad():
             # The input asks for gradients so activations carry them even when the weights do not.
             logits = model(x.detach().requires_grad_(True))
+            probs = torch.softmax(logits.detach().float(), 1).numpy()
+            target = torch.as_tensor(target(probs) if callable(target) else target).long()
             score = logits.gather(1, target.view(-1, 1)).sum()
             (grads,) = torch.autograd.grad(score, captured[0])
     finally:
@@ -88,7 +91,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target: torch.Tensor
     cam = torch.relu((weights * acts).sum(dim=1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
-    return (cam / peak).numpy().astype(np.float32), torch.softmax(logits.detach().float(), 1).numpy()
+    return (cam / peak).numpy().astype(np.float32), probs, target.numpy()
 
 
 def overlay_png(gray01: np.ndarray, heat: np.ndarray, caption: str, min_side: int = 256) -> bytes:
@@ -144,10 +147,7 @@ class Explainer:
         if ok:
             gray = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
             x = to_model_input(gray).contiguous()
-            with torch.no_grad():
-                probs = torch.softmax(self.model(x), 1).numpy()
-            targets = self._targets(probs)
-            heat, _ = grad_cam(self.model, x, self.layer, torch.from_numpy(targets).long())
+            heat, probs, targets = grad_cam(self.model, x, self.layer, self._targets)
             spec = self.card.preprocess_spec
             for j, i in enumerate(ok):
                 cls = self.card.classes[int(targets[j])]

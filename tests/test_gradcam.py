@@ -31,12 +31,14 @@ def test_grad_cam_points_at_the_evidence():
     x = torch.zeros(2, 3, 16, 16)
     x[0, :, 3, 12] = 5.0
     x[1, :, 10, 2] = 5.0
-    heat, probs = grad_cam(SpotModel().eval(), x, "features", torch.tensor([1, 1]))
+    heat, probs, targets = grad_cam(SpotModel().eval(), x, "features", torch.tensor([1, 1]))
     assert heat.shape == (2, 16, 16) and heat.dtype == np.float32
     assert heat.max() == pytest.approx(1.0) and heat.min() >= 0.0
     assert np.unravel_index(heat[0].argmax(), (16, 16)) == (3, 12)
     assert np.unravel_index(heat[1].argmax(), (16, 16)) == (10, 2)
-    assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1.0)
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1.0) and list(targets) == [1, 1]
+    _, _, decided = grad_cam(SpotModel().eval(), x, "features", lambda p: p.argmax(1))  # the decision
+    assert list(decided) == [1, 1]
     with pytest.raises(ModelError, match="no layer 'layer9'"):
         grad_cam(SpotModel().eval(), x, "layer9", torch.tensor([1, 1]))
 
