@@ -88,8 +88,25 @@ class DataConfig(_Section):
     """When no validation split exists, this fraction of patients is held out for validation."""
     patient_regex: Optional[str] = None
     """Regex with one group pulling the patient id out of a file name; None: the file stem."""
+    val_scheme: Literal["patient", "family"] = "patient"
+    """How validation is carved out of train when no val split exists. `patient`: a random,
+    label-stratified `val_fraction` of patients. `family`: a stand-in for a new archive, held out
+    together: whole acquisition families (`holdout_families`, named by `family_regex`) and, in every
+    other family of a class those do not cover, a contiguous range of patient numbers
+    (`holdout_id_fraction` at the `holdout_id_end` of the numbering); then a random `val_fraction` of the remaining patients as the usual
+    patient-level validation. Epoch, threshold and calibration are chosen on the family part
+    (medclf.data.VAL_GROUP_COLUMN), the patient part is reported beside it."""
+    family_regex: Optional[str] = None
+    """Regex with one group pulling the acquisition family out of a file name (family scheme)."""
+    holdout_families: list[str] = Field(default_factory=list)
+    """Families held out whole for validation (family scheme)."""
+    holdout_id_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Family scheme: in each family of a class no held-out family covers, this fraction of its patients,
+    by the number in the patient id, is held out as one contiguous range."""
+    holdout_id_end: Literal["low", "high"] = "high"
+    """Which end of each family's numbering the held-out range comes from (`low`: the earliest patients)."""
 
-    @field_validator("patient_regex")
+    @field_validator("patient_regex", "family_regex")
     @classmethod
     def _regex_compiles(cls, v: Optional[str]) -> Optional[str]:
         if v is not None:
@@ -100,6 +117,14 @@ class DataConfig(_Section):
             if pattern.groups < 1:
                 raise ValueError("needs one capture group, e.g. '(person\\d+)_'")
         return v
+
+    @model_validator(mode="after")
+    def _family_scheme_complete(self) -> "DataConfig":
+        if self.val_scheme == "family" and not (
+                self.family_regex and (self.holdout_families or self.holdout_id_fraction > 0)):
+            raise ValueError("data.val_scheme=family needs data.family_regex and data.holdout_families "
+                             "and/or data.holdout_id_fraction > 0")
+        return self
 
     @field_validator("extensions")
     @classmethod
@@ -348,20 +373,42 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """A config file as a dict; `base: other.yaml` (relative to this file) is read first and overlaid."""
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{source}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{source}: 'base' must be a file name, got {base!r}")
+    return _deep_merge(_read_yaml(path.parent / base, (*seen, path.resolve())), data)
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Read YAML (or start from defaults), apply `key.sub=value` overrides, validate."""
+    """Read YAML (or start from defaults), apply `key.sub=value` overrides, validate.
+
+    A file may start from another (`base: pneumonia_xray.yaml`): a recipe variant names only what it changes.
+    """
     source = str(path) if path else "<defaults>"
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    data: dict = _read_yaml(Path(path)) if path else {}
     if overrides:
         source += " (with overrides " + " ".join(overrides) + ")"
         data = apply_overrides(data, overrides)

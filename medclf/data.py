@@ -126,30 +126,85 @@ def class_names(df: pd.DataFrame, cfg: DataConfig) -> list[str]:
     return list(cfg.classes) if cfg.classes else sorted(df["label"].unique())
 
 
-def assign_validation(df: pd.DataFrame, cfg: DataConfig, seed: int) -> pd.DataFrame:
-    """Carve a validation split out of train by patient, stratified by label, when none exists.
+# Which part of validation a row belongs to (splits.parquet): `patient` (random patients of the
+# training archive) or `family` (held-out acquisition families / patient ranges: a new archive's
+# stand-in). Null outside validation.
+VAL_GROUP_COLUMN = "val_group"
 
-    Every image of a patient lands in the same split; patients are drawn per (majority) label
-    so both splits keep the class balance. Deterministic for a seed.
-    """
-    df = df.copy()
-    if (df["split"] == cfg.val_split).any():
-        return df
-    train = df[df["split"] == cfg.train_split]
-    if train.empty:
-        raise DatasetError(f"no '{cfg.train_split}' images to train on (splits found: {sorted(df['split'].unique())})")
+
+def family_of(path: str, regex: str) -> str:
+    """Acquisition family from a file name: the regex's first group, or '' when it does not match."""
+    m = re.search(regex, posixpath.basename(path))
+    return m.group(1) if m else ""
+
+
+def _patient_number(patient_id: str) -> int:
+    digits = re.findall(r"\d+", patient_id)
+    return int(digits[-1]) if digits else -1
+
+
+def _random_patients(train: pd.DataFrame, fraction: float, rng: np.random.Generator) -> set:
+    """A label-stratified random `fraction` of the patients in `train` (each label keeps >= 1 each side)."""
     patient_label = train.groupby("patient_id")["label"].agg(lambda s: s.value_counts().index[0])
-    rng = np.random.default_rng(seed)
-    val_patients: set = set()
+    chosen: set = set()
     for label in sorted(patient_label.unique()):
         patients = np.array(sorted(patient_label[patient_label == label].index))
         rng.shuffle(patients)
-        n_val = int(round(len(patients) * cfg.val_fraction))
+        n_val = int(round(len(patients) * fraction))
         if len(patients) >= 2:
             n_val = min(max(n_val, 1), len(patients) - 1)  # both splits keep every class
-        val_patients.update(patients[:n_val])
-    is_val = (df["split"] == cfg.train_split) & df["patient_id"].isin(val_patients)
-    df.loc[is_val, "split"] = cfg.val_split
+        chosen.update(patients[:n_val])
+    return chosen
+
+
+def _family_holdout_patients(train: pd.DataFrame, cfg: DataConfig) -> set:
+    """Patients of the held-out families, plus a contiguous id range of every other family whose
+    class no held-out family covers (so each class is represented in the held-out part)."""
+    families = train["path"].map(lambda p: family_of(p, cfg.family_regex))
+    unknown = sorted(set(cfg.holdout_families) - set(families))
+    if unknown:
+        raise DatasetError(f"data.holdout_families {unknown} match no file name (families found by "
+                           f"data.family_regex: {sorted(set(families) - {''})})")
+    held = families.isin(cfg.holdout_families)
+    chosen, covered = set(train.loc[held, "patient_id"]), set(train.loc[held, "label"])
+    for family in sorted(set(families) - set(cfg.holdout_families)):
+        if set(train.loc[families == family, "label"]) <= covered:
+            continue
+        patients = sorted(set(train.loc[families == family, "patient_id"]) - chosen,
+                          key=lambda p: (_patient_number(p), p))
+        n_range = int(round(len(patients) * cfg.holdout_id_fraction))
+        chosen.update(patients[:n_range] if cfg.holdout_id_end == "low" else patients[len(patients) - n_range:])
+    return chosen
+
+
+def assign_validation(df: pd.DataFrame, cfg: DataConfig, seed: int) -> pd.DataFrame:
+    """Carve a validation split out of train by patient when none exists (`data.val_scheme`).
+
+    Every image of a patient lands in the same split. `patient`: random patients drawn per
+    (majority) label, so both splits keep the class balance. `family`: whole acquisition families
+    and the latest patient ranges first (VAL_GROUP_COLUMN `family`), then random patients of the rest
+    (`patient`). Deterministic for a seed.
+    """
+    df = df.copy()
+    if (df["split"] == cfg.val_split).any():  # a given validation split (a manifest may name its groups)
+        if VAL_GROUP_COLUMN not in df.columns:
+            df[VAL_GROUP_COLUMN] = np.where(df["split"] == cfg.val_split, "patient", None)
+        return df
+    df[VAL_GROUP_COLUMN] = None
+    train = df[df["split"] == cfg.train_split]
+    if train.empty:
+        raise DatasetError(f"no '{cfg.train_split}' images to train on (splits found: {sorted(df['split'].unique())})")
+    rng = np.random.default_rng(seed)
+    family_patients: set = set()
+    if cfg.val_scheme == "family":
+        family_patients = _family_holdout_patients(train, cfg)
+        train = train[~train["patient_id"].isin(family_patients)]
+    patient_patients = _random_patients(train, cfg.val_fraction, rng)
+    in_train = df["split"] == cfg.train_split
+    for group, patients in (("family", family_patients), ("patient", patient_patients)):
+        rows = in_train & df["patient_id"].isin(patients)
+        df.loc[rows, "split"] = cfg.val_split
+        df.loc[rows, VAL_GROUP_COLUMN] = group
     return df
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from medclf import storage
-from medclf.models import ModelError, load_artifact, load_card
+from medclf.models import ModelError, class_probabilities, load_artifact, load_card
 from medclf.preprocess import denormalize, to_model_input
 from medclf.score import text_or_none
 
@@ -64,11 +64,14 @@ def default_layer(arch: str) -> str:
     return DEFAULT_LAYERS.get(arch, "features")
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Heatmaps (N, S, S) in [0, 1], softmax probs (N, C) and the explained class per image (N,).
+def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target,
+             temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Heatmaps (N, S, S) in [0, 1], calibrated probs (N, C) and the explained class per image (N,).
 
     `x` is the 3-channel model input (N, 3, S, S); `model` is in eval mode. `target`: class
     indices (N,), or a function probs -> indices (the decision), applied to this same forward pass.
+    `temperature`: the model card's (probabilities only; the explained logit is unscaled, and a
+    positive scale does not move a Grad-CAM map).
     """
     modules = dict(model.named_modules())
     if layer not in modules:
@@ -80,7 +83,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target) -> tuple[np.
         with torch.enable_grad():
             # The input asks for gradients so activations carry them even when the weights do not.
             logits = model(x.detach().requires_grad_(True))
-            probs = torch.softmax(logits.detach().float(), 1).numpy()
+            probs = class_probabilities(logits.detach(), temperature).numpy()
             target = torch.as_tensor(target(probs) if callable(target) else target).long()
             score = logits.gather(1, target.view(-1, 1)).sum()
             (grads,) = torch.autograd.grad(score, captured[0])
@@ -147,7 +150,7 @@ class Explainer:
         if ok:
             gray = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
             x = to_model_input(gray).contiguous()
-            heat, probs, targets = grad_cam(self.model, x, self.layer, self._targets)
+            heat, probs, targets = grad_cam(self.model, x, self.layer, self._targets, self.card.temperature)
             spec = self.card.preprocess_spec
             for j, i in enumerate(ok):
                 cls = self.card.classes[int(targets[j])]

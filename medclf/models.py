@@ -274,6 +274,10 @@ class ModelCard:
     positive_class: Optional[str] = None
     threshold: Optional[float] = None
     threshold_rule: str = "argmax"
+    temperature: float = 1.0
+    """Logits are divided by this before the softmax (medclf.calibration); 1.0: uncalibrated."""
+    calibration: dict = field(default_factory=dict)
+    """How the temperature was fitted: on which data, log loss and ECE before and after."""
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     model_id: str = ""
@@ -287,6 +291,15 @@ class ModelCard:
     @property
     def positive_index(self) -> Optional[int]:
         return self.classes.index(self.positive_class) if self.positive_class else None
+
+
+def class_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Calibrated class probabilities from model logits: softmax(logits / T), T from the model card.
+
+    The one place scores are made from logits (scoring, Grad-CAM, validation), so a stored
+    temperature cannot be applied in one and forgotten in another.
+    """
+    return torch.softmax(logits.float() / temperature, dim=1)
 
 
 def prob_column(class_name: str) -> str:

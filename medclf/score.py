@@ -20,7 +20,7 @@ import pandas as pd
 from medclf import storage
 from medclf.config import Config, PreprocessConfig
 from medclf.decode import DICOM_META_TAGS, DecodeError, decode
-from medclf.models import load_artifact, load_card, prob_column
+from medclf.models import class_probabilities, load_artifact, load_card, prob_column
 from medclf.preprocess import preprocess_gray, to_model_input
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class Predictor:
             gray = torch.from_numpy(batch["pixels"][ok] if not ok.all() else batch["pixels"]).to(self.device)
             x = to_model_input(gray).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-                probs[ok] = torch.softmax(self.model(x).float(), dim=1).cpu().numpy()
+                probs[ok] = class_probabilities(self.model(x), self.card.temperature).cpu().numpy()
         labels = predict_labels(probs, self.card.classes, self.card.positive_index, self.card.threshold)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         out = {k: v for k, v in batch.items() if k != "pixels"}

@@ -22,6 +22,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -33,10 +34,12 @@ from medclf.config import Config
 from medclf.metrics import choose_threshold, classification_metrics
 from medclf.augment import augment_batch
 from medclf.preprocess import to_model_input
+from medclf.calibration import softmax_with_temperature
 from medclf.models import (
     ModelCard,
     apply_transfer_mode,
     build_model,
+    class_probabilities,
     count_parameters,
     save_artifact,
     set_train_mode,
@@ -50,9 +53,11 @@ HISTORY_COLUMNS = {
     "epoch": "1-based epoch number",
     "train_loss": "mean training loss (class-weighted if configured)",
     "train_accuracy": "training accuracy (augmented images)",
-    "val_loss": "validation cross-entropy (unweighted)",
-    "val_accuracy": "validation accuracy (argmax)",
-    "val_roc_auc": "validation ROC AUC (binary; one-vs-rest macro for multi-class)",
+    "val_loss": "validation cross-entropy (unweighted), on the selection part of validation (the family part "
+                "under data.val_scheme=family, else all of it)",
+    "val_accuracy": "validation accuracy (argmax), same part",
+    "val_roc_auc": "validation ROC AUC (binary; one-vs-rest macro for multi-class), same part",
+    "val_patient_roc_auc": "ROC AUC on the patient-level part of validation (the training archive's own patients)",
     "lr": "learning rate used in the epoch",
     "images_per_s": "training images per second, all workers together",
     "epoch_seconds": "wall time of the epoch (train + validation)",
@@ -219,7 +224,7 @@ def train_loop_per_worker(config: dict) -> None:
     workers = _gather([{"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "device": str(device)}])
     start_epoch, history = 0, []
     # best: the epoch kept (by select_by); lowest_loss: what early stopping watches
-    best = {"val_loss": float("inf"), "score": -float("inf"), "epoch": -1, "state": None, "val_probs": None}
+    best = {"val_loss": float("inf"), "score": -float("inf"), "epoch": -1, "state": None, "val_log_probs": None}
     lowest_loss = {"val_loss": float("inf"), "epoch": 0}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -253,7 +258,7 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.step()
 
         eval_model.eval()
-        idx_all, probs_all = [], []
+        idx_all, logp_all = [], []
         with torch.inference_mode():
             for x, _, idx in val_loader:
                 x = to_model_input(x)
@@ -261,15 +266,13 @@ def train_loop_per_worker(config: dict) -> None:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     logits = eval_model(x)
-                probs_all.extend(torch.softmax(logits.float(), 1).cpu().tolist())
+                logp_all.extend(torch.log_softmax(logits.float(), 1).cpu().tolist())
                 idx_all.extend(idx.cpu().tolist())
         # elapsed time travels with the totals so every worker takes the same time-box decision
         totals = _gather([(loss_sum, correct, seen, time.time() - run_start)])
-        pairs = dict(zip(_gather(idx_all), _gather(probs_all)))  # DistributedSampler pads: dedupe by index
-        order = sorted(pairs)
-        val_probs = np.array([pairs[i] for i in order], np.float32)
-        val_y = arrays["val_y"][order]
-        vm = classification_metrics(val_y, val_probs, config["positive_index"], None)
+        pairs = dict(zip(_gather(idx_all), _gather(logp_all)))  # DistributedSampler pads: dedupe by index
+        val_log_probs = np.array([pairs[i] for i in sorted(pairs)], np.float32)
+        vm = _validation_metrics(val_log_probs, arrays, config["positive_index"])
         n_seen = sum(t[2] for t in totals)
         row = {
             "epoch": epoch + 1,
@@ -278,6 +281,7 @@ def train_loop_per_worker(config: dict) -> None:
             "val_loss": vm["log_loss"],
             "val_accuracy": vm["accuracy"],
             "val_roc_auc": vm["roc_auc"],
+            "val_patient_roc_auc": vm["patient_roc_auc"],
             "lr": lr,
             "images_per_s": n_seen / max(train_seconds, 1e-9),
             "epoch_seconds": time.time() - t0,
@@ -292,7 +296,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "score": float(score),
                 "epoch": epoch + 1,
                 "state": {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()},
-                "val_probs": torch.from_numpy(val_probs),
+                "val_log_probs": torch.from_numpy(val_log_probs),
             }
         if row["val_loss"] < lowest_loss["val_loss"]:
             lowest_loss = {"val_loss": row["val_loss"], "epoch": epoch + 1}
@@ -334,6 +338,16 @@ def train_loop_per_worker(config: dict) -> None:
             break
 
 
+def _validation_metrics(val_log_probs: np.ndarray, arrays: dict, positive_index) -> dict:
+    """Epoch metrics on the selection part of validation, plus the patient-level part's AUC."""
+    probs = np.exp(val_log_probs)
+    select, patient = arrays["val_select"], arrays["val_patient"]
+    vm = classification_metrics(arrays["val_y"][select], probs[select], positive_index, None)
+    vm["patient_roc_auc"] = (classification_metrics(arrays["val_y"][patient], probs[patient], positive_index, None)
+                             ["roc_auc"] if patient.any() else float("nan"))
+    return vm
+
+
 # ---------------------------------------------------------------- driver side
 
 
@@ -366,8 +380,9 @@ def prepare_data(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
     return df, classes
 
 
-def shifted_scores(model: torch.nn.Module, val_x: np.ndarray, cfg: Config, positive_index: int) -> list[np.ndarray]:
-    """Positive-class scores of the validation images under each acquisition shift."""
+def shifted_scores(model: torch.nn.Module, val_x: np.ndarray, cfg: Config, positive_index: int,
+                   temperature: float = 1.0) -> list[np.ndarray]:
+    """Calibrated positive-class scores of the validation images under each acquisition shift."""
     from medclf.augment import ACQUISITION_SHIFTS, acquisition_shift
 
     x_all = torch.from_numpy(val_x)
@@ -375,8 +390,8 @@ def shifted_scores(model: torch.nn.Module, val_x: np.ndarray, cfg: Config, posit
     with torch.inference_mode():
         for kind in ACQUISITION_SHIFTS:
             x = acquisition_shift(x_all, kind, cfg.preprocess.mean, cfg.preprocess.std)
-            out.append(np.concatenate([torch.softmax(model(to_model_input(x[i:i + 128])), 1)[:, positive_index].numpy()
-                                       for i in range(0, len(x), 128)]))
+            out.append(np.concatenate([class_probabilities(model(to_model_input(x[i:i + 128])), temperature)
+                                       [:, positive_index].numpy() for i in range(0, len(x), 128)]))
     return out
 
 
@@ -429,6 +444,9 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
             )
         arrays[f"{name}_x"] = pixels
         arrays[f"{name}_y"] = np.array([classes.index(c) for c in part["label"]], np.int64)
+    val_groups = validation_groups(splits[cfg.data.val_split])
+    select_group = "family" if (val_groups == "family").any() else "patient"
+    arrays["val_select"], arrays["val_patient"] = val_groups == select_group, val_groups == "patient"
     loop_config = {
         **worker_config(cfg, classes, arrays["train_y"]),
         "data_ref": ray.put(arrays),
@@ -464,23 +482,21 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     best, history = state["best"], pd.DataFrame(state["history"])
 
-    val_probs = best["val_probs"].numpy()
     model = build_model(cfg.model.arch, len(classes), "none", cfg.model.dropout)
     model.load_state_dict(best["state"])
-    threshold, rule = None, "argmax"
-    if positive_index is not None:
-        y_pos = (arrays["val_y"] == positive_index).astype(int)
-        scores, labels = val_probs[:, positive_index], y_pos
-        if cfg.train.threshold_validation == "shifted":
-            shifted = shifted_scores(model.eval(), arrays["val_x"], cfg, positive_index)
-            scores = np.concatenate([scores, *shifted])
-            labels = np.tile(y_pos, 1 + len(shifted))
-        threshold = choose_threshold(labels, scores, cfg.train.threshold, cfg.train.target_sensitivity)
-        rule = cfg.train.threshold + (f" {cfg.train.target_sensitivity:g}" if cfg.train.threshold == "target_sensitivity"
-                                      else "") + f" on {cfg.train.threshold_validation} validation"
-        _say(f"decision threshold {threshold:.4f} ({rule})")
-    val_metrics = classification_metrics(arrays["val_y"], val_probs, positive_index, threshold)
-    val_metrics["best_epoch"] = best["epoch"]
+    log_probs = best["val_log_probs"].numpy()
+    select = arrays["val_select"]
+    temperature, calibration = fit_calibration(log_probs[select], arrays["val_y"][select], positive_index,
+                                               f"{select_group} validation")
+    val_probs = softmax_with_temperature(log_probs, temperature).astype(np.float32)
+    threshold, rule = decision_threshold(cfg, model.eval(), temperature, val_probs[select], arrays["val_x"][select],
+                                         arrays["val_y"][select], positive_index, select_group)
+    val_metrics = {}
+    for group in dict.fromkeys([select_group, "patient"]):  # the selection part first
+        rows = val_groups == group
+        if rows.any():
+            val_metrics[group] = metrics_with_ci(arrays["val_y"][rows], val_probs[rows], positive_index, threshold, cfg)
+            val_metrics[group].update(best_epoch=best["epoch"], n=int(rows.sum()))
 
     card = ModelCard(
         arch=cfg.model.arch,
@@ -489,19 +505,89 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
         positive_class=positive,
         threshold=threshold,
         threshold_rule=rule,
-        metrics={"validation": val_metrics},
+        temperature=temperature,
+        calibration=calibration,
+        metrics={"validation": val_metrics[select_group], "selected_on": f"{select_group} validation",
+                 **{f"validation_{group}": m for group, m in val_metrics.items()}},
         config=cfg.model_dump(mode="json"),
     )
     model_path = storage.join(run_dir, "model")
     card = save_artifact(model, card, model_path)
     write_history(history, run_dir)
-    write_validation_report(cfg, splits[cfg.data.val_split], classes, val_probs, card, run_dir)
+    val = splits[cfg.data.val_split]
+    for group in val_metrics:
+        rows = val_groups == group
+        folder = "validation_report" if group == select_group else f"validation_report_{group}"
+        write_validation_report(cfg, val[rows], classes, val_probs[rows], card, storage.join(run_dir, folder),
+                                f"{group}-level validation split")
     storage.write_bytes(storage.join(run_dir, "workers.json"), json.dumps(state["workers"], indent=2).encode())
     return TrainResult(model_path, history, card)
 
 
+def validation_groups(val: pd.DataFrame) -> np.ndarray:
+    """Per validation row: `family` (held-out families / patient ranges) or `patient` (medclf.data)."""
+    if data_mod.VAL_GROUP_COLUMN not in val:
+        return np.full(len(val), "patient", dtype=object)
+    return val[data_mod.VAL_GROUP_COLUMN].fillna("patient").to_numpy(dtype=object)
+
+
+def fit_calibration(log_probs: np.ndarray, y: np.ndarray, positive_index, fitted_on: str) -> tuple[float, dict]:
+    """Temperature fitted on validation log-probabilities; log loss and ECE before and after."""
+    from medclf.calibration import fit_temperature, negative_log_likelihood
+    from medclf.metrics import expected_calibration_error
+
+    temperature = fit_temperature(log_probs, y)
+
+    def ece(t: float) -> float:
+        probs = softmax_with_temperature(log_probs, t)
+        if positive_index is not None:
+            return expected_calibration_error((y == positive_index).astype(int), probs[:, positive_index])
+        return expected_calibration_error((probs.argmax(1) == y).astype(int), probs.max(1))
+
+    calibration = {"method": "temperature", "fitted_on": fitted_on, "n": int(len(y)),
+                   "log_loss_before": negative_log_likelihood(log_probs, y, 1.0),
+                   "log_loss_after": negative_log_likelihood(log_probs, y, temperature),
+                   "ece_before": ece(1.0), "ece_after": ece(temperature)}
+    _say(f"calibration: temperature {temperature:.3f} fitted on {fitted_on} (n={len(y)}); ECE "
+         f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}, log loss "
+         f"{calibration['log_loss_before']:.4f} -> {calibration['log_loss_after']:.4f}")
+    return temperature, calibration
+
+
+def decision_threshold(cfg: Config, model: torch.nn.Module, temperature: float, probs: np.ndarray, x: np.ndarray,
+                       y: np.ndarray, positive_index, group: str) -> tuple[Optional[float], str]:
+    """The operating point on calibrated validation scores (`train.threshold`); None for multi-class."""
+    if positive_index is None:
+        return None, "argmax"
+    y_pos = (y == positive_index).astype(int)
+    scores, labels = probs[:, positive_index], y_pos
+    if cfg.train.threshold_validation == "shifted":
+        shifted = shifted_scores(model, x, cfg, positive_index, temperature)
+        scores = np.concatenate([scores, *shifted])
+        labels = np.tile(y_pos, 1 + len(shifted))
+    threshold = choose_threshold(labels, scores, cfg.train.threshold, cfg.train.target_sensitivity)
+    rule = cfg.train.threshold + (f" {cfg.train.target_sensitivity:g}" if cfg.train.threshold == "target_sensitivity"
+                                  else "") + f" on {cfg.train.threshold_validation} {group} validation, calibrated"
+    _say(f"decision threshold {threshold:.4f} ({rule})")
+    return threshold, rule
+
+
+def metrics_with_ci(y: np.ndarray, probs: np.ndarray, positive_index, threshold, cfg: Config) -> dict:
+    """Validation metrics at the stored operating point, with 95% bootstrap CIs for binary tasks."""
+    from medclf.metrics import bootstrap_ci
+
+    metrics = classification_metrics(y, probs, positive_index, threshold)
+    y_pos = (y == positive_index).astype(int) if positive_index is not None else None
+    if y_pos is not None and len(np.unique(y_pos)) == 2 and cfg.evaluate.bootstrap_resamples:
+        ci = bootstrap_ci(y_pos, probs[:, positive_index], threshold, cfg.evaluate.bootstrap_resamples,
+                          cfg.evaluate.bootstrap_seed)
+        for r in ci.itertuples():
+            metrics[f"{r.metric}_ci_low"], metrics[f"{r.metric}_ci_high"] = r.ci_low, r.ci_high
+    return metrics
+
+
 def write_validation_report(cfg: Config, val: pd.DataFrame, classes: list[str], val_probs: np.ndarray,
-                            card: ModelCard, run_dir: str) -> None:
+                            card: ModelCard, output: str, what: str) -> None:
     """The evaluation report (medclf.evaluate, same tables and plots) of the kept epoch on validation."""
     from medclf.evaluate import write_report
     from medclf.models import prob_column
@@ -513,9 +599,10 @@ def write_validation_report(cfg: Config, val: pd.DataFrame, classes: list[str], 
     for k, c in enumerate(classes):
         frame[prob_column(c)] = val_probs[:, k]
     ec = cfg.evaluate
-    write_report(frame, storage.join(run_dir, "validation_report"), classes, card.positive_class,
+    write_report(frame, output, classes, card.positive_class,
                  ec.bootstrap_resamples, ec.bootstrap_seed, None, ec.target_sensitivity,
-                 {"predictions": f"validation split of {cfg.data.root or cfg.data.manifest}", "labels": "training labels"})
+                 {"predictions": f"{what} of {cfg.data.root or cfg.data.manifest}", "labels": "training labels",
+                  "temperature": card.temperature})
 
 
 def write_history(history: pd.DataFrame, run_dir: str) -> None:

@@ -76,3 +76,13 @@ def test_bad_regex_and_bad_yaml(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(None, ["train.epochs"])
+
+
+def test_config_base_file_is_overlaid(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {arch: resnet18, dropout: 0.2}\ntrain: {epochs: 9, lr: 0.002}\n")
+    (tmp_path / "variant.yaml").write_text("base: base.yaml\nmodel: {arch: efficientnet_lite0}\ntrain: {epochs: 4}\n")
+    cfg = load_config(tmp_path / "variant.yaml")
+    assert (cfg.model.arch, cfg.model.dropout, cfg.train.epochs, cfg.train.lr) == ("efficientnet_lite0", 0.2, 4, 0.002)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
