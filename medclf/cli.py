@@ -421,17 +421,22 @@ COMMANDS = {
 
 
 def run_command(name: str, argv: list[str], prog: Optional[str] = None) -> int:
-    """Parse `argv` for subcommand `name` and run it; user errors print one clear message, exit 2."""
+    """Parse `argv` for subcommand `name` and run it; user errors print one clear message, exit 2; an
+    output another run is writing (LeaseHeld) exits 3, so a scheduler can tell "try later" apart."""
     make_parser, command = COMMANDS[name]
     args = make_parser(prog or f"medclf {name}").parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from medclf.data import DatasetError
     from medclf.evaluate import EvaluationError
+    from medclf.lease import LEASE_HELD_EXIT, LeaseHeld
     from medclf.models import ModelError
 
     try:
         return command(args)
+    except LeaseHeld as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return LEASE_HELD_EXIT
     except (ConfigError, DatasetError, ModelError, EvaluationError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

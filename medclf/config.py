@@ -239,6 +239,9 @@ class ScoreConfig(_Section):
     """After scoring, write Grad-CAM heatmaps (section `explain`) for the files flagged positive in this run."""
     torch_threads: Optional[int] = Field(None, ge=1)
     """Intra-op threads per inference actor; default: its CPU count (cpus_per_actor, at least 1)."""
+    lease_seconds: float = Field(600.0, ge=1.0)
+    """How long the output's lease lasts without renewal (renewed every third of it while the run
+    lives): after a run dies, the next run can take the output over once this much time passed."""
 
     _dotted = field_validator("extensions")(DataConfig._dotted_lower.__func__)
 

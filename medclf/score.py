@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,9 +18,10 @@ from typing import Iterable, Optional
 import numpy as np
 import pandas as pd
 
-from medclf import storage
+from medclf import faults, storage
 from medclf.config import Config, PreprocessConfig
 from medclf.decode import DICOM_META_TAGS, DecodeError, decode
+from medclf.lease import Lease
 from medclf.models import load_artifact, load_card, prob_column
 from medclf.preprocess import preprocess_gray, to_model_input
 
@@ -67,17 +69,37 @@ def scored_key(path: str, checksum: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{path}\0{checksum}".encode(), digest_size=8).digest(), "little")
 
 
-def scored_keys(output: str, model_id: str) -> np.ndarray:
-    """Sorted keys of every file this model already has a committed row for in `output`."""
+def scored_keys(output: str, model_id: str, fault: Optional[faults.Fault] = None) -> np.ndarray:
+    """Sorted keys of every file this model already has a committed row for in `output`.
+
+    An output folder with no committed file yet (empty, or holding only what a killed run left
+    under hidden names) has no keys.
+    """
     if not storage.exists(output):
         return np.zeros(0, np.uint64)
     import pyarrow.compute as pc
 
-    table = _predictions_dataset(output).to_table(
-        columns=["path", "checksum", "model_id"], filter=pc.field("model_id") == model_id
-    )
+    dataset = _predictions_dataset(output)
+    faults.check(fault, "listing")
+    table = dataset.to_table(columns=["path", "checksum", "model_id"], filter=pc.field("model_id") == model_id)
     keys = [scored_key(p, c or "") for p, c in zip(table.column("path").to_pylist(), table.column("checksum").to_pylist())]
     return np.unique(np.array(keys, np.uint64))
+
+
+def clean_stale_temps(output: str) -> list[str]:
+    """Delete the hidden temporary files that killed runs left in `output`.
+
+    Only called while holding the output's lease, when no other run can be writing: every
+    temporary file there belongs to a run that died before publishing it.
+    """
+    if storage.is_remote(output) or not storage.exists(output):
+        return []  # on S3 an object is published in one PUT: a killed run leaves nothing behind
+    stale = []
+    for folder, _, names in os.walk(output):
+        stale += [os.path.join(folder, n) for n in names if n.startswith(".") and n.endswith(".tmp")]
+    for path in stale:
+        storage.remove(path)
+    return stale
 
 
 def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None) -> dict:
@@ -245,13 +267,12 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
                 rescore: Optional[bool] = None) -> ScoreSummary:
     """Score `input_path` into the predictions dataset `output`, incrementally.
 
-    Output layout: `<output>/run_date=YYYY-MM-DD/part-<run id>-<task>-<uuid>.parquet`, each
-    file committed atomically (medclf.sink). Unless `rescore`, files this model already scored
-    (same path and bytes) are skipped, so re-running a night, or resuming a killed one, adds
-    exactly the missing rows.
+    Output layout: `<output>/run_date=YYYY-MM-DD/part-<run id>-<lease token>-<task>.parquet`, each
+    file committed atomically and exactly once (medclf.sink). The run holds the output's lease
+    (medclf.lease) from before it reads the output until its last commit: a second run refuses
+    with LeaseHeld. Unless `rescore`, files this model already scored (same path and bytes) are
+    skipped, so re-running a night, or resuming a killed one, adds exactly the missing rows.
     """
-    import ray.data
-
     from medclf.sink import CommitPerFileDatasink
 
     start = time.time()
@@ -260,9 +281,34 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     paths = list_inputs(input_path, cfg.score.extensions)
     if not paths:
         raise FileNotFoundError(f"{input_path}: no input files with extensions {cfg.score.extensions}")
-    skip = np.zeros(0, np.uint64) if rescore else scored_keys(output, card.model_id)
-    log.info("scoring %d files from %s with model %s (%d already scored)", len(paths), input_path,
-             card.model_id, len(skip))
+    fault = faults.from_env()
+    with Lease(output, run_id, cfg.score.lease_seconds) as held:  # LeaseHeld: another run writes here
+        faults.check(fault, "leased")
+        stale = clean_stale_temps(output)
+        if stale:
+            log.warning("removed %d temporary file(s) left by a killed run in %s", len(stale), output)
+        skip = np.zeros(0, np.uint64) if rescore else scored_keys(output, card.model_id, fault)
+        log.info("scoring %d files from %s with model %s (%d already scored)", len(paths), input_path,
+                 card.model_id, len(skip))
+        run_date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        sink = CommitPerFileDatasink(storage.join(output, f"run_date={run_date}"), run_id,
+                                     prediction_schema(card.classes), cfg.score.rows_per_file, output, held.token,
+                                     fault)
+        _scoring_dataset(cfg, paths, card, model_path, run_id, skip).write_datasink(sink)
+        faults.check(fault, "before_release")
+        held.check()
+    files = [path for path, _ in sink.committed]
+    statuses = _read_files(files, ["status"]) if files else pd.DataFrame({"status": []})
+    failed = int((statuses["status"] == "error").sum())
+    written = len(statuses)
+    return ScoreSummary(output, len(paths), len(paths) - written, written - failed, failed,
+                        time.time() - start, files)
+
+
+def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_id: str, skip: np.ndarray):
+    """paths -> decode tasks -> inference actor pool: the Ray Dataset of prediction rows."""
+    import ray.data
+
     ds = images_dataset(paths, card.preprocess_spec, cfg.score.decode_batch_size, skip if len(skip) else None)
     threads = cfg.score.torch_threads or max(1, int(cfg.score.cpus_per_actor))
     ds = ds.map_batches(
@@ -279,16 +325,7 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     # default budget (a share of the whole object store), so memory would grow with the archive.
     options = ds.context.execution_options  # this dataset's own context, not the process-wide one
     options.resource_limits = options.resource_limits.copy(object_store_memory=cfg.score.buffer_mb * 1024**2)
-    run_date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    sink = CommitPerFileDatasink(storage.join(output, f"run_date={run_date}"), run_id,
-                                 prediction_schema(card.classes), cfg.score.rows_per_file)
-    ds.write_datasink(sink)
-    files = [path for path, _ in sink.committed]
-    statuses = _read_files(files, ["status"]) if files else pd.DataFrame({"status": []})
-    failed = int((statuses["status"] == "error").sum())
-    written = len(statuses)
-    return ScoreSummary(output, len(paths), len(paths) - written, written - failed, failed,
-                        time.time() - start, files)
+    return ds
 
 
 def _read_files(files: list[str], columns: list[str]) -> pd.DataFrame:
@@ -300,10 +337,19 @@ def _read_files(files: list[str], columns: list[str]) -> pd.DataFrame:
 
 
 def _predictions_dataset(path: str):
+    """Every committed file under `path`, read with the union of their schemas.
+
+    Partitions written by models with other class names keep their own `prob_*` columns, and the
+    standard columns are always there (null in files written before a column existed).
+    """
+    import pyarrow as pa
     import pyarrow.dataset as pads
 
     fs, fs_path = storage.arrow_filesystem(path)
-    return pads.dataset(fs_path, filesystem=fs, format="parquet", partitioning="hive")
+    found = pads.dataset(fs_path, filesystem=fs, format="parquet", partitioning="hive")
+    schemas = [prediction_schema([]), *(fragment.physical_schema for fragment in found.get_fragments()), found.schema]
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    return pads.dataset(fs_path, schema=schema, filesystem=fs, format="parquet", partitioning="hive")
 
 
 def read_predictions(path: str, columns: Optional[list[str]] = None) -> pd.DataFrame:
