@@ -134,6 +134,9 @@ def train_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="maximum epochs (train.epochs)")
     p.add_argument("--workers", type=int, help="number of Ray Train workers (train.num_workers)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (train.use_gpu)")
+    p.add_argument("--restart", action="store_true",
+                   help="with a re-used --run-id: drop its checkpoints and start over (needed when the classes, "
+                        "architecture, preprocessing or data changed)")
     return p
 
 
@@ -229,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_id = new_run_id(cfg)
     run_dir = run_folder(cfg, run_id)
     save_resolved_config(cfg, run_dir, "train")
-    result = run_training(cfg, run_dir, prepared)
+    result = run_training(cfg, run_dir, prepared, restart=args.restart)
     v = result.card.metrics["validation"]
     print(f"model {result.card.model_id} -> {result.model_path}")
     names = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1") if result.card.positive_class else \
