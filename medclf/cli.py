@@ -162,7 +162,10 @@ def evaluate_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--predictions", help="predictions Parquet folder from `score` (evaluate.predictions)")
     p.add_argument("--labels", help="manifest with path,label (evaluate.labels); default: parent folder names")
-    p.add_argument("--model", help="model artifact, for class names and positive class (score.model)")
+    p.add_argument("--model", help="model artifact, for class names and positive class (score.model); only its rows "
+                                    "are evaluated")
+    p.add_argument("--model-id", help="evaluate this model id's rows (evaluate.model_id); default: the --model's id, "
+                                      "or the only model in the predictions")
     p.add_argument("--output", help="report folder (evaluate.output); default <run folder>/report")
     return p
 
@@ -293,38 +296,43 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medclf.evaluate import dropped_note
     from medclf.models import load_card
 
     extra = []
     for opt, key in (("predictions", "evaluate.predictions"), ("labels", "evaluate.labels"),
-                     ("output", "evaluate.output"), ("model", "score.model")):
+                     ("output", "evaluate.output"), ("model", "score.model"), ("model_id", "evaluate.model_id")):
         if getattr(args, opt):
             extra.append(f"{key}={getattr(args, opt)}")
     cfg = _config_from(args, extra)
     if not cfg.evaluate.predictions:
         raise ConfigError("evaluate needs predictions (--predictions or evaluate.predictions)")
+    model_id = cfg.evaluate.model_id
     if cfg.score.model:
         card = load_card(cfg.score.model)
         classes, positive = card.classes, card.positive_class
+        model_id = model_id or card.model_id
     elif cfg.data.classes:
         classes, positive = cfg.data.classes, cfg.data.positive_class
     else:
         raise ConfigError("evaluate needs the class names: --model ARTIFACT, or data.classes in the config")
     run_dir = run_folder(cfg, new_run_id(cfg))
     output = cfg.evaluate.output or storage.join(run_dir, "report")
-    report = evaluation_for(cfg, cfg.evaluate.predictions, output, classes, positive, cfg.evaluate.labels)
+    report = evaluation_for(cfg, cfg.evaluate.predictions, output, classes, positive, cfg.evaluate.labels, model_id)
     print_metrics(report.metrics)
+    print(dropped_note(report.rows_dropped, model_id or "the one model present"))
     print(f"report -> {output}")
     return 0
 
 
 def evaluation_for(cfg: Config, predictions: str, output: str, classes: list[str], positive: Optional[str],
-                   labels: Optional[str]):
+                   labels: Optional[str], model_id: Optional[str] = None):
     from medclf.evaluate import run_evaluation
 
     ec = cfg.evaluate
     return run_evaluation(predictions, output, classes, positive, labels, cfg.data.class_map, ec.bootstrap_resamples,
-                          ec.bootstrap_seed, ec.group_by, ec.target_sensitivity, ec.allow_unscored)
+                          ec.bootstrap_seed, ec.group_by, ec.target_sensitivity, ec.allow_unscored, model_id,
+                          cfg.report.show_paths)
 
 
 def print_metrics(metrics) -> None:
@@ -374,7 +382,7 @@ def explain_into(cfg: Config, paths: list[str], model: str, output: str):
 
     ec = cfg.explain
     return run_explain(paths, model, output, ec.layer, ec.target, ec.batch_size, ec.num_actors, ec.cpus_per_actor,
-                       cfg.score.decode_batch_size)
+                       cfg.score.decode_batch_size, cfg.report.show_paths)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -404,7 +412,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # the manifest labels every phantom; only the test split was scored
     cfg.evaluate.allow_unscored = True
     report = evaluation_for(cfg, predictions, os.path.join(run_dir, "report"), trained.card.classes,
-                            trained.card.positive_class, os.path.join(data_dir, "manifest.parquet"))
+                            trained.card.positive_class, os.path.join(data_dir, "manifest.parquet"),
+                            trained.card.model_id)
     print(f"[demo] 4/4 report -> {report.output}")
     print()
     print(f"Test split ({report.n_evaluated} files scored, {report.n_failed} failed), model {trained.card.model_id}:")

@@ -24,6 +24,7 @@ from medclf.decode import DICOM_META_TAGS, DecodeError, decode
 from medclf.lease import Lease
 from medclf.models import load_artifact, load_card, prob_column
 from medclf.preprocess import preprocess_gray, to_model_input
+from medclf.privacy import check_uid_policy, protect_uid, uid_key
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,9 @@ PREDICTION_COLUMNS = {
     "checksum": "sha256 of the input bytes",
     "format": "png, jpeg or dicom (as sniffed from the bytes)",
     "modality": "DICOM Modality (null for JPEG/PNG)",
-    "sop_instance_uid": "DICOM SOPInstanceUID (null for JPEG/PNG)",
-    "study_instance_uid": "DICOM StudyInstanceUID (null for JPEG/PNG)",
-    "series_instance_uid": "DICOM SeriesInstanceUID (null for JPEG/PNG)",
+    "sop_instance_uid": "DICOM SOPInstanceUID per score.uids: raw, keyed hash (default) or null (null for JPEG/PNG)",
+    "study_instance_uid": "DICOM StudyInstanceUID, as sop_instance_uid",
+    "series_instance_uid": "DICOM SeriesInstanceUID, as sop_instance_uid",
     "predicted_label": "predicted class name (null on error)",
     "threshold": "decision threshold on the positive class's probability (null: argmax)",
     "model_id": "model artifact id (<arch>-<sha256 of weights, 12 hex>)",
@@ -45,8 +46,11 @@ PREDICTION_COLUMNS = {
     "scored_at": "UTC time the row was scored",
     "status": "ok or error",
     "error": "what went wrong with this file (null when fine)",
+    "error_kind": "permanent (corrupt or unsupported content) or transient (access error, out of memory, decoder "
+                  "missing: the next run retries the file); null when fine",
 }
 _META_KEYS = ["format", *DICOM_META_TAGS]
+PERMANENT, TRANSIENT = "permanent", "transient"
 
 
 def prediction_schema(classes: list[str]):
@@ -60,6 +64,7 @@ def prediction_schema(classes: list[str]):
         *[(prob_column(c), pa.float32()) for c in classes],
         ("threshold", pa.float64()), ("model_id", pa.string()), ("model_version", pa.string()),
         ("run_id", pa.string()), ("scored_at", pa.string()), ("status", pa.string()), ("error", pa.string()),
+        ("error_kind", pa.string()),
     ]
     return pa.schema(fields)
 
@@ -72,6 +77,8 @@ def scored_key(path: str, checksum: str) -> int:
 def scored_keys(output: str, model_id: str, fault: Optional[faults.Fault] = None) -> np.ndarray:
     """Sorted keys of every file this model already has a committed row for in `output`.
 
+    Rows of transient errors do not count: those files are tried again.
+
     An output folder with no committed file yet (empty, or holding only what a killed run left
     under hidden names) has no keys.
     """
@@ -81,7 +88,8 @@ def scored_keys(output: str, model_id: str, fault: Optional[faults.Fault] = None
 
     dataset = _predictions_dataset(output)
     faults.check(fault, "listing")
-    table = dataset.to_table(columns=["path", "checksum", "model_id"], filter=pc.field("model_id") == model_id)
+    settled = pc.field("error_kind").is_null() | (pc.field("error_kind") != TRANSIENT)
+    table = dataset.to_table(columns=["path", "checksum"], filter=(pc.field("model_id") == model_id) & settled)
     keys = [scored_key(p, c or "") for p, c in zip(table.column("path").to_pylist(), table.column("checksum").to_pylist())]
     return np.unique(np.array(keys, np.uint64))
 
@@ -96,23 +104,26 @@ def clean_stale_temps(output: str) -> list[str]:
         return []  # on S3 an object is published in one PUT: a killed run leaves nothing behind
     stale = []
     for folder, _, names in os.walk(output):
-        stale += [os.path.join(folder, n) for n in names if n.startswith(".") and n.endswith(".tmp")]
+        stale += [os.path.join(folder, n) for n in names
+                  if n.startswith(".") and n.endswith(".tmp") and not n.startswith("._lease")]  # ours: renewals
     for path in stale:
         storage.remove(path)
     return stale
 
 
-def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None) -> dict:
+def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, uids: tuple = ("keep", None)) -> dict:
     """Ray Data task: paths -> bytes -> checksum -> pixels -> model tensors; errors as values.
 
     Files whose (path, checksum) is in `skip_keys` were scored before: they are dropped here,
-    after hashing and before the expensive decode and inference.
+    after hashing and before the expensive decode and inference. `uids`: (score.uids, site key):
+    DICOM UIDs are hashed or dropped here, so raw ones never leave the task (medclf.privacy).
     """
     pre = PreprocessConfig.model_validate(spec)
     paths = [str(p) for p in batch["path"]]
     n, size = len(paths), pre.image_size
     pixels = np.zeros((n, 1, size, size), np.float32)  # one channel: 3x less to ship to the model
-    out: dict = {"path": paths, "size": np.full(n, -1, np.int64), "checksum": [None] * n, "error": [None] * n}
+    out: dict = {"path": paths, "size": np.full(n, -1, np.int64), "checksum": [None] * n, "error": [None] * n,
+                 "error_kind": [None] * n}
     for key in _META_KEYS:
         out[key] = [None] * n
     keep = np.ones(n, bool)
@@ -129,14 +140,17 @@ def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None) ->
                     continue
             decoded = decode(data, path)
             for key in _META_KEYS:
-                out[key][i] = decoded.meta.get(key)
+                value = decoded.meta.get(key)
+                out[key][i] = protect_uid(value, *uids) if key.endswith("_uid") else value
             pixels[i] = preprocess_gray(decoded.image, pre)
         except DecodeError as exc:
-            out["error"][i] = str(exc)
+            out["error"][i], out["error_kind"][i] = str(exc), TRANSIENT if exc.transient else PERMANENT
         except FileNotFoundError:
-            out["error"][i] = f"{path}: file not found"
+            out["error"][i], out["error_kind"][i] = f"{path}: file not found", TRANSIENT
         except Exception as exc:  # one bad file must not end the night's run
-            out["error"][i] = f"{path}: {type(exc).__name__}: {exc}"
+            # Access errors (S3 AccessDenied, timeouts), MemoryError, or anything not known to be the
+            # content's fault: the next night tries the file again.
+            out["error"][i], out["error_kind"][i] = f"{path}: {type(exc).__name__}: {exc}", TRANSIENT
     out["pixels"] = pixels
     if not keep.all():
         out = {k: (v[keep] if isinstance(v, np.ndarray) else [x for x, kept in zip(v, keep) if kept])
@@ -183,7 +197,7 @@ class Predictor:
         labels = predict_labels(probs, self.card.classes, self.card.positive_index, self.card.threshold)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         out = {k: v for k, v in batch.items() if k != "pixels"}
-        for key in ("checksum", "error", *_META_KEYS):
+        for key in ("checksum", "error", "error_kind", *_META_KEYS):
             out[key] = text_or_none(batch[key])
         out["predicted_label"] = [lab if good else None for lab, good in zip(labels, ok)]
         for j, col in enumerate(self.prob_columns):
@@ -226,14 +240,14 @@ DECODE_TASK_MEMORY = 640 * 1024**2
 
 
 def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: int = 16,
-                   skip_keys: np.ndarray | None = None):
+                   skip_keys: np.ndarray | None = None, uids: tuple = ("keep", None)):
     """Ray Dataset of decoded, preprocessed images (the stage training reuses)."""
     import ray.data
 
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // 64, 200)))
     return ds.map_batches(
         load_images,
-        fn_kwargs={"spec": spec.model_dump(), "skip_keys": skip_keys},
+        fn_kwargs={"spec": spec.model_dump(), "skip_keys": skip_keys, "uids": uids},
         batch_size=decode_batch_size,
         batch_format="numpy",
         num_cpus=0.5,  # leave CPU for the inference actors on small machines
@@ -278,6 +292,7 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     start = time.time()
     rescore = cfg.score.rescore if rescore is None else rescore
     card = load_card(model_path)  # fail fast on a bad artifact, before any Ray work
+    check_uid_policy(cfg.score.uids, uid_key(cfg.score.uid_key))
     paths = list_inputs(input_path, cfg.score.extensions)
     if not paths:
         raise FileNotFoundError(f"{input_path}: no input files with extensions {cfg.score.extensions}")
@@ -309,7 +324,8 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
     """paths -> decode tasks -> inference actor pool: the Ray Dataset of prediction rows."""
     import ray.data
 
-    ds = images_dataset(paths, card.preprocess_spec, cfg.score.decode_batch_size, skip if len(skip) else None)
+    uids = (cfg.score.uids, uid_key(cfg.score.uid_key))
+    ds = images_dataset(paths, card.preprocess_spec, cfg.score.decode_batch_size, skip if len(skip) else None, uids)
     threads = cfg.score.torch_threads or max(1, int(cfg.score.cpus_per_actor))
     ds = ds.map_batches(
         Predictor,
