@@ -134,6 +134,9 @@ def train_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="maximum epochs (train.epochs)")
     p.add_argument("--workers", type=int, help="number of Ray Train workers (train.num_workers)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (train.use_gpu)")
+    p.add_argument("--restart", action="store_true",
+                   help="with a re-used --run-id: drop its checkpoints and start over (needed when the classes, "
+                        "architecture, preprocessing or data changed)")
     return p
 
 
@@ -159,7 +162,10 @@ def evaluate_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--predictions", help="predictions Parquet folder from `score` (evaluate.predictions)")
     p.add_argument("--labels", help="manifest with path,label (evaluate.labels); default: parent folder names")
-    p.add_argument("--model", help="model artifact, for class names and positive class (score.model)")
+    p.add_argument("--model", help="model artifact, for class names and positive class (score.model); only its rows "
+                                    "are evaluated")
+    p.add_argument("--model-id", help="evaluate this model id's rows (evaluate.model_id); default: the --model's id, "
+                                      "or the only model in the predictions")
     p.add_argument("--output", help="report folder (evaluate.output); default <run folder>/report")
     return p
 
@@ -229,7 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_id = new_run_id(cfg)
     run_dir = run_folder(cfg, run_id)
     save_resolved_config(cfg, run_dir, "train")
-    result = run_training(cfg, run_dir, prepared)
+    result = run_training(cfg, run_dir, prepared, restart=args.restart)
     v = result.card.metrics["validation"]
     print(f"model {result.card.model_id} -> {result.model_path}")
     names = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1") if result.card.positive_class else \
@@ -290,38 +296,43 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medclf.evaluate import dropped_note
     from medclf.models import load_card
 
     extra = []
     for opt, key in (("predictions", "evaluate.predictions"), ("labels", "evaluate.labels"),
-                     ("output", "evaluate.output"), ("model", "score.model")):
+                     ("output", "evaluate.output"), ("model", "score.model"), ("model_id", "evaluate.model_id")):
         if getattr(args, opt):
             extra.append(f"{key}={getattr(args, opt)}")
     cfg = _config_from(args, extra)
     if not cfg.evaluate.predictions:
         raise ConfigError("evaluate needs predictions (--predictions or evaluate.predictions)")
+    model_id = cfg.evaluate.model_id
     if cfg.score.model:
         card = load_card(cfg.score.model)
         classes, positive = card.classes, card.positive_class
+        model_id = model_id or card.model_id
     elif cfg.data.classes:
         classes, positive = cfg.data.classes, cfg.data.positive_class
     else:
         raise ConfigError("evaluate needs the class names: --model ARTIFACT, or data.classes in the config")
     run_dir = run_folder(cfg, new_run_id(cfg))
     output = cfg.evaluate.output or storage.join(run_dir, "report")
-    report = evaluation_for(cfg, cfg.evaluate.predictions, output, classes, positive, cfg.evaluate.labels)
+    report = evaluation_for(cfg, cfg.evaluate.predictions, output, classes, positive, cfg.evaluate.labels, model_id)
     print_metrics(report.metrics)
+    print(dropped_note(report.rows_dropped, model_id or "the one model present"))
     print(f"report -> {output}")
     return 0
 
 
 def evaluation_for(cfg: Config, predictions: str, output: str, classes: list[str], positive: Optional[str],
-                   labels: Optional[str]):
+                   labels: Optional[str], model_id: Optional[str] = None):
     from medclf.evaluate import run_evaluation
 
     ec = cfg.evaluate
     return run_evaluation(predictions, output, classes, positive, labels, cfg.data.class_map, ec.bootstrap_resamples,
-                          ec.bootstrap_seed, ec.group_by, ec.target_sensitivity, ec.allow_unscored)
+                          ec.bootstrap_seed, ec.group_by, ec.target_sensitivity, ec.allow_unscored, model_id,
+                          cfg.report.show_paths)
 
 
 def print_metrics(metrics) -> None:
@@ -371,7 +382,7 @@ def explain_into(cfg: Config, paths: list[str], model: str, output: str):
 
     ec = cfg.explain
     return run_explain(paths, model, output, ec.layer, ec.target, ec.batch_size, ec.num_actors, ec.cpus_per_actor,
-                       cfg.score.decode_batch_size)
+                       cfg.score.decode_batch_size, cfg.report.show_paths)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -401,7 +412,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # the manifest labels every phantom; only the test split was scored
     cfg.evaluate.allow_unscored = True
     report = evaluation_for(cfg, predictions, os.path.join(run_dir, "report"), trained.card.classes,
-                            trained.card.positive_class, os.path.join(data_dir, "manifest.parquet"))
+                            trained.card.positive_class, os.path.join(data_dir, "manifest.parquet"),
+                            trained.card.model_id)
     print(f"[demo] 4/4 report -> {report.output}")
     print()
     print(f"Test split ({report.n_evaluated} files scored, {report.n_failed} failed), model {trained.card.model_id}:")
@@ -421,17 +433,22 @@ COMMANDS = {
 
 
 def run_command(name: str, argv: list[str], prog: Optional[str] = None) -> int:
-    """Parse `argv` for subcommand `name` and run it; user errors print one clear message, exit 2."""
+    """Parse `argv` for subcommand `name` and run it; user errors print one clear message, exit 2; an
+    output another run is writing (LeaseHeld) exits 3, so a scheduler can tell "try later" apart."""
     make_parser, command = COMMANDS[name]
     args = make_parser(prog or f"medclf {name}").parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from medclf.data import DatasetError
     from medclf.evaluate import EvaluationError
+    from medclf.lease import LEASE_HELD_EXIT, LeaseHeld
     from medclf.models import ModelError
 
     try:
         return command(args)
+    except LeaseHeld as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return LEASE_HELD_EXIT
     except (ConfigError, DatasetError, ModelError, EvaluationError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -264,6 +264,14 @@ class ScoreConfig(_Section):
     """After scoring, write Grad-CAM heatmaps (section `explain`) for the files flagged positive in this run."""
     torch_threads: Optional[int] = Field(None, ge=1)
     """Intra-op threads per inference actor; default: its CPU count (cpus_per_actor, at least 1)."""
+    uids: Literal["keep", "hash", "drop"] = "hash"
+    """DICOM UIDs in the predictions: raw, keyed hash (HMAC-SHA256 with the site key, so the site can
+    re-link by hashing its own UIDs), or left out."""
+    uid_key: Optional[str] = None
+    """Site key for `uids: hash`; default: the MEDCLF_UID_KEY environment variable (keep it out of files)."""
+    lease_seconds: float = Field(600.0, ge=1.0)
+    """How long the output's lease lasts without renewal (renewed every third of it while the run
+    lives): after a run dies, the next run can take the output over once this much time passed."""
 
     _dotted = field_validator("extensions")(DataConfig._dotted_lower.__func__)
 
@@ -297,6 +305,14 @@ class EvaluateConfig(_Section):
     """Also report the operating point reaching this sensitivity on the evaluated data."""
     allow_unscored: bool = False
     """Evaluate the scored subset when the labels list files that were never scored (else an error)."""
+    model_id: Optional[str] = None
+    """Evaluate this model's rows only; default: the model of `--model`, or the only model present."""
+
+
+class ReportConfig(_Section):
+    show_paths: bool = False
+    """Name files in evaluation galleries, Grad-CAM captions and heatmap file names. Off: a short hash
+    of the path instead (file names often carry patient names or record numbers)."""
 
 
 class RayConfig(_Section):
@@ -316,6 +332,7 @@ class Config(_Section):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")

@@ -32,11 +32,16 @@ DICOM_META_TAGS = {
 
 
 class DecodeError(ValueError):
-    """A file that cannot be turned into an image; `str()` names the file and the problem."""
+    """A file that cannot be turned into an image; `str()` names the file and the problem.
 
-    def __init__(self, path: str, problem: str):
+    `transient`: the file may decode later (a decoder not installed here), as opposed to content
+    that is corrupt or unsupported for good.
+    """
+
+    def __init__(self, path: str, problem: str, transient: bool = False):
         self.path = path
         self.problem = problem
+        self.transient = transient
         super().__init__(f"{path}: {problem}")
 
 
@@ -164,8 +169,8 @@ def _decode_dicom(data: bytes, path: str, max_pixels: int) -> Decoded:
     except Exception as exc:  # pydicom raises several types for missing/failed decoders
         ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         ts_name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
-        raise DecodeError(
-            path, f"cannot decode pixel data with transfer syntax {ts_name}: {_first_line(exc)}"
+        raise DecodeError(  # typically a decoder plugin missing here: worth retrying once one is installed
+            path, f"cannot decode pixel data with transfer syntax {ts_name}: {_first_line(exc)}", transient=True
         ) from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     meta.update(

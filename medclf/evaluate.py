@@ -60,6 +60,36 @@ class Report:
     metrics: pd.DataFrame
     n_evaluated: int
     n_failed: int
+    rows_dropped: Optional[dict] = None  # {"other_models": n, "superseded": n} from select_model_rows
+
+
+def select_model_rows(pred: pd.DataFrame, model_id: Optional[str], where: str = "predictions") -> tuple:
+    """One model's latest row per file: (rows, model_id, {"other_models": n, "superseded": n}).
+
+    A predictions folder collects every night: a model rollout adds a second model's rows, and
+    `--rescore` or a retried transient error a second row for the same file. Evaluating them
+    together would count files twice and mix models. Keeps the rows of `model_id` (None: the only
+    model present), then the newest (`scored_at`) per (path, frame, checksum).
+    """
+    ids = sorted(pred["model_id"].dropna().unique().tolist())
+    if model_id is None:
+        if len(ids) > 1:
+            raise EvaluationError(f"{where}: rows from {len(ids)} models {ids}; choose one with --model ARTIFACT "
+                                  "or --model-id ID (evaluate.model_id)")
+        model_id = ids[0] if ids else None
+    mine = pred[pred["model_id"] == model_id] if model_id is not None else pred
+    if mine.empty:
+        raise EvaluationError(f"{where}: no rows scored by model {model_id}; the predictions hold models {ids}")
+    key = [c for c in ("path", "frame", "checksum") if c in mine.columns]
+    latest = mine.sort_values("scored_at", kind="stable").drop_duplicates(key, keep="last").sort_index()
+    dropped = {"other_models": int(len(pred) - len(mine)), "superseded": int(len(mine) - len(latest))}
+    return latest.reset_index(drop=True), model_id, dropped
+
+
+def dropped_note(dropped: dict, model_id: Optional[str]) -> str:
+    """One line for people: which rows were left out of the evaluation, and why."""
+    return (f"rows not evaluated: {dropped['other_models']} scored by other models than {model_id}, "
+            f"{dropped['superseded']} superseded by a newer row for the same file")
 
 
 def attach_labels(pred: pd.DataFrame, labels: Optional[str], class_map: Optional[dict] = None,
@@ -132,12 +162,18 @@ def run_evaluation(
     group_by: Optional[list[str]] = None,
     target_sensitivity: float = 0.95,
     allow_unscored: bool = False,
+    model_id: Optional[str] = None,
+    show_paths: bool = False,
 ) -> Report:
-    pred = load_predictions(predictions, classes)
+    """Evaluate `model_id`'s latest row per file in `predictions` (None: the only model there)."""
+    pred, model_id, dropped = select_model_rows(load_predictions(predictions, classes), model_id, predictions)
     df = attach_labels(pred, labels, class_map, allow_unscored)
-    source = {"predictions": predictions, "labels": labels or "parent folder names"}
-    return write_report(df, output, classes, positive_class, bootstrap_resamples, bootstrap_seed, group_by,
-                        target_sensitivity, source)
+    source = {"predictions": predictions, "labels": labels or "parent folder names", "model_id": model_id,
+              "rows_dropped": dropped, "rows_dropped_note": dropped_note(dropped, model_id)}
+    report = write_report(df, output, classes, positive_class, bootstrap_resamples, bootstrap_seed, group_by,
+                          target_sensitivity, source, show_paths)
+    report.rows_dropped = dropped
+    return report
 
 
 def _decisions(probs: np.ndarray, pos: Optional[int], threshold: Optional[float]) -> np.ndarray:
@@ -170,6 +206,7 @@ def write_report(
     group_by: Optional[list[str]] = None,
     target_sensitivity: float = 0.95,
     source: Optional[dict] = None,
+    show_paths: bool = False,
 ) -> Report:
     """`df`: path, label, status, threshold, model_id and one `prob_<class>` column per class."""
     from medclf import plots
@@ -257,7 +294,7 @@ def write_report(
         "confusion.png": plots.confusion_plot(tables["confusion"], classes),
         "reliability.png": plots.reliability_plot(calibration, calibration_what, ece),
         "histogram.png": hist,
-        "gallery.png": gallery(ok, y, y_pred, probs, classes),
+        "gallery.png": gallery(ok, y, y_pred, probs, classes, show_paths),
     }
     for name, png in pictures.items():
         storage.write_bytes(storage.join(output, name), png)
@@ -273,12 +310,16 @@ def write_report(
     return Report(output, metrics, int(len(ok)), n_failed)
 
 
-def gallery(ok: pd.DataFrame, y: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, classes: list[str]) -> bytes:
-    """Sample predictions: the most confident errors first, then the least confident correct calls."""
+def gallery(ok: pd.DataFrame, y: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, classes: list[str],
+            show_paths: bool = False) -> bytes:
+    """Sample predictions: the most confident errors first, then the least confident correct calls.
+
+    Captions name each file by a short hash of its path unless `show_paths` (medclf.privacy)."""
     from medclf.config import PreprocessConfig
     from medclf.decode import decode
     from medclf.plots import gallery_plot
     from medclf.preprocess import preprocess_gray
+    from medclf.privacy import display_name
 
     confidence = probs[np.arange(len(y_pred)), y_pred]
     wrong = np.flatnonzero(y_pred != y)
@@ -293,7 +334,7 @@ def gallery(ok: pd.DataFrame, y: np.ndarray, y_pred: np.ndarray, probs: np.ndarr
             images.append(preprocess_gray(decode(storage.read_bytes(path), path).image, display)[0])
         except Exception:  # the gallery illustrates; an unreadable file must not sink the report
             images.append(None)
-        name = posixpath.basename(path)
+        name = display_name(path, show_paths)
         captions.append(f"{name[:28]}\ntrue {classes[y[i]]} / pred {classes[y_pred[i]]}\np(pred) = {confidence[i]:.3f}")
     n_wrong = min(len(wrong), GALLERY_SIZE)
     title = f"Sample predictions: {n_wrong} most confident error(s) (red), then least confident correct calls"
@@ -322,6 +363,8 @@ def summary_html(summary: dict, tables: dict, pictures: dict) -> str:
         ("Decision threshold", "argmax" if threshold is None else f"{threshold:.4f} (stored in the model)"),
         ("Images evaluated", f"{summary['n_evaluated']} ({summary['n_failed']} failed to score, not counted)"),
     ]
+    if "rows_dropped_note" in summary:
+        facts.append(("Rows left out", summary["rows_dropped_note"]))
     fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     img = {name: base64.b64encode(png).decode() for name, png in pictures.items()}
     metric_cols = ["rule", "n", "threshold", "accuracy", "sensitivity", "specificity", "precision", "npv", "f1",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import logging
-import posixpath
 from typing import Optional
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch.nn as nn
 from medclf import storage
 from medclf.models import ModelError, class_probabilities, load_artifact, load_card
 from medclf.preprocess import denormalize, to_model_input
+from medclf.privacy import display_name
 from medclf.score import text_or_none
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class Explainer:
     """Ray Data actor: holds the model; a batch of preprocessed images in, heatmap files + index rows out."""
 
     def __init__(self, model_path: str, output: str, layer: Optional[str] = None, target: str = "predicted",
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, show_paths: bool = False):
         if threads:
             torch.set_num_threads(threads)
         self.model, self.card = load_artifact(model_path)
@@ -131,6 +131,7 @@ class Explainer:
         self.layer = layer or default_layer(self.card.arch)
         self.output = output
         self.target = target
+        self.show_paths = show_paths
 
     def _targets(self, probs: np.ndarray) -> np.ndarray:
         card = self.card
@@ -154,7 +155,7 @@ class Explainer:
             spec = self.card.preprocess_spec
             for j, i in enumerate(ok):
                 cls = self.card.classes[int(targets[j])]
-                stem = posixpath.basename(paths[i]).rsplit(".", 1)[0]
+                stem = display_name(paths[i], self.show_paths).rsplit(".", 1)[0]  # no patient names by default
                 name = f"{stem}-{str(batch['checksum'][i])[:8]}"
                 png = storage.join(self.output, "heatmaps", f"{name}.png")
                 npy = storage.join(self.output, "heatmaps", f"{name}.npy")
@@ -182,7 +183,7 @@ class Explainer:
 
 def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[str] = None,
                 target: str = "predicted", batch_size: int = 16, num_actors: int = 1, cpus_per_actor: float = 1.0,
-                decode_batch_size: int = 16) -> pd.DataFrame:
+                decode_batch_size: int = 16, show_paths: bool = False) -> pd.DataFrame:
     """Grad-CAM for `paths` (Ray Data: decode tasks -> Explainer actors); returns and writes the index."""
     import ray.data
 
@@ -201,7 +202,7 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
     ds = ds.map_batches(
         Explainer,
         fn_constructor_kwargs={"model_path": model_path, "output": output, "layer": layer, "target": target,
-                               "threads": max(1, int(cpus_per_actor))},
+                               "threads": max(1, int(cpus_per_actor)), "show_paths": show_paths},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),

@@ -307,20 +307,100 @@ def prob_column(class_name: str) -> str:
     return "prob_" + re.sub(r"\W+", "_", class_name).strip("_")
 
 
+def _weights_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_id_for(arch: str, weights_sha256: str) -> str:
+    return f"{arch}-{weights_sha256[:12]}"
+
+
 def save_artifact(model: nn.Module, card: ModelCard, dest: str) -> ModelCard:
-    """Write weights + card to `dest` (local or s3://); the model id is derived from the weights."""
+    """Write weights + card to `dest` (local or s3://); the model id is derived from the weights.
+
+    Never half-written where a reader can load it: locally the folder is written under a hidden
+    temporary name next to `dest` and renamed into place; on S3 the weights go first and the card
+    (what makes an artifact loadable) last, and a card whose weights were not (yet) replaced fails
+    the model_id check on load.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         weights_path = os.path.join(tmp, WEIGHTS_FILE)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         torch.save(state, weights_path)
-        with open(weights_path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        card.model_id = f"{card.arch}-{digest[:12]}"
+        card.model_id = model_id_for(card.arch, _weights_digest(weights_path))
         card.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with open(os.path.join(tmp, CARD_FILE), "w") as f:
             json.dump(asdict(card), f, indent=2, default=str)
-        storage.upload_dir(tmp, dest)
+        if storage.is_remote(dest):
+            storage.write_bytes(storage.join(dest, WEIGHTS_FILE), open(weights_path, "rb").read())
+            storage.write_bytes(storage.join(dest, CARD_FILE), open(os.path.join(tmp, CARD_FILE), "rb").read())
+        else:
+            _publish_folder(tmp, dest)
     return card
+
+
+def _publish_folder(src: str, dest: str) -> None:
+    """Copy `src` to a hidden sibling of `dest`, then rename it to `dest` (replacing an old one)."""
+    import shutil
+    import uuid
+
+    dest = os.path.abspath(dest)
+    parent, name = os.path.split(dest)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    shutil.copytree(src, staging)
+    if os.path.exists(dest):  # keep the old artifact whole until the new one is in place
+        old = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.old")
+        os.rename(dest, old)
+        os.rename(staging, dest)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, dest)
+
+
+def validate_card(raw, card_path: str) -> ModelCard:
+    """The card's fields, checked before anything is built from them; errors name the file and field."""
+    from medclf.config import MODEL_ARCHS
+
+    def bad(field_name: str, problem: str) -> ModelError:
+        return ModelError(f"{card_path}: {field_name} {problem}")
+
+    if not isinstance(raw, dict):
+        raise ModelError(f"{card_path}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("artifact_version") != ARTIFACT_VERSION:
+        raise ModelError(f"{card_path}: artifact version {raw.get('artifact_version')} is not {ARTIFACT_VERSION}")
+    if raw.get("arch") not in MODEL_ARCHS:
+        raise bad("arch", f"{raw.get('arch')!r} is not a known architecture ({', '.join(MODEL_ARCHS)})")
+    classes = raw.get("classes")
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)):
+        raise bad("classes", f"must be a list of at least 2 non-empty names, got {classes!r}")
+    if len(set(classes)) != len(classes):
+        raise bad("classes", f"has duplicates: {classes}")
+    if not isinstance(raw.get("model_id"), str) or not raw["model_id"]:
+        raise bad("model_id", f"must be a non-empty string, got {raw.get('model_id')!r}")
+    positive = raw.get("positive_class")
+    if positive is not None and positive not in classes:
+        raise bad("positive_class", f"{positive!r} is not one of the classes {classes}")
+    threshold = raw.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0.0 <= threshold <= 1.0):
+        raise bad("threshold", f"must be a number in [0, 1] or null, got {threshold!r}")
+    temperature = raw.get("temperature", 1.0)  # calibration; optional in cards written before it existed
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise bad("temperature", f"must be a number > 0, got {temperature!r}")
+    for name, kind in (("preprocess", dict), ("metrics", dict), ("config", dict)):
+        if name in raw and not isinstance(raw[name], kind):
+            raise bad(name, f"must be a JSON object, got {type(raw[name]).__name__}")
+    try:
+        PreprocessConfig.model_validate(raw.get("preprocess", {}))
+    except Exception as exc:
+        raise bad("preprocess", f"is not a valid preprocessing spec ({exc})") from None
+    known = set(ModelCard.__dataclass_fields__)
+    return ModelCard(**{k: v for k, v in raw.items() if k in known})
 
 
 def load_card(path: str) -> ModelCard:
@@ -331,22 +411,32 @@ def load_card(path: str) -> ModelCard:
         raise ModelError(f"{path}: not a model artifact (no {CARD_FILE})") from None
     except json.JSONDecodeError as exc:
         raise ModelError(f"{card_path}: not valid JSON ({exc})") from None
-    if raw.get("artifact_version") != ARTIFACT_VERSION:
-        raise ModelError(f"{card_path}: artifact version {raw.get('artifact_version')} is not {ARTIFACT_VERSION}")
-    known = set(ModelCard.__dataclass_fields__)
-    return ModelCard(**{k: v for k, v in raw.items() if k in known})
+    return validate_card(raw, card_path)
 
 
 def load_artifact(path: str, device: str = "cpu") -> tuple[nn.Module, ModelCard]:
-    """Rebuild the model from an artifact folder (local or s3://), in eval mode."""
+    """Rebuild the model from an artifact folder (local or s3://), in eval mode.
+
+    The weights must hash to the card's model_id: a replaced weights.pt under an old card is refused.
+    """
     card = load_card(path)
     weights_path = storage.join(path, WEIGHTS_FILE)
     with tempfile.TemporaryDirectory() as tmp:
         local = weights_path
         if storage.is_remote(weights_path):
             local = os.path.join(tmp, WEIGHTS_FILE)
+            try:
+                data = storage.read_bytes(weights_path)
+            except FileNotFoundError:
+                raise ModelError(f"weights file not found: {weights_path}") from None
             with open(local, "wb") as f:
-                f.write(storage.read_bytes(weights_path))
+                f.write(data)
+        if not os.path.exists(local):
+            raise ModelError(f"weights file not found: {weights_path}")
+        expected = model_id_for(card.arch, _weights_digest(local))
+        if expected != card.model_id:
+            raise ModelError(f"{weights_path}: the weights hash to model id {expected}, but {CARD_FILE} says "
+                             f"{card.model_id}; the artifact was altered or is half-written")
         state = _load_weights_file(local)
     dropout = float(card.config.get("model", {}).get("dropout", 0.0) or 0.0)
     model = build_model(card.arch, len(card.classes), "none", dropout=dropout)

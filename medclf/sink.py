@@ -1,37 +1,54 @@
-"""A Ray Data sink that commits each predictions file atomically.
+"""A Ray Data sink that commits each predictions file atomically, exactly once.
 
 Why not `Dataset.write_parquet`: it writes straight to the final file name, so a job killed
-mid-write leaves a half-written file that readers would take as data. Here every write task
-buffers its rows (`rows_per_file`), writes the Parquet file under a hidden temporary name and
-renames it into place (local disk), or uploads it in one PUT / completed multipart upload (S3,
-where an object only becomes visible once complete). Readers (pyarrow datasets) ignore names
-starting with '.' or '_', so a file is either fully there or not there at all.
+mid-write leaves a half-written file that readers would take as data, and a write task that Ray
+retries after it committed writes its rows a second time under another random name.
 
-With that, "what is in the output" is exactly "what was scored and committed": a restarted
-nightly run skips those rows and scores the rest, so nothing is lost or duplicated.
+Here each write task buffers its rows (`rows_per_file`) into one Parquet file whose name comes
+from the run, the run's lease and the task: `part-<run id>-<lease token 8>-<task index>.parquet`.
+Ray retries a task with the same inputs and the same task index, so a retry targets the same
+name, and the file is created exclusively (local disk: written under a hidden temporary name,
+then hard-linked into place, which fails if the name exists; S3: a conditional PUT,
+`If-None-Match: *`). A retry of a task that had committed finds its file there and adds nothing.
+The lease token keeps the names of a later run that re-uses the run id apart from this one's.
+Before publishing, the task checks that its run still holds the output's lease (medclf.lease),
+so a run that lost it cannot commit. Readers (pyarrow datasets) ignore names starting with '.'
+or '_': a file is either fully there or not there at all.
+
+Alternative considered, not taken: a commit log written by the driver (tasks write files, the
+driver lists the committed ones). It needs a second write per file and readers that consult the
+log, and a file written by a task whose result the driver never saw would still be visible to
+plain Parquet readers. Exclusive names cost one conditional PUT / one link() per file, nothing more.
 """
 
 from __future__ import annotations
 
 import io
-import os
-import uuid
-from typing import Iterable
+from functools import partial
+from typing import Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.block import BlockAccessor
 from ray.data.datasource.datasink import Datasink
 
-from medclf import storage
+from medclf import faults, lease, storage
+
+
+def part_name(run_id: str, token: str, task_idx: int) -> str:
+    return f"part-{run_id}-{token[:8]}-{task_idx:05d}.parquet"
 
 
 class CommitPerFileDatasink(Datasink[list]):
-    def __init__(self, folder: str, run_id: str, schema: pa.Schema, rows_per_file: int):
+    def __init__(self, folder: str, run_id: str, schema: pa.Schema, rows_per_file: int, output: str,
+                 lease_token: str, fault: Optional[faults.Fault] = None):
         self.folder = folder  # the run-date partition folder, e.g. <output>/run_date=2026-11-22
         self.run_id = run_id
         self.schema = schema
         self.rows_per_file = rows_per_file
+        self.output = output  # the predictions root, where the lease lives
+        self.lease_token = lease_token
+        self.fault = fault
         self.committed: list = []  # (file, rows), filled on the driver when the write completes
 
     @property
@@ -44,20 +61,15 @@ class CommitPerFileDatasink(Datasink[list]):
         if not tables:
             return []
         table = pa.concat_tables([t.select(self.schema.names).cast(self.schema) for t in tables])
-        name = f"part-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+        final = storage.join(self.folder, part_name(self.run_id, self.lease_token, ctx.task_idx))
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        final = storage.join(self.folder, name)
-        if storage.is_remote(final):
-            storage.write_bytes(final, buf.getvalue())  # object appears only when the upload completes
-        else:
-            os.makedirs(self.folder, exist_ok=True)
-            tmp = os.path.join(self.folder, f".{name}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(buf.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)  # atomic on POSIX
+        lease.verify(self.output, self.lease_token)  # a run that lost the output commits nothing
+        created = storage.create_exclusive(final, buf.getvalue(),
+                                           before_publish=partial(faults.check, self.fault, "before_commit"))
+        if created:
+            faults.check(self.fault, "after_commit")
+        # not created: an earlier try of this very task committed it; its rows are the same rows
         return [(final, table.num_rows)]
 
     def on_write_complete(self, write_result) -> None:

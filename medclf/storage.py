@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Iterator, Optional
+import uuid
+from typing import Callable, Iterator, Optional
 
 import fsspec
 import pyarrow.fs
@@ -90,6 +91,71 @@ def write_bytes(path: str, data: bytes) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
     with fs.open(p, "wb") as f:
         f.write(data)
+
+
+def _temp_name(folder: str, name: str) -> str:
+    """A hidden name of its own for each writer (process and thread): readers skip it."""
+    return os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace `path` so that a reader sees either the old or the new bytes, never a mix."""
+    fs, p = filesystem(path)
+    if is_remote(path):
+        fs.pipe_file(p, data)  # an object is replaced in one PUT
+        return
+    folder, name = os.path.split(os.path.abspath(p))
+    os.makedirs(folder, exist_ok=True)
+    tmp = _temp_name(folder, name)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+
+
+def create_exclusive(path: str, data: bytes, before_publish: Optional[Callable[[], None]] = None) -> bool:
+    """Write `path` only if it does not exist yet, atomically; False if it already existed.
+
+    Local: the bytes go to a hidden temporary file first, then a hard link gives them the final
+    name (link() fails if the name exists, and a reader never sees a half-written file). S3: one
+    conditional PUT (`If-None-Match: *`), which the server refuses with 412 if the key exists.
+    `before_publish` runs between writing the bytes and publishing them (a fault-injection hook).
+    """
+    fs, p = filesystem(path)
+    if is_remote(path):
+        if before_publish:
+            before_publish()
+        try:
+            fs.pipe_file(p, data, IfNoneMatch="*")
+        except FileExistsError:
+            return False
+        return True
+    folder, name = os.path.split(os.path.abspath(p))
+    os.makedirs(folder, exist_ok=True)
+    tmp = _temp_name(folder, name)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if before_publish:
+        before_publish()
+    try:
+        os.link(tmp, p)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
+
+
+def remove(path: str) -> None:
+    """Delete a file; one that is already gone is fine."""
+    fs, p = filesystem(path)
+    try:
+        fs.rm_file(p)
+    except FileNotFoundError:
+        pass
 
 
 def list_files(root: str, extensions: Optional[list[str]] = None) -> Iterator[str]:

@@ -13,6 +13,7 @@ Flow:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ import torch
 
 from medclf import data as data_mod
 from medclf import storage
-from medclf.config import Config
+from medclf.config import Config, ConfigError
 from medclf.metrics import choose_threshold, classification_metrics
 from medclf.augment import augment_batch
 from medclf.preprocess import to_model_input
@@ -99,6 +100,57 @@ def _say(message: str) -> None:
     # driver's output; writing to stdout directly prints once.
     sys.stdout.write(f"[medclf] {message}\n")
     sys.stdout.flush()
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    """This process's random streams (torch, numpy, the augmentation generator), weights_only-safe."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "generator": gen.get_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}}
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["generator"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+
+
+FINGERPRINT_FILE = "run_fingerprint.json"
+
+
+class ResumeError(ConfigError):
+    """A re-used run id whose checkpoints were made for other inputs."""
+
+
+def run_fingerprint(cfg: Config, classes: list[str], df: pd.DataFrame) -> dict:
+    """What a run id's checkpoints are only valid for: classes, architecture, preprocessing, data."""
+    listing = df.sort_values("path")[[c for c in ("path", "label", "split") if c in df.columns]]
+    return {"classes": list(classes), "architecture": cfg.model.arch, "preprocessing": cfg.preprocess.model_dump(),
+            "data listing": hashlib.sha256(listing.to_csv(index=False).encode()).hexdigest()}
+
+
+def check_resume(run_dir: str, fingerprint: dict, restart: bool = False) -> None:
+    """Refuse to resume a run id whose inputs changed (naming what changed), unless `restart`,
+    which drops the run's checkpoints and starts over. Records the fingerprint for the next re-use."""
+    path = storage.join(run_dir, FINGERPRINT_FILE)
+    if restart:
+        checkpoints = storage.join(run_dir, "ray_train")
+        if storage.exists(checkpoints):
+            fs, p = storage.filesystem(checkpoints)
+            fs.rm(p, recursive=True)
+    elif storage.exists(path):
+        before = json.loads(storage.read_bytes(path))
+        changed = [k for k in fingerprint if before.get(k) != fingerprint[k]]
+        if changed:
+            detail = "; ".join(f"{k}: was {before.get(k)!r}, now {fingerprint[k]!r}" for k in changed
+                               if k != "data listing")
+            raise ResumeError(
+                f"{run_dir}: this run id was started with other {', '.join(changed)}"
+                + (f" ({detail})" if detail else "")
+                + "; its checkpoints do not fit. Use a new run id, or --restart to start this run over.")
+    storage.write_bytes(path, json.dumps(fingerprint, indent=2).encode())
 
 
 def _gather(values: list) -> list:
@@ -235,11 +287,15 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if state.get("scaler"):
+            parts.scaler.load_state_dict(state["scaler"])
         start_epoch, history, best, lowest_loss = state["epoch"] + 1, state["history"], state["best"], state["lowest_loss"]
         if rank == 0:
             _say(f"resuming from the checkpoint of epoch {start_epoch}")
 
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    if ckpt and state.get("rng"):  # continue the random streams where the checkpointed epoch left them
+        set_rng_state(state["rng"][rank], gen)
     epochs, patience = tc["epochs"], tc["early_stopping_patience"]
     run_start = time.time()
     for epoch in range(start_epoch, epochs):
@@ -315,6 +371,7 @@ def train_loop_per_worker(config: dict) -> None:
                 + (f" | stop: next epoch would pass train.max_minutes={tc['max_minutes']}" if stop and stale < patience else "")
             )
         metrics = {**row, "best_epoch": best["epoch"], "best_val_loss": best["val_loss"]}
+        rng_states = _gather([rng_state(gen)])  # every rank's streams, in rank order
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save(
@@ -327,6 +384,8 @@ def train_loop_per_worker(config: dict) -> None:
                         "best": best,
                         "lowest_loss": lowest_loss,
                         "ema": ema.state_dict() if ema is not None else None,
+                        "scaler": parts.scaler.state_dict(),
+                        "rng": rng_states,
                         "workers": workers,
                     },
                     os.path.join(tmp, STATE_FILE),
@@ -412,8 +471,11 @@ def worker_config(cfg: Config, classes: list[str], train_y: np.ndarray) -> dict:
     }
 
 
-def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[str]] | None = None) -> TrainResult:
-    """Train per `cfg`; `prepared` is `prepare_data(cfg)` when the caller already checked the data."""
+def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[str]] | None = None,
+                 restart: bool = False) -> TrainResult:
+    """Train per `cfg`; `prepared` is `prepare_data(cfg)` when the caller already checked the data.
+    A re-used run id resumes only if its classes, architecture, preprocessing and data are unchanged
+    (check_resume); `restart` starts it over."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -429,6 +491,7 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
         flush=True,
     )
     storage.makedirs(run_dir)
+    check_resume(run_dir, run_fingerprint(cfg, classes, df), restart)
     split_file = storage.join(run_dir, "splits.parquet")
     buf = df.to_parquet(index=False)
     storage.write_bytes(split_file, buf)

@@ -11,6 +11,10 @@ import pytest
 
 from medclf.config import load_config
 from medclf.phantoms import PATIENT_REGEX, generate
+from medclf.privacy import UID_KEY_ENV
+
+# score.uids=hash (the default) needs a site key; set before Ray starts, so workers and jobs see it.
+os.environ.setdefault(UID_KEY_ENV, "test-site-key")
 
 TINY = [
     "run.name=test",

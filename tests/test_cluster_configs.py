@@ -42,7 +42,7 @@ def test_kuberay_manifests(path):
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in {"RayCluster", "RayJob", "RayCronJob"}
     spec = doc["spec"]
     if doc["kind"] == "RayCronJob":
-        assert len(spec["schedule"].split()) == 5 and spec["concurrencyPolicy"] == "Forbid"
+        assert len(spec["schedule"].split()) == 5
     cluster = spec.get("rayClusterSpec") or spec.get("jobTemplate", {}).get("rayClusterSpec") or spec
     assert cluster["rayVersion"] == "2.60.0"
     gpus_per_worker_pod = [int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
@@ -77,3 +77,93 @@ def test_local_cluster_script_mentions_every_command():
     text = open(os.path.join(ROOT, "cluster", "local.sh")).read()
     for word in ("start", "add-worker", "stop", "status"):
         assert re.search(rf"^\s+{word}\)", text, re.M), word
+
+
+# ---------------------------------------------------------------- against the real schemas
+
+CRD_DIR = os.path.join(os.path.dirname(ROOT), "shared", "kuberay")
+KUBERAY_YAMLS = [p for p in CLUSTER_YAMLS if "kuberay" in p]
+
+
+def crd_schema(kind):
+    """The openAPIV3Schema of `kind` (version v1) from the KubeRay CRDs in ../shared/kuberay."""
+    for path in glob.glob(os.path.join(CRD_DIR, "*.yaml")):
+        crd = load(path)
+        if crd["spec"]["names"]["kind"] == kind:
+            version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+            return version["schema"]["openAPIV3Schema"]
+    raise AssertionError(f"no CRD for kind {kind} in {CRD_DIR}")
+
+
+TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
+
+
+def strict_errors(value, schema, where="") -> list[str]:
+    """What `kubectl apply --validate=strict` would reject: unknown fields (unless the schema node
+    says x-kubernetes-preserve-unknown-fields), wrong types, values outside an enum, missing required."""
+    if "anyOf" in schema or schema.get("x-kubernetes-int-or-string"):
+        if schema.get("x-kubernetes-int-or-string") and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return []
+        options = [strict_errors(value, s, where) for s in schema.get("anyOf", [])]
+        return [] if any(not o for o in options) else [f"{where}: matches none of {schema.get('anyOf')}"]
+    kind = schema.get("type")
+    if kind and not (isinstance(value, TYPES[kind]) and not (kind in ("integer", "number") and isinstance(value, bool))):
+        return [f"{where}: {value!r} is not of type {kind}"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{where}: {value!r} not one of {schema['enum']}"]
+    errors = []
+    if isinstance(value, dict):
+        if schema.get("x-kubernetes-preserve-unknown-fields"):
+            return []
+        props = schema.get("properties")
+        for key in schema.get("required", []):
+            if key not in value:
+                errors.append(f"{where}.{key}: required field missing")
+        for key, sub in value.items():
+            if props is not None and key in props:
+                errors += strict_errors(sub, props[key], f"{where}.{key}")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                errors += strict_errors(sub, schema["additionalProperties"], f"{where}.{key}")
+            elif props is not None or kind == "object" and where != ".metadata":
+                errors.append(f"{where}.{key}: unknown field")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += strict_errors(item, schema["items"], f"{where}[{i}]")
+    return errors
+
+
+@pytest.mark.skipif(not os.path.isdir(CRD_DIR), reason=f"KubeRay CRDs not found at {CRD_DIR}")
+@pytest.mark.parametrize("path", KUBERAY_YAMLS, ids=os.path.basename)
+def test_kuberay_manifests_pass_strict_validation_against_the_crds(path):
+    doc = load(path)
+    schema = crd_schema(doc["kind"])
+    assert strict_errors(doc, schema) == []
+
+
+@pytest.mark.skipif(not os.path.isdir(CRD_DIR), reason=f"KubeRay CRDs not found at {CRD_DIR}")
+def test_strict_validation_catches_what_kubectl_would():
+    schema = crd_schema("RayCronJob")
+    doc = load(os.path.join(ROOT, "cluster", "kuberay", "raycronjob-score.yaml"))
+    doc["spec"]["concurrencyPolicy"] = "Forbid"  # the field KubeRay does not have
+    doc["spec"]["jobTemplate"]["backoffLimit"] = "two"
+    errors = strict_errors(doc, schema)
+    assert ".spec.concurrencyPolicy: unknown field" in errors
+    assert any(e.startswith(".spec.jobTemplate.backoffLimit: 'two' is not of type integer") for e in errors)
+    del doc["spec"]["schedule"]
+    assert ".spec.schedule: required field missing" in strict_errors(doc, schema)
+
+
+def test_aws_launcher_config_matches_rays_schema():
+    import json
+
+    import jsonschema
+    import ray
+
+    schema_path = os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")
+    with open(schema_path) as f:
+        schema = json.load(f)
+    doc = load(os.path.join(ROOT, "cluster", "aws.yaml"))
+    jsonschema.validate(doc, schema)  # raises with the offending field named
+    broken = {**doc, "max_workers": "many"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)

@@ -20,10 +20,13 @@ from medclf.score import prediction_schema
 CLASSES = ["NORMAL", "POSITIVE"]
 
 
-def write_predictions(folder, paths, probs, classes, threshold=0.5, fmt=None):
+def write_predictions(folder, paths, probs, classes, threshold=0.5, fmt=None, model_id="small_cnn-abc", run_id="r1",
+                      scored_at=None, frames=None):
     """Predictions Parquet in score's layout and schema; probs (N, C)."""
     n = len(paths)
     schema = prediction_schema(classes)
+    if frames is not None:
+        schema = schema.append(pa.field("frame", pa.int32()))
     cols = {name: [None] * n for name in schema.names}
     cols["path"] = list(paths)
     cols["size"] = [1] * n
@@ -33,12 +36,15 @@ def write_predictions(folder, paths, probs, classes, threshold=0.5, fmt=None):
         cols[prob_column(c)] = np.asarray(probs)[:, k].astype(np.float32)
     cols["predicted_label"] = [classes[int(i)] for i in np.asarray(probs).argmax(1)]
     cols["threshold"] = [threshold] * n
-    cols["model_id"] = ["small_cnn-abc"] * n
-    cols["run_id"] = ["r1"] * n
+    cols["model_id"] = [model_id] * n
+    cols["run_id"] = [run_id] * n
+    cols["scored_at"] = [scored_at] * n
     cols["status"] = ["ok"] * n
+    if frames is not None:
+        cols["frame"] = frames
     part = os.path.join(folder, "run_date=2026-11-22")
     os.makedirs(part, exist_ok=True)
-    pq.write_table(pa.table(cols, schema=schema), os.path.join(part, "part-r1-0.parquet"))
+    pq.write_table(pa.table(cols, schema=schema), os.path.join(part, f"part-{run_id}-0.parquet"))
     return folder
 
 
@@ -155,3 +161,71 @@ def test_wrong_input_is_explained(scored, phantom_root, tmp_path):
     # a grouping column that does not exist
     with pytest.raises(EvaluationError, match=r"group_by names \['scanner'\]"):
         run_evaluation(pred, out, CLASSES, "POSITIVE", labels, bootstrap_resamples=0, group_by=["scanner"])
+
+
+def _twenty(phantom_root):
+    manifest = pd.read_parquet(os.path.join(phantom_root, "manifest.parquet"))
+    test = manifest[manifest.split == "test"].head(20)
+    paths = [os.path.join(phantom_root, p) for p in test.path]
+    y = (test.label == "POSITIVE").to_numpy().astype(int)
+    right = np.stack([1 - y, y], 1) * 0.8 + 0.1
+    return paths, y, right, right[:, ::-1]
+
+
+def test_old_model_rows_are_left_out_of_the_new_models_evaluation(phantom_root, tmp_path):
+    """The documented rollout: old model all wrong, new model all right, same output."""
+    paths, y, right, wrong = _twenty(phantom_root)
+    pred = str(tmp_path / "pred")
+    write_predictions(pred, paths, wrong, CLASSES, model_id="small_cnn-old", run_id="n1", scored_at="2026-11-21T01:00:00")
+    write_predictions(pred, paths, right, CLASSES, model_id="small_cnn-new", run_id="n2", scored_at="2026-11-22T01:00:00")
+    out = str(tmp_path / "rep")
+    report = run_evaluation(pred, out, CLASSES, "POSITIVE", bootstrap_resamples=0, model_id="small_cnn-new")
+    row = report.metrics.iloc[0]
+    assert row["n"] == 20 and row["accuracy"] == 1.0
+    assert report.rows_dropped == {"other_models": 20, "superseded": 0}
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["model_ids"] == ["small_cnn-new"] and summary["rows_dropped"] == report.rows_dropped
+    assert "20 scored by other models than small_cnn-new" in open(os.path.join(out, "summary.html")).read()
+    old = run_evaluation(pred, str(tmp_path / "old"), CLASSES, "POSITIVE", bootstrap_resamples=0,
+                         model_id="small_cnn-old")
+    assert old.metrics.iloc[0]["accuracy"] == 0.0 and old.metrics.iloc[0]["n"] == 20
+    with pytest.raises(EvaluationError, match=r"rows from 2 models \['small_cnn-new', 'small_cnn-old'\]; choose one"):
+        run_evaluation(pred, out, CLASSES, "POSITIVE", bootstrap_resamples=0)
+    with pytest.raises(EvaluationError, match="no rows scored by model small_cnn-other"):
+        run_evaluation(pred, out, CLASSES, "POSITIVE", bootstrap_resamples=0, model_id="small_cnn-other")
+
+
+def test_rescored_rows_count_once_newest_first(phantom_root, tmp_path):
+    paths, y, right, wrong = _twenty(phantom_root)
+    pred = str(tmp_path / "pred")
+    write_predictions(pred, paths, wrong, CLASSES, run_id="n1", scored_at="2026-11-21T01:00:00")
+    write_predictions(pred, paths, right, CLASSES, run_id="rescore", scored_at="2026-11-22T01:00:00")
+    report = run_evaluation(pred, str(tmp_path / "rep"), CLASSES, "POSITIVE", bootstrap_resamples=0)
+    assert report.metrics.iloc[0]["n"] == 20 and report.metrics.iloc[0]["accuracy"] == 1.0
+    assert report.rows_dropped == {"other_models": 0, "superseded": 20}
+
+
+def test_frames_of_one_file_are_separate_rows(phantom_root, tmp_path):
+    paths, y, right, _ = _twenty(phantom_root)
+    pred = str(tmp_path / "pred")
+    # two frames of each of 10 files: both kept (per-frame rows); files without frames have null
+    write_predictions(pred, paths[:10] * 2, np.concatenate([right[:10], right[:10]]), CLASSES, run_id="f",
+                      scored_at="2026-11-22T01:00:00", frames=[0] * 10 + [1] * 10)
+    report = run_evaluation(pred, str(tmp_path / "rep"), CLASSES, "POSITIVE", bootstrap_resamples=0)
+    assert report.metrics.iloc[0]["n"] == 20 and report.rows_dropped["superseded"] == 0
+
+
+def test_evaluate_command_prints_what_it_left_out(phantom_root, tmp_path, capsys):
+    from medclf.cli import main
+
+    paths, y, right, wrong = _twenty(phantom_root)
+    pred = str(tmp_path / "pred")
+    write_predictions(pred, paths, wrong, CLASSES, model_id="small_cnn-old", run_id="n1", scored_at="2026-11-21T01:00:00")
+    write_predictions(pred, paths, right, CLASSES, model_id="small_cnn-new", run_id="n2", scored_at="2026-11-22T01:00:00")
+    status = main(["evaluate", "--predictions", pred, "--model-id", "small_cnn-new", "--run-root", str(tmp_path / "runs"),
+                   "--set", "data.classes=[NORMAL, POSITIVE]", "--set", "data.positive_class=POSITIVE",
+                   "--set", "evaluate.bootstrap_resamples=0"])
+    printed = capsys.readouterr().out
+    assert status == 0 and "rows not evaluated: 20 scored by other models than small_cnn-new, 0 superseded" in printed
+    assert main(["evaluate", "--predictions", pred, "--run-root", str(tmp_path / "runs"),
+                 "--set", "data.classes=[NORMAL, POSITIVE]", "--set", "evaluate.bootstrap_resamples=0"]) == 2

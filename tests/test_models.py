@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -117,3 +118,76 @@ def test_efficientnet_lite0_pretrained_weights_load_tensor_for_tensor():
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 96, 96)).shape == (2, 3)
     assert len(apply_transfer_mode(build_model("efficientnet_lite0", 2), "efficientnet_lite0", "freeze_first:3")) == 3
+
+
+def _artifact(tmp_path, name="m"):
+    model = build_model("small_cnn", 2).eval()
+    card = save_artifact(model, ModelCard(arch="small_cnn", classes=["a", "b"], preprocess={"image_size": 32},
+                                          positive_class="b", threshold=0.3), str(tmp_path / name))
+    return str(tmp_path / name), card
+
+
+def test_replaced_weights_under_an_old_card_are_refused(tmp_path):
+    path, card = _artifact(tmp_path)
+    other = build_model("small_cnn", 2)
+    torch.save(other.state_dict(), os.path.join(path, "weights.pt"))
+    with pytest.raises(ModelError, match=rf"weights.pt: the weights hash to model id small_cnn-\w{{12}}, but model.json "
+                                         rf"says {card.model_id}"):
+        load_artifact(path)
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("arch", "resnet1000", "arch 'resnet1000' is not a known architecture"),
+    ("threshold", "0.3", "threshold must be a number in \\[0, 1\\] or null, got '0.3'"),
+    ("threshold", 1.5, "threshold must be a number in \\[0, 1\\] or null"),
+    ("threshold", True, "threshold must be a number"),
+    ("model_id", "", "model_id must be a non-empty string"),
+    ("classes", ["only"], "classes must be a list of at least 2"),
+    ("classes", "a,b", "classes must be a list"),
+    ("classes", ["a", 2], "classes must be a list"),
+    ("positive_class", "c", "positive_class 'c' is not one of the classes"),
+    ("temperature", 0, "temperature must be a number > 0"),
+    ("temperature", "1", "temperature must be a number > 0"),
+    ("preprocess", {"image_size": 3}, "preprocess is not a valid preprocessing spec"),
+])
+def test_card_is_validated_before_anything_is_built(tmp_path, monkeypatch, field, value, problem):
+    import medclf.models as models
+
+    path, _ = _artifact(tmp_path)
+    card_file = os.path.join(path, "model.json")
+    raw = json.load(open(card_file))
+    raw[field] = value
+    json.dump(raw, open(card_file, "w"))
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: pytest.fail("built before the card was validated"))
+    with pytest.raises(ModelError, match=rf"model.json: {problem}"):
+        load_artifact(path)
+
+
+def test_card_with_a_temperature_is_accepted(tmp_path):
+    path, card = _artifact(tmp_path)
+    raw = json.load(open(os.path.join(path, "model.json")))
+    json.dump({**raw, "temperature": 1.7}, open(os.path.join(path, "model.json"), "w"))
+    assert load_artifact(path)[1].model_id == card.model_id
+
+
+def test_saving_over_an_artifact_never_leaves_a_mixed_folder(tmp_path):
+    path, first = _artifact(tmp_path)
+    _, second = _artifact(tmp_path)  # same destination: replaced whole
+    assert second.model_id != first.model_id and load_artifact(path)[1].model_id == second.model_id
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no staging or old copies left behind
+    assert sorted(os.listdir(path)) == ["model.json", "weights.pt"]
+
+
+def test_artifact_on_s3_loads_and_verifies(s3_bucket, tmp_path):
+    from medclf import storage
+
+    local, card = _artifact(tmp_path)
+    dest = f"{s3_bucket}/models/m"
+    save_artifact(load_artifact(local)[0], ModelCard(arch="small_cnn", classes=["a", "b"],
+                                                     preprocess={"image_size": 32}), dest)
+    model, loaded = load_artifact(dest)
+    assert loaded.model_id.startswith("small_cnn-")
+    torch.save(build_model("small_cnn", 2).state_dict(), tmp_path / "other.pt")
+    storage.write_bytes(f"{dest}/weights.pt", (tmp_path / "other.pt").read_bytes())
+    with pytest.raises(ModelError, match="the weights hash to model id"):
+        load_artifact(dest)

@@ -140,19 +140,36 @@ def test_real_dicom_orientation_and_intensity():
     assert body > air + 0.3  # tissue brighter than the air outside the patient
 
 
+PATIENT_FILE = "DOE_JANE_MRN7734921_chest"  # archives name files after patients more often than not
+
+
+def ray_session_logs():
+    """Every log file of the test session's Ray cluster: driver, raylet, and each worker's output."""
+    import ray
+
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    for dirpath, _, files in os.walk(logs):
+        for f in files:
+            yield os.path.join(dirpath, f)
+
+
 def test_no_phi_in_outputs_or_logs(ray_cluster, trained_model, phantom_root, tmp_path):
+    from medclf.privacy import UID_KEY_ENV, protect_uid
+
     src = tmp_path / "archive"
     src.mkdir()
     dcms = sorted(p for p in os.listdir(os.path.join(phantom_root, "test", "NORMAL")) if p.endswith(".dcm"))[:3]
+    uids = {}
     for i, name in enumerate(dcms):
         ds = pydicom.dcmread(os.path.join(phantom_root, "test", "NORMAL", name))
         ds.PatientName, ds.PatientID, ds.PatientBirthDate = PHI[0], PHI[1], PHI[2]
         ds.PatientAddress, ds.OtherPatientIDs = PHI[3], PHI[4]
         if i == 2:
             del ds.PixelData  # an error row must not leak either
-        ds.save_as(src / f"scan_{i}.dcm")
+        ds.save_as(src / f"{PATIENT_FILE}_{i}.dcm")
+        uids[str(src / f"{PATIENT_FILE}_{i}.dcm")] = str(ds.SOPInstanceUID)
     out = tmp_path / "pred"
-    job = run_score_job(src, trained_model.model_path, out, tmp_path, "-v")
+    job = run_score_job(src, trained_model.model_path, out, tmp_path, "-v", "--set", "score.uids=hash")
     assert job.returncode == 0, job.stderr[-3000:]
     texts = {"job stdout": job.stdout, "job stderr": job.stderr}
     for folder in (out, tmp_path / "runs"):
@@ -160,11 +177,20 @@ def test_no_phi_in_outputs_or_logs(ray_cluster, trained_model, phantom_root, tmp
             for f in files:
                 p = os.path.join(dirpath, f)
                 if f.endswith(".parquet"):
-                    texts[p] = pd.read_parquet(p).to_csv()  # decompressed cell values, not zstd bytes
+                    # decompressed cell values, not zstd bytes; `path` (and the error naming it) are
+                    # the site's own link to the file, by design
+                    texts[p] = pd.read_parquet(p).drop(columns=["path", "error"]).to_csv()
                 else:
                     texts[p] = open(p, "rb").read().decode("latin-1")
-    assert any(p.endswith(".parquet") for p in texts) and len(read_predictions(str(out))) == 3
-    assert "scan_2.dcm: DICOM has no pixel data" in texts[next(p for p in texts if p.endswith(".parquet"))]
+    for p in ray_session_logs():
+        texts[p] = open(p, "rb").read().decode("latin-1")
+    pred = read_predictions(str(out))
+    assert any(p.endswith(".parquet") for p in texts) and len(pred) == 3
+    assert pred.set_index("path").loc[str(src / f"{PATIENT_FILE}_2.dcm"), "error"].endswith("DICOM has no pixel data")
+    key = os.environ[UID_KEY_ENV]
+    for row in pred[pred.status == "ok"].itertuples():  # keyed hashes: the site re-links with its key
+        assert row.sop_instance_uid == protect_uid(uids[row.path], "hash", key) != uids[row.path]
+    secrets = PHI + [PATIENT_FILE, *uids.values()]
     for where, text in texts.items():
-        for secret in PHI:
+        for secret in secrets:
             assert secret not in text, f"{secret!r} leaked into {where}"
