@@ -17,6 +17,7 @@ from typing import Optional
 
 from medclf import storage
 from medclf.config import Config, ConfigError, dump_config, load_config
+from medclf.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
@@ -97,16 +98,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--run-id", help="run id (folder name under run.root); default: <run.name>-<UTC time>")
     p.add_argument("--run-root", help="folder or s3:// prefix holding run folders (run.root); default from config")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (medclf's own loggers)")
 
 
-def _config_from(args: argparse.Namespace, extra: Optional[list[str]] = None) -> Config:
-    overrides = list(args.overrides) + (extra or [])
-    if args.run_id:
-        overrides.append(f"run.id={args.run_id}")
-    if args.run_root:
-        overrides.append(f"run.root={args.run_root}")
-    return load_config(args.config, overrides)
+def _config_from(args: argparse.Namespace, extra: Optional[list[str]] = None,
+                 options: Optional[dict[str, str]] = None) -> Config:
+    """The config file, then --set overrides and `extra` (parsed as YAML), then the command's own
+    options `{config key: argument name}`, taken as the strings they are (a path with '#' or '~'
+    is a path, not YAML)."""
+    options = {"run.id": "run_id", "run.root": "run_root", **(options or {})}
+    values = {key: getattr(args, name) for key, name in options.items() if getattr(args, name, None)}
+    return load_config(args.config, list(args.overrides) + (extra or []), values)
 
 
 # ---------------------------------------------------------------- parsers
@@ -212,17 +214,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medclf.train import prepare_data, run_training
 
     extra = []
-    if args.data:
-        extra.append(f"data.root={args.data}")
-    if args.manifest:
-        extra.append(f"data.manifest={args.manifest}")
     if args.epochs:
         extra.append(f"train.epochs={args.epochs}")
     if args.workers:
         extra.append(f"train.num_workers={args.workers}")
     if args.use_gpu:
         extra.append("train.use_gpu=true")
-    cfg = _config_from(args, extra)
+    cfg = _config_from(args, extra, {"data.root": "data", "data.manifest": "manifest"})
     prepared = prepare_data(cfg)  # a data problem fails here, before Ray starts or a folder is made
     init_ray(cfg)
     use_shared_root(cfg)
@@ -247,15 +245,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     from medclf.score import run_scoring
 
     extra = []
-    for opt, key in (("input", "input"), ("model", "model"), ("output", "output"),
-                     ("batch_size", "batch_size"), ("num_actors", "num_actors")):
+    for opt in ("batch_size", "num_actors"):
         if getattr(args, opt):
-            extra.append(f"score.{key}={getattr(args, opt)}")
+            extra.append(f"score.{opt}={getattr(args, opt)}")
     if args.use_gpu:
         extra.append("score.use_gpu=true")
     if args.rescore:
         extra.append("score.rescore=true")
-    cfg = _config_from(args, extra)
+    cfg = _config_from(args, extra, {"score.input": "input", "score.model": "model", "score.output": "output"})
     if not cfg.score.input or not cfg.score.model:
         raise ConfigError("score needs an input (--input or score.input) and a model (--model or score.model)")
     from medclf.models import load_card
@@ -292,12 +289,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medclf.models import load_card
 
-    extra = []
-    for opt, key in (("predictions", "evaluate.predictions"), ("labels", "evaluate.labels"),
-                     ("output", "evaluate.output"), ("model", "score.model")):
-        if getattr(args, opt):
-            extra.append(f"{key}={getattr(args, opt)}")
-    cfg = _config_from(args, extra)
+    cfg = _config_from(args, options={"evaluate.predictions": "predictions", "evaluate.labels": "labels",
+                                      "evaluate.output": "output", "score.model": "model"})
     if not cfg.evaluate.predictions:
         raise ConfigError("evaluate needs predictions (--predictions or evaluate.predictions)")
     if cfg.score.model:
@@ -335,12 +328,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from medclf.models import load_card
     from medclf.score import list_inputs
 
-    extra = []
-    for opt, key in (("model", "score.model"), ("input", "score.input"), ("output", "explain.output"),
-                     ("layer", "explain.layer"), ("target", "explain.target")):
-        if getattr(args, opt):
-            extra.append(f"{key}={getattr(args, opt)}")
-    cfg = _config_from(args, extra)
+    cfg = _config_from(args, options={"score.model": "model", "score.input": "input", "explain.output": "output",
+                                      "explain.layer": "layer", "explain.target": "target"})
     if not cfg.score.model:
         raise ConfigError("explain needs a model (--model or score.model)")
     if not (cfg.score.input or args.flagged):
@@ -424,15 +413,13 @@ def run_command(name: str, argv: list[str], prog: Optional[str] = None) -> int:
     """Parse `argv` for subcommand `name` and run it; user errors print one clear message, exit 2."""
     make_parser, command = COMMANDS[name]
     args = make_parser(prog or f"medclf {name}").parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from medclf.data import DatasetError
-    from medclf.evaluate import EvaluationError
-    from medclf.models import ModelError
-
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "verbose", False):
+        # Only our own loggers: botocore at DEBUG logs request headers (session token, access key id).
+        logging.getLogger("medclf").setLevel(logging.DEBUG)
     try:
         return command(args)
-    except (ConfigError, DatasetError, ModelError, EvaluationError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medclf.errors import UserError
+
 MODEL_ARCHS = (
     "small_cnn",
     "resnet18",
@@ -29,7 +31,7 @@ MODEL_ARCHS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot be used; the message names the file and the key."""
 
 
@@ -54,8 +56,9 @@ class RunConfig(_Section):
     @field_validator("id", "name")
     @classmethod
     def _safe_name(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", v):
-            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        # One safe path segment: it names a folder under run.root.
+        if v is not None and (not re.fullmatch(r"[A-Za-z0-9._-]+", v) or set(v) == {"."}):
+            raise ValueError("use letters, digits, '.', '_' and '-' only, and not '.' or '..'")
         return v
 
 
@@ -348,8 +351,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Read YAML (or start from defaults), apply `key.sub=value` overrides, validate."""
+def set_values(data: dict, values: dict[str, Any]) -> dict:
+    """Set dotted keys to values as they are (no YAML parsing: a path stays the string it was)."""
+    for key, value in values.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                values: Optional[dict[str, Any]] = None) -> Config:
+    """Read YAML (or start from defaults), apply `key.sub=value` overrides, then `values` as they are
+    (command-line paths), and validate."""
     source = str(path) if path else "<defaults>"
     data: dict = {}
     if path:
@@ -365,6 +381,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     if overrides:
         source += " (with overrides " + " ".join(overrides) + ")"
         data = apply_overrides(data, overrides)
+    if values:
+        source += " (with " + " ".join(f"{k}={v!r}" for k, v in values.items()) + ")"
+        data = set_values(data, values)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

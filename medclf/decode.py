@@ -27,6 +27,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from medclf.errors import UserError
+
 # Larger images are refused before their pixels are decoded (decompression-bomb guards).
 MAX_PIXELS = 64_000_000  # per image (frame)
 # One decoded frame plus its float64 working copy: well inside a decode task's memory reservation
@@ -43,7 +45,7 @@ DICOM_META_TAGS = {
 }
 
 
-class DecodeError(ValueError):
+class DecodeError(UserError):
     """A file that cannot be turned into an image; `str()` names the file and the problem.
 
     The problem never quotes the file's bytes or header values (they may identify a patient)."""

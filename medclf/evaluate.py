@@ -30,6 +30,7 @@ import pandas as pd
 
 from medclf import storage
 from medclf.data import DatasetError, read_manifest
+from medclf.errors import UserError
 from medclf.metrics import (
     bootstrap_ci,
     calibration_table,
@@ -50,7 +51,7 @@ SUBGROUP_CANDIDATES = ("format", "modality", "site", "hospital", "scanner", "man
 GALLERY_SIZE = 16
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
     pass
 
 
