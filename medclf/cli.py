@@ -360,7 +360,7 @@ def explain_into(cfg: Config, paths: list[str], model: str, output: str):
 
     ec = cfg.explain
     return run_explain(paths, model, output, ec.layer, ec.target, ec.batch_size, ec.num_actors, ec.cpus_per_actor,
-                       cfg.score.decode_batch_size)
+                       cfg.score.decode_batch_size, cfg.score.frames)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

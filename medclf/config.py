@@ -230,7 +230,17 @@ class ScoreConfig(_Section):
     use_gpu: bool = False
     decode_batch_size: int = Field(16, ge=1)
     extensions: list[str] = [".png", ".jpg", ".jpeg", ".dcm"]
-    """Which files under `input` to score (a manifest is taken as it is)."""
+    """Which files under `input` to score (a manifest is taken as it is): name suffixes, and the entry
+    `dicom` (no dot) for every other file whose bytes carry the DICOM marker (files without an
+    extension); files left out are counted in the summary."""
+    frames: Literal["all", "middle", "refuse"] = "all"
+    """Multi-frame DICOM (enhanced CT/MR, ultrasound cine): score every frame (one row each), the
+    middle frame only, or refuse the file (one error row)."""
+    max_file_mb: float = Field(512.0, gt=0.0)
+    """Larger input files are refused (an error row) before any byte is read."""
+    decode_retries: int = Field(2, ge=0)
+    """Times Ray retries a decode task whose worker died (crash, out of memory); its files then
+    become error rows."""
     rows_per_file: int = Field(10_000, ge=1)
     """Rows per committed predictions file (the unit of progress a killed run keeps)."""
     rescore: bool = False
@@ -243,7 +253,10 @@ class ScoreConfig(_Section):
     torch_threads: Optional[int] = Field(None, ge=1)
     """Intra-op threads per inference actor; default: its CPU count (cpus_per_actor, at least 1)."""
 
-    _dotted = field_validator("extensions")(DataConfig._dotted_lower.__func__)
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_or_dicom(cls, v: list[str]) -> list[str]:
+        return ["dicom" if e.lower() == "dicom" else DataConfig._dotted_lower.__func__(cls, [e])[0] for e in v]
 
 
 class ExplainConfig(_Section):

@@ -121,6 +121,27 @@ def load_predictions(predictions: str, classes: list[str]) -> pd.DataFrame:
     return pred
 
 
+def per_file(pred: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """One row per scored file, as labels are per file: a multi-frame file's frame rows become one
+    row whose probabilities are the mean over its frames that scored `ok` (status ok if any did;
+    `frames` says how many). Rows of files that hold no image (`skipped`) are left out."""
+    pred = pred[pred["status"] != "skipped"]
+    if "frame" not in pred.columns or pred["frame"].isna().all():
+        return pred.reset_index(drop=True)
+    single = pred[pred["frame"].isna()]
+    multi = pred[pred["frame"].notna()]
+    prob_cols = [prob_column(c) for c in classes]
+    keys = [k for k in ("path", "checksum", "model_id", "run_id") if k in multi.columns]
+    combined = []
+    for _, rows in multi.groupby(keys, sort=False, dropna=False):
+        ok = rows[rows["status"] == "ok"]
+        row = (ok if len(ok) else rows).iloc[0].copy()
+        row[prob_cols] = ok[prob_cols].mean().to_numpy() if len(ok) else row[prob_cols]
+        row["frame"], row["frames"] = pd.NA, len(ok)
+        combined.append(row)
+    return pd.concat([single, pd.DataFrame(combined)], ignore_index=True)
+
+
 def run_evaluation(
     predictions: str,
     output: str,
@@ -134,7 +155,7 @@ def run_evaluation(
     target_sensitivity: float = 0.95,
     allow_unscored: bool = False,
 ) -> Report:
-    pred = load_predictions(predictions, classes)
+    pred = per_file(load_predictions(predictions, classes), classes)
     df = attach_labels(pred, labels, class_map, allow_unscored)
     source = {"predictions": predictions, "labels": labels or "parent folder names"}
     return write_report(df, output, classes, positive_class, bootstrap_resamples, bootstrap_seed, group_by,

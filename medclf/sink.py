@@ -16,9 +16,11 @@ from __future__ import annotations
 import io
 import os
 import uuid
+from collections import Counter
 from typing import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.block import BlockAccessor
 from ray.data.datasource.datasink import Datasink
@@ -33,16 +35,23 @@ class CommitPerFileDatasink(Datasink[list]):
         self.schema = schema
         self.rows_per_file = rows_per_file
         self.committed: list = []  # (file, rows), filled on the driver when the write completes
+        # Counted from every row, written or not: rows per `status`, and files (rows with `first_row`).
+        self.statuses: Counter = Counter()
+        self.first_rows = 0
 
     @property
     def min_rows_per_write(self) -> int:
         return self.rows_per_file
 
-    def write(self, blocks: Iterable, ctx) -> list:
+    def write(self, blocks: Iterable, ctx) -> dict:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
+        counts = _tally(tables)
+        # Rows of images scored in an earlier run are counted, not written again.
+        tables = [t.filter(pc.field("status") != UNWRITTEN_STATUS) for t in tables]
+        tables = [t for t in tables if t.num_rows]
         if not tables:
-            return []
+            return {"files": [], **counts}
         table = pa.concat_tables([t.select(self.schema.names).cast(self.schema) for t in tables])
         name = f"part-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
         buf = io.BytesIO()
@@ -58,7 +67,23 @@ class CommitPerFileDatasink(Datasink[list]):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)  # atomic on POSIX
-        return [(final, table.num_rows)]
+        return {"files": [(final, table.num_rows)], **counts}
 
     def on_write_complete(self, write_result) -> None:
-        self.committed = [item for task_files in write_result.write_returns for item in task_files]
+        returns = write_result.write_returns
+        self.committed = [item for task in returns for item in task["files"]]
+        self.statuses = sum((Counter(task["statuses"]) for task in returns), Counter())
+        self.first_rows = sum(task["first_rows"] for task in returns)
+
+
+UNWRITTEN_STATUS = "already_scored"  # medclf.score.ALREADY_SCORED
+
+
+def _tally(tables: list) -> dict:
+    statuses: Counter = Counter()
+    first_rows = 0
+    for t in tables:
+        statuses.update(t.column("status").to_pylist())
+        if "first_row" in t.column_names:
+            first_rows += int(pc.sum(t.column("first_row")).as_py() or 0)
+    return {"statuses": dict(statuses), "first_rows": first_rows}

@@ -155,3 +155,19 @@ def test_wrong_input_is_explained(scored, phantom_root, tmp_path):
     # a grouping column that does not exist
     with pytest.raises(EvaluationError, match=r"group_by names \['scanner'\]"):
         run_evaluation(pred, out, CLASSES, "POSITIVE", labels, bootstrap_resamples=0, group_by=["scanner"])
+
+
+def test_frame_rows_are_evaluated_per_file():
+    from medclf.evaluate import per_file
+
+    pred = pd.DataFrame({
+        "path": ["cine.dcm"] * 3 + ["cr.dcm", "report.dcm"],
+        "checksum": ["c"] * 3 + ["d", "e"], "model_id": ["m"] * 5, "run_id": ["r"] * 5,
+        "frame": pd.array([1, 2, 3, None, None], dtype="Int32"),
+        "status": ["ok", "ok", "error", "ok", "skipped"],
+        "prob_NORMAL": [0.2, 0.4, np.nan, 0.9, np.nan], "prob_POSITIVE": [0.8, 0.6, np.nan, 0.1, np.nan],
+    })
+    out = per_file(pred, ["NORMAL", "POSITIVE"]).set_index("path")
+    assert sorted(out.index) == ["cine.dcm", "cr.dcm"]  # one row per file; not-an-image rows left out
+    assert out.loc["cine.dcm", "prob_POSITIVE"] == pytest.approx(0.7) and out.loc["cine.dcm", "frames"] == 2
+    assert out.loc["cine.dcm", "status"] == "ok" and out.loc["cr.dcm", "prob_POSITIVE"] == pytest.approx(0.1)
