@@ -17,6 +17,7 @@ from typing import Optional
 
 from medclf import storage
 from medclf.config import Config, ConfigError, dump_config, load_config
+from medclf.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
@@ -97,16 +98,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--run-id", help="run id (folder name under run.root); default: <run.name>-<UTC time>")
     p.add_argument("--run-root", help="folder or s3:// prefix holding run folders (run.root); default from config")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (medclf's own loggers)")
 
 
-def _config_from(args: argparse.Namespace, extra: Optional[list[str]] = None) -> Config:
-    overrides = list(args.overrides) + (extra or [])
-    if args.run_id:
-        overrides.append(f"run.id={args.run_id}")
-    if args.run_root:
-        overrides.append(f"run.root={args.run_root}")
-    return load_config(args.config, overrides)
+def _config_from(args: argparse.Namespace, extra: Optional[list[str]] = None,
+                 options: Optional[dict[str, str]] = None) -> Config:
+    """The config file, then --set overrides and `extra` (parsed as YAML), then the command's own
+    options `{config key: argument name}`, taken as the strings they are (a path with '#' or '~'
+    is a path, not YAML)."""
+    options = {"run.id": "run_id", "run.root": "run_root", **(options or {})}
+    values = {key: getattr(args, name) for key, name in options.items() if getattr(args, name, None)}
+    return load_config(args.config, list(args.overrides) + (extra or []), values)
 
 
 # ---------------------------------------------------------------- parsers
@@ -218,17 +220,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medclf.train import prepare_data, run_training
 
     extra = []
-    if args.data:
-        extra.append(f"data.root={args.data}")
-    if args.manifest:
-        extra.append(f"data.manifest={args.manifest}")
     if args.epochs:
         extra.append(f"train.epochs={args.epochs}")
     if args.workers:
         extra.append(f"train.num_workers={args.workers}")
     if args.use_gpu:
         extra.append("train.use_gpu=true")
-    cfg = _config_from(args, extra)
+    cfg = _config_from(args, extra, {"data.root": "data", "data.manifest": "manifest"})
     prepared = prepare_data(cfg)  # a data problem fails here, before Ray starts or a folder is made
     init_ray(cfg)
     use_shared_root(cfg)
@@ -253,15 +251,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     from medclf.score import run_scoring
 
     extra = []
-    for opt, key in (("input", "input"), ("model", "model"), ("output", "output"),
-                     ("batch_size", "batch_size"), ("num_actors", "num_actors")):
+    for opt in ("batch_size", "num_actors"):
         if getattr(args, opt):
-            extra.append(f"score.{key}={getattr(args, opt)}")
+            extra.append(f"score.{opt}={getattr(args, opt)}")
     if args.use_gpu:
         extra.append("score.use_gpu=true")
     if args.rescore:
         extra.append("score.rescore=true")
-    cfg = _config_from(args, extra)
+    cfg = _config_from(args, extra, {"score.input": "input", "score.model": "model", "score.output": "output"})
     if not cfg.score.input or not cfg.score.model:
         raise ConfigError("score needs an input (--input or score.input) and a model (--model or score.model)")
     from medclf.models import load_card
@@ -299,12 +296,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medclf.evaluate import dropped_note
     from medclf.models import load_card
 
-    extra = []
-    for opt, key in (("predictions", "evaluate.predictions"), ("labels", "evaluate.labels"),
-                     ("output", "evaluate.output"), ("model", "score.model"), ("model_id", "evaluate.model_id")):
-        if getattr(args, opt):
-            extra.append(f"{key}={getattr(args, opt)}")
-    cfg = _config_from(args, extra)
+    cfg = _config_from(args, options={"evaluate.predictions": "predictions", "evaluate.labels": "labels",
+                                      "evaluate.output": "output", "score.model": "model",
+                                      "evaluate.model_id": "model_id"})
     if not cfg.evaluate.predictions:
         raise ConfigError("evaluate needs predictions (--predictions or evaluate.predictions)")
     model_id = cfg.evaluate.model_id
@@ -346,12 +340,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from medclf.models import load_card
     from medclf.score import list_inputs
 
-    extra = []
-    for opt, key in (("model", "score.model"), ("input", "score.input"), ("output", "explain.output"),
-                     ("layer", "explain.layer"), ("target", "explain.target")):
-        if getattr(args, opt):
-            extra.append(f"{key}={getattr(args, opt)}")
-    cfg = _config_from(args, extra)
+    cfg = _config_from(args, options={"score.model": "model", "score.input": "input", "explain.output": "output",
+                                      "explain.layer": "layer", "explain.target": "target"})
     if not cfg.score.model:
         raise ConfigError("explain needs a model (--model or score.model)")
     if not (cfg.score.input or args.flagged):
@@ -382,7 +372,7 @@ def explain_into(cfg: Config, paths: list[str], model: str, output: str):
 
     ec = cfg.explain
     return run_explain(paths, model, output, ec.layer, ec.target, ec.batch_size, ec.num_actors, ec.cpus_per_actor,
-                       cfg.score.decode_batch_size, cfg.report.show_paths)
+                       cfg.score.decode_batch_size, cfg.score.frames, cfg.report.show_paths)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -437,19 +427,18 @@ def run_command(name: str, argv: list[str], prog: Optional[str] = None) -> int:
     output another run is writing (LeaseHeld) exits 3, so a scheduler can tell "try later" apart."""
     make_parser, command = COMMANDS[name]
     args = make_parser(prog or f"medclf {name}").parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from medclf.data import DatasetError
-    from medclf.evaluate import EvaluationError
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "verbose", False):
+        # Only our own loggers: botocore at DEBUG logs request headers (session token, access key id).
+        logging.getLogger("medclf").setLevel(logging.DEBUG)
     from medclf.lease import LEASE_HELD_EXIT, LeaseHeld
-    from medclf.models import ModelError
 
     try:
         return command(args)
-    except LeaseHeld as exc:
+    except LeaseHeld as exc:  # a UserError, but its own status: "try later", not "fix your input"
         print(f"error: {exc}", file=sys.stderr)
         return LEASE_HELD_EXIT
-    except (ConfigError, DatasetError, ModelError, EvaluationError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medclf.errors import UserError
+
 MODEL_ARCHS = (
     "small_cnn",
     "resnet18",
@@ -29,7 +31,7 @@ MODEL_ARCHS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot be used; the message names the file and the key."""
 
 
@@ -54,8 +56,9 @@ class RunConfig(_Section):
     @field_validator("id", "name")
     @classmethod
     def _safe_name(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", v):
-            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        # One safe path segment: it names a folder under run.root.
+        if v is not None and (not re.fullmatch(r"[A-Za-z0-9._-]+", v) or set(v) == {"."}):
+            raise ValueError("use letters, digits, '.', '_' and '-' only, and not '.' or '..'")
         return v
 
 
@@ -252,7 +255,17 @@ class ScoreConfig(_Section):
     use_gpu: bool = False
     decode_batch_size: int = Field(16, ge=1)
     extensions: list[str] = [".png", ".jpg", ".jpeg", ".dcm"]
-    """Which files under `input` to score (a manifest is taken as it is)."""
+    """Which files under `input` to score (a manifest is taken as it is): name suffixes, and the entry
+    `dicom` (no dot) for every other file whose bytes carry the DICOM marker (files without an
+    extension); files left out are counted in the summary."""
+    frames: Literal["all", "middle", "refuse"] = "all"
+    """Multi-frame DICOM (enhanced CT/MR, ultrasound cine): score every frame (one row each), the
+    middle frame only, or refuse the file (one error row)."""
+    max_file_mb: float = Field(512.0, gt=0.0)
+    """Larger input files are refused (an error row) before any byte is read."""
+    decode_retries: int = Field(2, ge=0)
+    """Times Ray retries a decode task whose worker died (crash, out of memory); its files then
+    become error rows."""
     rows_per_file: int = Field(10_000, ge=1)
     """Rows per committed predictions file (the unit of progress a killed run keeps)."""
     rescore: bool = False
@@ -273,7 +286,10 @@ class ScoreConfig(_Section):
     """How long the output's lease lasts without renewal (renewed every third of it while the run
     lives): after a run dies, the next run can take the output over once this much time passed."""
 
-    _dotted = field_validator("extensions")(DataConfig._dotted_lower.__func__)
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_or_dicom(cls, v: list[str]) -> list[str]:
+        return ["dicom" if e.lower() == "dicom" else DataConfig._dotted_lower.__func__(cls, [e])[0] for e in v]
 
 
 class ExplainConfig(_Section):
@@ -419,8 +435,21 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     return _deep_merge(_read_yaml(path.parent / base, (*seen, path.resolve())), data)
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Read YAML (or start from defaults), apply `key.sub=value` overrides, validate.
+def set_values(data: dict, values: dict[str, Any]) -> dict:
+    """Set dotted keys to values as they are (no YAML parsing: a path stays the string it was)."""
+    for key, value in values.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                values: Optional[dict[str, Any]] = None) -> Config:
+    """Read YAML (or start from defaults), apply `key.sub=value` overrides, then `values` as they are
+    (command-line paths), and validate.
 
     A file may start from another (`base: pneumonia_xray.yaml`): a recipe variant names only what it changes.
     """
@@ -429,6 +458,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     if overrides:
         source += " (with overrides " + " ".join(overrides) + ")"
         data = apply_overrides(data, overrides)
+    if values:
+        source += " (with " + " ".join(f"{k}={v!r}" for k, v in values.items()) + ")"
+        data = set_values(data, values)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

@@ -21,9 +21,10 @@ import pandas as pd
 
 from medclf import storage
 from medclf.config import DataConfig
+from medclf.errors import UserError
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     pass
 
 

@@ -1,8 +1,13 @@
-"""Bytes -> grayscale pixel array in [0, 1] plus non-identifying metadata.
+"""Bytes -> grayscale pixel array(s) in [0, 1] plus non-identifying metadata.
 
-JPEG/PNG go through Pillow, DICOM through pydicom (rescale slope/intercept, VOI window,
-MONOCHROME1 inversion). Every failure is a `DecodeError` naming the file and the problem,
-so a batch job can record it as a row and move on.
+JPEG/PNG go through Pillow, DICOM through pydicom's pixel pipeline: its decoder plugins
+(pylibjpeg with libjpeg, OpenJPEG and RLE: JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000,
+RLE; deflate and big-endian natively), its colour conversion (YBR -> RGB, palette colour) and
+its `apply_modality_lut` / `apply_voi_lut` (rescale or modality LUT, then window with its VOI LUT
+function or a VOI LUT sequence; per frame for enhanced multi-frame objects), then MONOCHROME1
+inversion. A multi-frame DICOM is decoded one frame at a time. Every failure is a `DecodeError`
+naming the file and the problem, so a batch job can record it as a row and move on; a DICOM
+object that holds no image (report, RT plan...) is a `NotAnImage`.
 
 All three target modalities (X-ray, CT, ultrasound) are grayscale in nature; colour inputs
 (RGB exports, RGBA PNGs) are reduced to luminance so one model sees one kind of image.
@@ -14,14 +19,23 @@ UIDs in `DICOM_META_TAGS` leave this module.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 from PIL import Image
 
-# Larger images are refused before their pixels are decoded (decompression-bomb guard).
-MAX_PIXELS = 64_000_000
+from medclf.errors import UserError
+
+# Larger images are refused before their pixels are decoded (decompression-bomb guards).
+MAX_PIXELS = 64_000_000  # per image (frame)
+# One decoded frame plus its float64 working copy: well inside a decode task's memory reservation
+# (medclf.score.DECODE_TASK_MEMORY), which also holds the worker process and the file's bytes.
+MAX_FRAME_BYTES = 192 * 2**20
+# All frames of a file, decoded one after another: bounds the time one file can take.
+MAX_DECODED_BYTES = 4 * 2**30
 
 DICOM_META_TAGS = {
     "modality": "Modality",
@@ -31,9 +45,10 @@ DICOM_META_TAGS = {
 }
 
 
-class DecodeError(ValueError):
+class DecodeError(UserError):
     """A file that cannot be turned into an image; `str()` names the file and the problem.
 
+    The problem never quotes the file's bytes or header values (they may identify a patient).
     `transient`: the file may decode later (a decoder not installed here), as opposed to content
     that is corrupt or unsupported for good.
     """
@@ -45,10 +60,14 @@ class DecodeError(ValueError):
         super().__init__(f"{path}: {problem}")
 
 
+class NotAnImage(DecodeError):
+    """A well-formed file that holds no image (a DICOM report, RT plan, presentation state...): skipped."""
+
+
 @dataclass
 class Decoded:
     image: np.ndarray  # float32, HxW, values in [0, 1]
-    meta: dict = field(default_factory=dict)  # format, original size, DICOM UIDs/modality
+    meta: dict = field(default_factory=dict)  # format, original size, DICOM UIDs/modality, frame
 
 
 def sniff_format(data: bytes, path: str = "") -> str:
@@ -63,16 +82,40 @@ def sniff_format(data: bytes, path: str = "") -> str:
     return "unknown"
 
 
-def decode(data: bytes, path: str, max_pixels: int = MAX_PIXELS) -> Decoded:
+class _SingleImage:
+    """A PNG/JPEG, shaped like `DicomImages`: one image, frame None."""
+
+    frames = [None]
+
+    def __init__(self, data: bytes, path: str, kind: str, max_pixels: int):
+        self.decoded = _decode_pil(data, path, kind, max_pixels)
+        self.meta = self.decoded.meta
+
+    def image(self, frame: Optional[int]) -> Decoded:
+        return self.decoded
+
+
+def open_images(data: bytes, path: str, frames: str = "all", max_pixels: int = MAX_PIXELS):
+    """The images in a file: `.frames` (those to produce) and `.image(frame)`; header checks done.
+
+    `frames` is the multi-frame policy (`score.frames`): all frames, the middle one, or refuse
+    the file. Raises `NotAnImage` for a file without pixels, `DecodeError` for anything unusable.
+    """
     if len(data) == 0:
         raise DecodeError(path, "empty file (0 bytes)")
     kind = sniff_format(data, path)
     if kind in ("png", "jpeg"):
-        return _decode_pil(data, path, kind, max_pixels)
+        return _SingleImage(data, path, kind, max_pixels)
     if kind == "dicom":
-        return _decode_dicom(data, path, max_pixels)
-    head = data[:16]
-    raise DecodeError(path, f"not a PNG, JPEG or DICOM file (starts with {head!r})")
+        return DicomImages(data, path, frames, max_pixels)
+    raise DecodeError(path, "not a PNG, JPEG or DICOM file (no PNG/JPEG signature, no DICM marker at byte 128)")
+
+
+def decode(data: bytes, path: str, max_pixels: int = MAX_PIXELS, frame: Optional[int] = None) -> Decoded:
+    """One image: the file's only image, or frame `frame` (1-based) of a multi-frame DICOM (its
+    middle frame when `frame` is None)."""
+    images = open_images(data, path, "all" if frame is not None else "middle", max_pixels)
+    return images.image(frame if frame is not None else images.frames[0])
 
 
 def _check_size(path: str, width: int, height: int, max_pixels: int) -> None:
@@ -84,6 +127,24 @@ def _check_size(path: str, width: int, height: int, max_pixels: int) -> None:
             f"image is {width}x{height} ({width * height / 1e6:.0f} Mpx), over the "
             f"{max_pixels / 1e6:.0f} Mpx limit (decompression-bomb guard)",
         )
+
+
+def _check_memory(path: str, rows: int, cols: int, frames: int, samples: int, bytes_per_sample: int) -> None:
+    """Decoded-size guard from the header, before any pixel is decoded.
+
+    One frame is decoded at a time: its pixels plus their float64 working copy (LUTs) must fit in
+    `MAX_FRAME_BYTES`; all frames together (decoded one after another) in `MAX_DECODED_BYTES`.
+    """
+    frame_bytes = rows * cols * samples * (bytes_per_sample + 8)
+    if frame_bytes > MAX_FRAME_BYTES:
+        raise DecodeError(path, f"one {cols}x{rows} frame with {samples} sample(s) per pixel needs "
+                                f"{frame_bytes / 2**20:.0f} MiB to decode, over the {MAX_FRAME_BYTES / 2**20:.0f} MiB "
+                                "limit (decompression-bomb guard)")
+    total = rows * cols * frames * samples * bytes_per_sample
+    if total > MAX_DECODED_BYTES:
+        raise DecodeError(path, f"{frames} frames of {cols}x{rows} with {samples} sample(s) per pixel decode to "
+                                f"{total / 2**30:.1f} GiB, over the {MAX_DECODED_BYTES / 2**30:.0f} GiB limit "
+                                "(decompression-bomb guard)")
 
 
 def _decode_pil(data: bytes, path: str, kind: str, max_pixels: int) -> Decoded:
@@ -136,81 +197,181 @@ def _minmax(arr: np.ndarray) -> np.ndarray:
     return ((arr - lo) / (hi - lo)).astype(np.float32)
 
 
-def _first(value):
-    # Multi-valued DICOM elements (several windows) come as sequences: use the first.
+# ---------------------------------------------------------------- DICOM
+
+PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+FRAME_POLICIES = ("all", "middle", "refuse")
+
+
+class DicomImages:
+    """A parsed DICOM file whose frames are decoded one at a time (`image(frame)`), on demand.
+
+    Header checks (pixels present, frame policy, size guards) run in the constructor, before
+    any pixel is decoded. `frames` lists the frames to produce: `[None]` for a single-frame
+    file, else 1-based DICOM frame numbers (all of them, or the middle one).
+    """
+
+    def __init__(self, data: bytes, path: str, frames: str = "all", max_pixels: int = MAX_PIXELS):
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        self.path = path
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise DecodeError(path, f"not a readable DICOM file: {type(exc).__name__}") from None
+        _default_transfer_syntax(ds)
+        self.ds = ds
+        self.meta: dict = {"format": "dicom"}
+        for key, tag in DICOM_META_TAGS.items():
+            value = ds.get(tag)
+            self.meta[key] = str(value) if value not in (None, "") else None
+        if not any(name in ds for name in PIXEL_ELEMENTS):
+            _no_pixels(ds, path, self.meta["modality"])
+        count = _int(ds, "NumberOfFrames", 1) or 1
+        rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+        samples = _int(ds, "SamplesPerPixel", 1) or 1
+        _check_size(path, cols, rows, max_pixels)
+        _check_memory(path, rows, cols, count, samples, max(1, _int(ds, "BitsAllocated", 8) // 8))
+        if count > 1 and frames == "refuse":
+            raise DecodeError(path, f"multi-frame DICOM ({count} frames) refused (score.frames = refuse)")
+        if count == 1:
+            self.frames: list = [None]
+        elif frames == "middle":
+            self.frames = [(count + 1) // 2]
+        else:
+            self.frames = list(range(1, count + 1))
+        self.count = count
+        self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+        self.meta.update(photometric=self.photometric, bits_stored=_int(ds, "BitsStored"), width=cols, height=rows,
+                         frames=count)
+
+    def image(self, frame: Optional[int]) -> Decoded:
+        """Frame `frame` (1-based; None for a single-frame file) as float32 HxW in [0, 1]."""
+        from pydicom.pixels import pixel_array
+
+        index = 0 if frame is None else frame - 1
+        if not 0 <= index < self.count:
+            raise DecodeError(self.path, f"frame {frame} does not exist (the file has {self.count})")
+        try:
+            # pydicom's pixel pipeline: decompression plugin, YBR -> RGB (as_rgb), one frame only.
+            pixels = pixel_array(self.ds, index=index if self.count > 1 else None, as_rgb=True)
+            image = self._to_gray(pixels, index)
+        except DecodeError:
+            raise
+        except Exception as exc:  # pydicom raises several types for missing/failed decoders
+            ts = self.ds.file_meta.get("TransferSyntaxUID") if hasattr(self.ds, "file_meta") else None
+            ts_name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
+            where = "" if frame is None else f"frame {frame}: "
+            raise DecodeError(  # typically a decoder plugin missing here: worth retrying once one is installed
+                self.path, f"{where}cannot decode pixel data with transfer syntax {ts_name}: {_first_line(exc)}",
+                transient=True,
+            ) from None
+        return Decoded(image, {**self.meta, "frame": frame})
+
+    def _to_gray(self, pixels: np.ndarray, index: int) -> np.ndarray:
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+        if self.photometric == "PALETTE COLOR":
+            pixels = apply_color_lut(pixels, self.ds)
+        if pixels.ndim == 3:  # colour: RGB after pydicom's conversion
+            rgb = pixels.astype(np.float32)
+            return _minmax(0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2])
+        if pixels.dtype.kind == "f":  # float pixel data: real-world values, no LUTs apply
+            return _minmax(pixels.astype(np.float32))
+        frame_ds = _frame_luts(self.ds, index)
+        values = apply_modality_lut(pixels, frame_ds)  # rescale slope/intercept or modality LUT
+        if _has_voi(frame_ds):
+            # VOI LUT sequence or window with its VOI LUT function (LINEAR, LINEAR_EXACT, SIGMOID). Its
+            # output range is that of the transform itself: map it to [0, 1] as the display would.
+            with np.errstate(over="ignore"):  # SIGMOID of the extremes saturates, as it should
+                probe = apply_voi_lut(np.array([-(2**31), 2**31 - 1], np.int64), frame_ds)
+            lo, hi = float(probe[0]), float(probe[1])
+            out = np.asarray(apply_voi_lut(values, frame_ds), dtype=np.float32)
+            image = (out - lo) / (hi - lo) if hi != lo else _minmax(out)
+        else:
+            image = _minmax(np.asarray(values, dtype=np.float32))
+        if self.photometric == "MONOCHROME1":
+            image = 1.0 - image  # MONOCHROME1: low values are bright; make air dark as in MONOCHROME2
+        return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+def _int(ds, keyword: str, default: int = 0) -> int:
     try:
-        return float(value[0])
-    except TypeError:
-        return float(value)
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        return default
 
 
-def _decode_dicom(data: bytes, path: str, max_pixels: int) -> Decoded:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
-        raise DecodeError(path, f"not a readable DICOM file: {type(exc).__name__}") from None
-    meta: dict = {"format": "dicom"}
-    for key, tag in DICOM_META_TAGS.items():
-        value = ds.get(tag)
-        meta[key] = str(value) if value not in (None, "") else None
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise DecodeError(path, "DICOM has no pixel data (no PixelData element)")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise DecodeError(path, f"multi-frame DICOM ({frames} frames) is not supported; split it into frames")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    _check_size(path, cols, rows, max_pixels)
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises several types for missing/failed decoders
-        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        ts_name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
-        raise DecodeError(  # typically a decoder plugin missing here: worth retrying once one is installed
-            path, f"cannot decode pixel data with transfer syntax {ts_name}: {_first_line(exc)}", transient=True
-        ) from None
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    meta.update(
-        photometric=photometric,
-        bits_stored=int(ds.get("BitsStored", 0) or 0),
-        width=cols,
-        height=rows,
-    )
-    if pixels.ndim == 3:  # colour (SamplesPerPixel == 3)
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            pixels = convert_color_space(pixels, photometric, "RGB")
-        rgb = pixels.astype(np.float32)
-        gray = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
-        return Decoded(_minmax(gray), meta)
-
-    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)  # slope/intercept
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        image = _window_linear(values, center, width)
-    elif "VOILUTSequence" in ds:
-        image = _minmax(np.asarray(apply_voi_lut(values, ds), dtype=np.float64))
-    else:
-        image = _minmax(values)
-    if photometric == "MONOCHROME1":
-        image = 1.0 - image  # MONOCHROME1: low values are bright; make air dark as in MONOCHROME2
-    return Decoded(np.clip(image, 0.0, 1.0).astype(np.float32), meta)
+def _no_pixels(ds, path: str, modality: Optional[str]) -> None:
+    """A DICOM file without pixels: a report, plan or presentation state is not an image (skipped); an
+    image object that lost its pixels, or something that is no DICOM object at all, is an error."""
+    sop_class = ds.get("SOPClassUID")
+    if "Image Storage" in getattr(sop_class, "name", "") or "Rows" in ds:
+        raise DecodeError(path, "DICOM has no pixel data (an image object without a PixelData element)")
+    if sop_class is None and not modality:
+        raise DecodeError(path, "not a DICOM object: no SOP Class UID, no Modality and no pixel data")
+    kind = f"modality {modality}" if modality else "no modality"
+    raise NotAnImage(path, f"not an image: DICOM object without pixel data ({kind})")
 
 
-def _window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2 LINEAR window, mapped to [0, 1]."""
-    if width < 1:
-        return _minmax(values)
-    y = (values - (center - 0.5)) / (width - 1) + 0.5
-    return np.clip(y, 0.0, 1.0).astype(np.float32)
+def _default_transfer_syntax(ds) -> None:
+    """Files without a file meta header (no preamble, no Transfer Syntax UID) are native encodings:
+    name the one pydicom read them with, so its pixel pipeline knows how to interpret the pixels."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None or little is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _has_voi(ds) -> bool:
+    return bool(ds.get("VOILUTSequence")) or ("WindowCenter" in ds and "WindowWidth" in ds)
+
+
+# Attributes that decide the modality and VOI transforms; enhanced multi-frame objects keep them per
+# frame (or shared) in functional groups, which pydicom's apply_* functions do not look into.
+_LUT_KEYWORDS = ("BitsStored", "PixelRepresentation", "PhotometricInterpretation", "RescaleSlope",
+                 "RescaleIntercept", "RescaleType", "ModalityLUTSequence", "WindowCenter", "WindowWidth",
+                 "VOILUTFunction", "VOILUTSequence")
+_GROUP_SEQUENCES = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+
+
+def _frame_luts(ds, index: int):
+    """The LUT attributes that apply to frame `index`: top level, overridden by shared then per-frame groups."""
+    from pydicom.dataset import Dataset
+
+    if "SharedFunctionalGroupsSequence" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+        return ds
+    out = Dataset()
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    for keyword in _LUT_KEYWORDS:
+        if keyword in ds:
+            out[keyword] = ds[keyword]
+    groups = [ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")]
+    items = [groups[0][0] if groups[0] else None, groups[1][index] if groups[1] and index < len(groups[1]) else None]
+    for item in items:
+        for seq_name in _GROUP_SEQUENCES:
+            if item is not None and item.get(seq_name):
+                for elem in item[seq_name][0]:
+                    if elem.keyword in _LUT_KEYWORDS:
+                        out[elem.keyword] = elem
+    return out
 
 
 def _first_line(exc: Exception) -> str:
     # pydicom lists the decoder packages that would work on the following lines: keep them,
     # on one line, so the error row says what to install.
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return "; ".join(lines)[:400] if lines else type(exc).__name__
+    text = "; ".join(lines)[:400] if lines else type(exc).__name__
+    # int()/float() of a malformed header element quotes the value: say what, not which.
+    return re.sub(r"(invalid literal for|could not convert) .*", "an image attribute is not a valid number", text)

@@ -30,6 +30,7 @@ import pandas as pd
 
 from medclf import storage
 from medclf.data import DatasetError, read_manifest
+from medclf.errors import UserError
 from medclf.metrics import (
     bootstrap_ci,
     calibration_table,
@@ -50,7 +51,7 @@ SUBGROUP_CANDIDATES = ("format", "modality", "site", "hospital", "scanner", "man
 GALLERY_SIZE = 16
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
     pass
 
 
@@ -150,6 +151,29 @@ def load_predictions(predictions: str, classes: list[str]) -> pd.DataFrame:
     return pred
 
 
+def per_file(pred: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """One row per scored file, as labels are per file: a multi-frame file's frame rows become one
+    row whose probabilities are the mean over its frames that scored `ok` (status ok if any did;
+    `frames` says how many). Rows of files that hold no image (`skipped`) are left out."""
+    pred = pred[pred["status"] != "skipped"]
+    if "frame" not in pred.columns or pred["frame"].isna().all():
+        return pred.reset_index(drop=True)
+    single = pred[pred["frame"].isna()]
+    multi = pred[pred["frame"].notna()]
+    prob_cols = [prob_column(c) for c in classes]
+    # Not by run_id: after select_model_rows a file's frames are unique, but a resumed (killed) run
+    # leaves them under two run ids; they are still one file.
+    keys = [k for k in ("path", "checksum", "model_id") if k in multi.columns]
+    combined = []
+    for _, rows in multi.groupby(keys, sort=False, dropna=False):
+        ok = rows[rows["status"] == "ok"]
+        row = (ok if len(ok) else rows).iloc[0].copy()
+        row[prob_cols] = ok[prob_cols].mean().to_numpy() if len(ok) else row[prob_cols]
+        row["frame"], row["frames"] = pd.NA, len(ok)
+        combined.append(row)
+    return pd.concat([single, pd.DataFrame(combined)], ignore_index=True)
+
+
 def run_evaluation(
     predictions: str,
     output: str,
@@ -165,8 +189,10 @@ def run_evaluation(
     model_id: Optional[str] = None,
     show_paths: bool = False,
 ) -> Report:
-    """Evaluate `model_id`'s latest row per file in `predictions` (None: the only model there)."""
+    """Evaluate `model_id`'s latest row per image in `predictions` (None: the only model there), one
+    row per file (frames averaged)."""
     pred, model_id, dropped = select_model_rows(load_predictions(predictions, classes), model_id, predictions)
+    pred = per_file(pred, classes)
     df = attach_labels(pred, labels, class_map, allow_unscored)
     source = {"predictions": predictions, "labels": labels or "parent folder names", "model_id": model_id,
               "rows_dropped": dropped, "rows_dropped_note": dropped_note(dropped, model_id)}

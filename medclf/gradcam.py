@@ -46,6 +46,7 @@ DEFAULT_LAYERS = {
 
 EXPLANATION_COLUMNS = {
     "path": "input file",
+    "frame": "1-based frame of a multi-frame DICOM (null for single-image files)",
     "checksum": "sha256 of the file's bytes",
     "model_id": "model that was explained",
     "layer": "layer whose activations were used",
@@ -55,7 +56,7 @@ EXPLANATION_COLUMNS = {
     "peak_y": "heatmap maximum, fraction of the image height (0 = top edge)",
     "heatmap_png": "side-by-side picture (image | overlay)",
     "heatmap_npy": "heatmap array, float32 (S, S), values in [0, 1]",
-    "status": "ok | error",
+    "status": "ok | error | skipped (not an image)",
     "error": "why the file could not be explained",
 }
 
@@ -144,10 +145,12 @@ class Explainer:
 
     def __call__(self, batch: dict) -> dict:
         errors = text_or_none(batch["error"])
+        statuses = text_or_none(batch["status"])  # set by the decode task for rows it could not prepare
+        frames = [None if f < 0 else int(f) for f in batch["frame"]]
         paths = [str(p) for p in batch["path"]]
         n = len(paths)
         rows = {k: [None] * n for k in EXPLANATION_COLUMNS}
-        ok = [i for i, e in enumerate(errors) if e is None]
+        ok = [i for i, s in enumerate(statuses) if s is None]
         if ok:
             gray = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
             x = to_model_input(gray).contiguous()
@@ -156,10 +159,11 @@ class Explainer:
             for j, i in enumerate(ok):
                 cls = self.card.classes[int(targets[j])]
                 stem = display_name(paths[i], self.show_paths).rsplit(".", 1)[0]  # no patient names by default
-                name = f"{stem}-{str(batch['checksum'][i])[:8]}"
+                name = f"{stem}-{str(batch['checksum'][i])[:8]}" + ("" if frames[i] is None else f"-f{frames[i]}")
                 png = storage.join(self.output, "heatmaps", f"{name}.png")
                 npy = storage.join(self.output, "heatmaps", f"{name}.npy")
-                caption = f"{stem}: {cls} p={probs[j, targets[j]]:.3f} (Grad-CAM {self.layer})"
+                where = "" if frames[i] is None else f" frame {frames[i]}"
+                caption = f"{stem}{where}: {cls} p={probs[j, targets[j]]:.3f} (Grad-CAM {self.layer})"
                 storage.write_bytes(png, overlay_png(denormalize(gray[j].numpy(), spec), heat[j], caption))
                 buf = io.BytesIO()
                 np.save(buf, heat[j])
@@ -170,11 +174,11 @@ class Explainer:
                 rows["peak_x"][i], rows["peak_y"][i] = (px + 0.5) / size, (py + 0.5) / size
                 rows["heatmap_png"][i], rows["heatmap_npy"][i] = png, npy
         for i in range(n):
-            rows["path"][i] = paths[i]
+            rows["path"][i], rows["frame"][i] = paths[i], frames[i]
             rows["checksum"][i] = text_or_none(batch["checksum"])[i]
             rows["model_id"][i] = self.card.model_id
             rows["layer"][i] = self.layer
-            rows["status"][i] = "ok" if errors[i] is None else "error"
+            rows["status"][i] = "ok" if statuses[i] is None else statuses[i]
             rows["error"][i] = errors[i]
         for key in ("probability", "peak_x", "peak_y"):
             rows[key] = np.array([np.nan if v is None else v for v in rows[key]], np.float64)
@@ -183,7 +187,7 @@ class Explainer:
 
 def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[str] = None,
                 target: str = "predicted", batch_size: int = 16, num_actors: int = 1, cpus_per_actor: float = 1.0,
-                decode_batch_size: int = 16, show_paths: bool = False) -> pd.DataFrame:
+                decode_batch_size: int = 16, frames: str = "all", show_paths: bool = False) -> pd.DataFrame:
     """Grad-CAM for `paths` (Ray Data: decode tasks -> Explainer actors); returns and writes the index."""
     import ray.data
 
@@ -198,7 +202,7 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
             raise ModelError(f"no layer '{layer}' in {card.arch}; default for it: '{default_layer(card.arch)}'")
     if not paths:
         raise FileNotFoundError("nothing to explain: no input files")
-    ds = images_dataset(paths, card.preprocess_spec, decode_batch_size)
+    ds = images_dataset(paths, card.preprocess_spec, decode_batch_size, frames=frames)
     ds = ds.map_batches(
         Explainer,
         fn_constructor_kwargs={"model_path": model_path, "output": output, "layer": layer, "target": target,
@@ -210,7 +214,8 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
     )
     index = pd.concat([pd.DataFrame(b) for b in ds.iter_batches(batch_size=None, batch_format="pandas")],
                       ignore_index=True)
-    index = index[list(EXPLANATION_COLUMNS)].sort_values("path", ignore_index=True)
+    index = index[list(EXPLANATION_COLUMNS)].sort_values(["path", "frame"], ignore_index=True)
+    index["frame"] = index["frame"].astype("Int32")  # nullable: null for single-image files
     storage.makedirs(output)
     storage.write_bytes(storage.join(output, "explanations.parquet"), index.to_parquet(index=False))
     return index

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from medclf import storage
+from medclf.errors import UserError
 
 LEASE_FILE = "_lease.json"
 TAKEOVER_PREFIX = "_lease.takeover-"
@@ -31,8 +32,8 @@ LEASE_HELD_EXIT = 3  # exit status of a run refused because another run holds th
 log = logging.getLogger(__name__)
 
 
-class LeaseHeld(RuntimeError):
-    """Another run holds the output."""
+class LeaseHeld(UserError):
+    """Another run holds the output (the CLI exits with LEASE_HELD_EXIT, not 2)."""
 
 
 class LeaseLost(RuntimeError):

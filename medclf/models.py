@@ -25,13 +25,14 @@ import torchvision
 
 from medclf import storage
 from medclf.config import PreprocessConfig
+from medclf.errors import UserError
 
 ARTIFACT_VERSION = 1
 WEIGHTS_FILE = "weights.pt"
 CARD_FILE = "model.json"
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     pass
 
 

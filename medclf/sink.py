@@ -13,7 +13,8 @@ then hard-linked into place, which fails if the name exists; S3: a conditional P
 The lease token keeps the names of a later run that re-uses the run id apart from this one's.
 Before publishing, the task checks that its run still holds the output's lease (medclf.lease),
 so a run that lost it cannot commit. Readers (pyarrow datasets) ignore names starting with '.'
-or '_': a file is either fully there or not there at all.
+or '_': a file is either fully there or not there at all. Rows of images an earlier run scored
+(status `already_scored`) are counted per status with the rest, never written.
 
 Alternative considered, not taken: a commit log written by the driver (tasks write files, the
 driver lists the committed ones). It needs a second write per file and readers that consult the
@@ -24,10 +25,12 @@ plain Parquet readers. Exclusive names cost one conditional PUT / one link() per
 from __future__ import annotations
 
 import io
+from collections import Counter
 from functools import partial
 from typing import Iterable, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.block import BlockAccessor
 from ray.data.datasource.datasink import Datasink
@@ -50,16 +53,23 @@ class CommitPerFileDatasink(Datasink[list]):
         self.lease_token = lease_token
         self.fault = fault
         self.committed: list = []  # (file, rows), filled on the driver when the write completes
+        # Counted from every row, written or not: rows per `status`, and files (rows with `first_row`).
+        self.statuses: Counter = Counter()
+        self.first_rows = 0
 
     @property
     def min_rows_per_write(self) -> int:
         return self.rows_per_file
 
-    def write(self, blocks: Iterable, ctx) -> list:
+    def write(self, blocks: Iterable, ctx) -> dict:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
+        counts = _tally(tables)
+        # Rows of images scored in an earlier run are counted, not written again.
+        tables = [t.filter(pc.field("status") != UNWRITTEN_STATUS) for t in tables]
+        tables = [t for t in tables if t.num_rows]
         if not tables:
-            return []
+            return {"files": [], **counts}
         table = pa.concat_tables([t.select(self.schema.names).cast(self.schema) for t in tables])
         final = storage.join(self.folder, part_name(self.run_id, self.lease_token, ctx.task_idx))
         buf = io.BytesIO()
@@ -69,8 +79,24 @@ class CommitPerFileDatasink(Datasink[list]):
                                            before_publish=partial(faults.check, self.fault, "before_commit"))
         if created:
             faults.check(self.fault, "after_commit")
-        # not created: an earlier try of this very task committed it; its rows are the same rows
-        return [(final, table.num_rows)]
+        # not created: an earlier try of this very task committed it; its rows (and counts) are the same
+        return {"files": [(final, table.num_rows)], **counts}
 
     def on_write_complete(self, write_result) -> None:
-        self.committed = [item for task_files in write_result.write_returns for item in task_files]
+        returns = write_result.write_returns
+        self.committed = [item for task in returns for item in task["files"]]
+        self.statuses = sum((Counter(task["statuses"]) for task in returns), Counter())
+        self.first_rows = sum(task["first_rows"] for task in returns)
+
+
+UNWRITTEN_STATUS = "already_scored"  # medclf.score.ALREADY_SCORED
+
+
+def _tally(tables: list) -> dict:
+    statuses: Counter = Counter()
+    first_rows = 0
+    for t in tables:
+        statuses.update(t.column("status").to_pylist())
+        if "first_row" in t.column_names:
+            first_rows += int(pc.sum(t.column("first_row")).as_py() or 0)
+    return {"statuses": dict(statuses), "first_rows": first_rows}

@@ -10,11 +10,95 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 import uuid
 from typing import Callable, Iterator, Optional
 
 import fsspec
 import pyarrow.fs
+
+from medclf.errors import UserError
+
+# Where input images may come from. Other fsspec URLs (zip://...::archive.zip, http://, memory://,
+# chained "a::b") are refused: a chain can turn a small file into a huge read, and a web URL in a
+# manifest would make the job fetch whatever it names.
+INPUT_PROTOCOLS = ("s3",)
+
+
+class InputRefused(UserError):
+    """An input the scoring job will not read; `str()` names it and why."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}")
+
+
+def check_input_url(path: str) -> None:
+    """Local paths (or file://) and s3:// only."""
+    text = str(path)
+    protocol = text.split("://", 1)[0].lower() if "://" in text else None
+    if "::" in text or (protocol is not None and protocol not in (*INPUT_PROTOCOLS, "file")):
+        raise InputRefused(text, "only local paths and s3:// URLs are read (not other fsspec URLs or chains)")
+
+
+def read_input(path: str, max_bytes: Optional[int] = None) -> bytes:
+    """An input file's bytes, refused before reading unless it is a regular file of at most `max_bytes`.
+
+    Local: opened without blocking and checked with fstat on the open descriptor (so a FIFO, a
+    device, or a symlink to /dev/zero is refused without a single read, and the file checked is
+    the file read). S3: the object's size from a HEAD, then a GET of at most `max_bytes` + 1 bytes.
+    """
+    check_input_url(path)
+    if is_remote(path):
+        fs, p = filesystem(path)
+        size = int(fs.info(p).get("size") or 0)
+        _check_size(path, size, max_bytes)
+        data = fs.cat_file(p, start=0, end=max_bytes + 1) if max_bytes is not None else fs.cat_file(p)
+        _check_size(path, len(data), max_bytes)  # the object grew since the HEAD
+        return data
+    local = path.removeprefix("file://")
+    fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputRefused(path, f"not a regular file ({_file_kind(st.st_mode)}); not read")
+        _check_size(path, st.st_size, max_bytes)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1) if max_bytes is not None else f.read()
+        _check_size(path, len(data), max_bytes)  # the file grew since fstat
+        return data
+    finally:
+        os.close(fd)
+
+
+def _check_size(path: str, size: int, max_bytes: Optional[int]) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise InputRefused(path, f"file is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit "
+                                 "(score.max_file_mb); not read")
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_head(path: str, n: int) -> bytes:
+    """The first `n` bytes of a regular file (fewer if shorter); b"" for anything else."""
+    check_input_url(path)
+    if is_remote(path):
+        fs, p = filesystem(path)
+        return fs.cat_file(p, start=0, end=n)
+    local = path.removeprefix("file://")
+    try:
+        fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, n) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    finally:
+        os.close(fd)
 
 
 def is_remote(path: str) -> bool:

@@ -47,3 +47,50 @@ def test_missing_data_is_reported_with_its_path(tmp_path, capsys):
 def test_phantoms_command(tmp_path, capsys):
     rc = run_command("phantoms", ["--out", str(tmp_path), "--n-train", "4", "--n-test", "2", "--image-size", "32"])
     assert rc == 0 and (tmp_path / "manifest.parquet").exists() and "wrote 12 files" in capsys.readouterr().out
+
+
+def test_path_options_are_strings_not_yaml(tmp_path):
+    from medclf.cli import _config_from, score_parser
+
+    args = score_parser().parse_args(["--input", "/archive/night #2/", "--output", "~", "--model", "null",
+                                      "--run-root", "[runs]", "--set", "score.batch_size=8"])
+    cfg = _config_from(args, options={"score.input": "input", "score.output": "output", "score.model": "model"})
+    assert (cfg.score.input, cfg.score.output, cfg.score.model) == ("/archive/night #2/", "~", "null")
+    assert cfg.run.root == "[runs]" and cfg.score.batch_size == 8  # --set values are still YAML
+
+
+@pytest.mark.parametrize("run_id", ["..", ".", "a/b", "../x"])
+def test_run_id_must_be_one_safe_path_segment(run_id, tmp_path, capsys):
+    rc = run_command("evaluate", ["--run-id", run_id, "--run-root", str(tmp_path), "--predictions", str(tmp_path)])
+    assert rc == 2 and "run.id" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_user_errors_share_one_base_class_and_exit_2(tmp_path, capsys):
+    from medclf.config import ConfigError
+    from medclf.data import DatasetError
+    from medclf.decode import DecodeError, NotAnImage
+    from medclf.errors import UserError
+    from medclf.evaluate import EvaluationError
+    from medclf.models import ModelError
+
+    for cls in (ConfigError, DatasetError, DecodeError, NotAnImage, EvaluationError, ModelError):
+        assert issubclass(cls, UserError), cls
+    rc = run_command("evaluate", ["--run-root", str(tmp_path), "--predictions", str(tmp_path / "none"),
+                                  "--set", "data.classes=[NORMAL, POSITIVE]"])
+    assert rc == 2 and "predictions folder not found" in capsys.readouterr().err
+
+
+def test_verbose_raises_only_our_loggers(tmp_path):
+    import logging
+
+    before = {name: logging.getLogger(name).level for name in ("medclf", "botocore", "s3fs")}
+    try:
+        run_command("evaluate", ["-v", "--run-root", str(tmp_path), "--predictions", str(tmp_path / "none"),
+                                 "--set", "data.classes=[NORMAL, POSITIVE]"])
+        assert logging.getLogger("medclf.score").getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("botocore.endpoint").getEffectiveLevel() > logging.DEBUG
+        assert logging.getLogger("s3fs").getEffectiveLevel() > logging.DEBUG
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)

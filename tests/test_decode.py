@@ -105,3 +105,172 @@ def test_dicom_without_pixels(phantoms):
     ds.save_as(buf)
     with pytest.raises(DecodeError, match="no pixel data"):
         decode(buf.getvalue(), "nopix.dcm")
+
+
+# ---------------------------------------------------------------- real DICOM encodings (pydicom's test files)
+
+
+def _frames(name: str, frames: str = "all") -> np.ndarray:
+    from pydicom.data import get_testdata_file
+
+    from medclf.decode import open_images
+
+    images = open_images(open(get_testdata_file(name), "rb").read(), name, frames)
+    return np.stack([images.image(f).image for f in images.frames])
+
+
+# (uncompressed original, the same pixels in another encoding, largest allowed difference in [0, 1])
+LOSSLESS_TWINS = [
+    ("MR_small.dcm", "MR_small_RLE.dcm", 0),
+    ("MR_small.dcm", "MR_small_bigendian.dcm", 0),
+    ("MR_small.dcm", "MR_small_implicit.dcm", 0),
+    ("MR_small.dcm", "MR_small_jp2klossless.dcm", 0),
+    ("MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm", 0),
+    ("emri_small.dcm", "emri_small_RLE.dcm", 0),  # 10 frames each
+    ("emri_small.dcm", "emri_small_big_endian.dcm", 0),
+    ("emri_small.dcm", "emri_small_jpeg_2k_lossless.dcm", 0),
+    ("emri_small.dcm", "emri_small_jpeg_ls_lossless.dcm", 0),
+    ("US1_UNCR.dcm", "US1_J2KR.dcm", 0),  # colour JPEG 2000, YBR_RCT
+    ("SC_rgb.dcm", "SC_rgb_rle.dcm", 0),
+    ("SC_rgb.dcm", "SC_rgb_jpeg_gdcm.dcm", 0),  # JPEG Lossless process 14 SV1, colour
+    ("SC_rgb.dcm", "SC_rgb_gdcm_KY.dcm", 0),  # JPEG 2000, RGB
+    ("OBXXXX1A.dcm", "OBXXXX1A_rle.dcm", 0),  # palette colour
+    ("OBXXXX1A.dcm", "OBXXXX1A_expb.dcm", 0),
+    ("JPEG2000_UNC.dcm", "JPEG2000.dcm", 0),
+    ("RG1_UNCR.dcm", "RG1_J2KR.dcm", 0),
+    ("693_UNCR.dcm", "693_J2KR.dcm", 1e-6),
+    ("SC_rgb.dcm", "SC_rgb_jpeg_dcmtk.dcm", 0.01),  # JPEG baseline, YBR_FULL: lossy
+    ("SC_rgb.dcm", "SC_rgb_dcmtk_+eb+cy+s2.dcm", 0.01),  # JPEG baseline, YBR_FULL_422
+    ("SC_rgb.dcm", "SC_rgb_jls_lossy_line.dcm", 0.01),  # JPEG-LS near-lossless
+]
+
+
+@pytest.mark.parametrize("original,twin,tolerance", LOSSLESS_TWINS)
+def test_every_encoding_decodes_to_the_same_image(original, twin, tolerance):
+    a, b = _frames(original), _frames(twin)
+    assert a.shape == b.shape and a.std() > 0.01
+    assert np.abs(a - b).max() <= tolerance + 1e-7
+
+
+def test_colour_jpeg2000_ict_is_converted_by_pydicom():
+    rgb, ict = _frames("US1_UNCR.dcm"), _frames("US1_J2KI.dcm")  # lossy YBR_ICT
+    assert np.abs(rgb - ict).mean() < 0.01  # the same picture, not YBR read as RGB
+
+
+@pytest.mark.parametrize("name", ["JPGLosslessP14SV1_1s_1f_8b.dcm", "JPGExtended.dcm", "JPEG-LL.dcm",
+                                  "image_dfl.dcm", "JPEGLSNearLossless_16.dcm", "color3d_jpeg_baseline.dcm"])
+def test_encodings_without_a_twin_decode(name):
+    images = _frames(name, "middle")
+    assert images.shape[0] == 1 and images.std() > 0.01 and 0 <= images.min() and images.max() <= 1
+
+
+def test_frame_policies():
+    from pydicom.data import get_testdata_file
+
+    from medclf.decode import DecodeError, open_images
+
+    data = open(get_testdata_file("emri_small.dcm"), "rb").read()
+    assert open_images(data, "e.dcm", "all").frames == list(range(1, 11))
+    assert open_images(data, "e.dcm", "middle").frames == [5]
+    np.testing.assert_array_equal(decode(data, "e.dcm").image, _frames("emri_small.dcm")[4])
+    with pytest.raises(DecodeError, match=r"e.dcm: multi-frame DICOM \(10 frames\) refused"):
+        open_images(data, "e.dcm", "refuse")
+    single = open(get_testdata_file("MR_small.dcm"), "rb").read()
+    assert open_images(single, "m.dcm", "refuse").frames == [None]
+
+
+def _with(name: str, **attrs) -> bytes:
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    for key, value in attrs.items():
+        if value is None:
+            del ds[key]
+        else:
+            setattr(ds, key, value)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def test_voi_window_functions_follow_the_standard():
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    c, w = 40.0, 400.0
+    linear = decode(_with("CT_small.dcm", WindowCenter=c, WindowWidth=w), "w.dcm").image
+    expected = np.clip((hu - (c - 0.5)) / (w - 1) + 0.5, 0, 1)  # PS3.3 C.11.2.1.2.1
+    np.testing.assert_allclose(linear, expected, atol=1e-5)
+    sigmoid = decode(_with("CT_small.dcm", WindowCenter=c, WindowWidth=w, VOILUTFunction="SIGMOID"), "s.dcm").image
+    np.testing.assert_allclose(sigmoid, 1 / (1 + np.exp(-4 * (hu - c) / w)), atol=1e-5)  # C.11.2.1.3.1
+    assert np.abs(linear - sigmoid).max() > 0.05  # the function named in the header is the one applied
+
+
+def test_voi_lut_sequence_is_applied():
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_voi_lut
+
+    ds = pydicom.dcmread(get_testdata_file("vlut_04.dcm"))
+    assert "VOILUTSequence" in ds
+    lut = apply_voi_lut(ds.pixel_array, ds).astype(np.float64)
+    depth = ds.VOILUTSequence[0].LUTDescriptor[2]
+    np.testing.assert_allclose(decode(open(get_testdata_file("vlut_04.dcm"), "rb").read(), "v.dcm").image,
+                               lut / (2**depth - 1), atol=1e-6)
+
+
+def test_enhanced_multiframe_uses_each_frames_own_window():
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    assert "PerFrameFunctionalGroupsSequence" in ds and int(ds.NumberOfFrames) == 2
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        if "FrameVOILUTSequence" not in item:
+            item.FrameVOILUTSequence = [pydicom.Dataset()]
+    ds.PerFrameFunctionalGroupsSequence[0].FrameVOILUTSequence[0].WindowCenter = 40
+    ds.PerFrameFunctionalGroupsSequence[0].FrameVOILUTSequence[0].WindowWidth = 400
+    ds.PerFrameFunctionalGroupsSequence[1].FrameVOILUTSequence[0].WindowCenter = 40
+    ds.PerFrameFunctionalGroupsSequence[1].FrameVOILUTSequence[0].WindowWidth = 4000
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    narrow, wide = (decode(buf.getvalue(), "e.dcm", frame=f).image for f in (1, 2))
+    assert narrow.std() > wide.std() * 1.5  # a narrow window stretches contrast
+
+
+def test_pixel_less_dicom_is_not_an_image_but_a_stripped_image_is_an_error():
+    from pydicom.data import get_testdata_file
+
+    from medclf.decode import DecodeError, NotAnImage
+
+    for name, modality in [("test-SR.dcm", "SR"), ("rtplan.dcm", "RTPLAN"), ("rtstruct.dcm", "RTSTRUCT"),
+                           ("waveform_ecg.dcm", "ECG")]:
+        with pytest.raises(NotAnImage, match=f"{name}: not an image: DICOM object without pixel data "
+                                             f"\\(modality {modality}\\)"):
+            decode(open(get_testdata_file(name), "rb").read(), name)
+    with pytest.raises(DecodeError) as err:
+        decode(_with("MR_small.dcm", PixelData=None), "stripped.dcm")
+    assert not isinstance(err.value, NotAnImage) and "no pixel data" in str(err.value)
+
+
+def test_header_claiming_a_huge_image_is_refused_before_decoding():
+    import time
+
+    from medclf.decode import DecodeError
+
+    start = time.time()
+    with pytest.raises(DecodeError, match="60000x60000.*decompression-bomb guard"):
+        decode(_with("MR_small.dcm", Rows=60000, Columns=60000), "bomb.dcm")
+    # 64 Mpx per frame passes the pixel guard, but its decoded bytes do not fit a decode task.
+    with pytest.raises(DecodeError, match=r"8000x8000 frame with 1 sample\(s\) per pixel needs 610 MiB"):
+        decode(_with("MR_small.dcm", Rows=8000, Columns=8000), "big.dcm")
+    with pytest.raises(DecodeError, match=r"5000 frames of 1000x1000 .* decode to 9.3 GiB"):
+        decode(_with("MR_small.dcm", Rows=1000, Columns=1000, NumberOfFrames=5000), "long.dcm")
+    assert time.time() - start < 5
+
+
+def test_errors_do_not_echo_file_bytes():
+    secret = b"DOE^JANE^Q 19610412 and more text"
+    with pytest.raises(Exception) as err:
+        decode(secret, "note.txt")
+    assert "DOE" not in str(err.value) and "1961" not in str(err.value)

@@ -21,16 +21,14 @@ CLASSES = ["NORMAL", "POSITIVE"]
 
 
 def write_predictions(folder, paths, probs, classes, threshold=0.5, fmt=None, model_id="small_cnn-abc", run_id="r1",
-                      scored_at=None, frames=None):
+                      scored_at=None, frames=None, checksums=None):
     """Predictions Parquet in score's layout and schema; probs (N, C)."""
     n = len(paths)
     schema = prediction_schema(classes)
-    if frames is not None:
-        schema = schema.append(pa.field("frame", pa.int32()))
     cols = {name: [None] * n for name in schema.names}
     cols["path"] = list(paths)
     cols["size"] = [1] * n
-    cols["checksum"] = [f"{i:064x}" for i in range(n)]
+    cols["checksum"] = checksums or [f"{i:064x}" for i in range(n)]
     cols["format"] = fmt or [p.rsplit(".", 1)[-1] for p in paths]
     for k, c in enumerate(classes):
         cols[prob_column(c)] = np.asarray(probs)[:, k].astype(np.float32)
@@ -205,14 +203,17 @@ def test_rescored_rows_count_once_newest_first(phantom_root, tmp_path):
     assert report.rows_dropped == {"other_models": 0, "superseded": 20}
 
 
-def test_frames_of_one_file_are_separate_rows(phantom_root, tmp_path):
+def test_frames_of_one_file_are_not_superseded(phantom_root, tmp_path):
     paths, y, right, _ = _twenty(phantom_root)
     pred = str(tmp_path / "pred")
-    # two frames of each of 10 files: both kept (per-frame rows); files without frames have null
+    # two frames of each of 10 files (same bytes): neither frame supersedes the other; evaluation is
+    # per file (frames averaged), so n counts files
     write_predictions(pred, paths[:10] * 2, np.concatenate([right[:10], right[:10]]), CLASSES, run_id="f",
-                      scored_at="2026-11-22T01:00:00", frames=[0] * 10 + [1] * 10)
+                      scored_at="2026-11-22T01:00:00", frames=[1] * 10 + [2] * 10,
+                      checksums=[f"{i:064x}" for i in range(10)] * 2)
     report = run_evaluation(pred, str(tmp_path / "rep"), CLASSES, "POSITIVE", bootstrap_resamples=0)
-    assert report.metrics.iloc[0]["n"] == 20 and report.rows_dropped["superseded"] == 0
+    assert report.metrics.iloc[0]["n"] == 10 and report.metrics.iloc[0]["accuracy"] == 1.0
+    assert report.rows_dropped["superseded"] == 0
 
 
 def test_evaluate_command_prints_what_it_left_out(phantom_root, tmp_path, capsys):
@@ -229,3 +230,19 @@ def test_evaluate_command_prints_what_it_left_out(phantom_root, tmp_path, capsys
     assert status == 0 and "rows not evaluated: 20 scored by other models than small_cnn-new, 0 superseded" in printed
     assert main(["evaluate", "--predictions", pred, "--run-root", str(tmp_path / "runs"),
                  "--set", "data.classes=[NORMAL, POSITIVE]", "--set", "evaluate.bootstrap_resamples=0"]) == 2
+
+
+def test_frame_rows_are_evaluated_per_file():
+    from medclf.evaluate import per_file
+
+    pred = pd.DataFrame({
+        "path": ["cine.dcm"] * 3 + ["cr.dcm", "report.dcm"],
+        "checksum": ["c"] * 3 + ["d", "e"], "model_id": ["m"] * 5, "run_id": ["r"] * 5,
+        "frame": pd.array([1, 2, 3, None, None], dtype="Int32"),
+        "status": ["ok", "ok", "error", "ok", "skipped"],
+        "prob_NORMAL": [0.2, 0.4, np.nan, 0.9, np.nan], "prob_POSITIVE": [0.8, 0.6, np.nan, 0.1, np.nan],
+    })
+    out = per_file(pred, ["NORMAL", "POSITIVE"]).set_index("path")
+    assert sorted(out.index) == ["cine.dcm", "cr.dcm"]  # one row per file; not-an-image rows left out
+    assert out.loc["cine.dcm", "prob_POSITIVE"] == pytest.approx(0.7) and out.loc["cine.dcm", "frames"] == 2
+    assert out.loc["cine.dcm", "status"] == "ok" and out.loc["cr.dcm", "prob_POSITIVE"] == pytest.approx(0.1)

@@ -63,7 +63,7 @@ def test_grad_cam_names_and_captions(patient_named, tmp_path, monkeypatch, show_
     captions = []
     real_overlay = gradcam.overlay_png
     monkeypatch.setattr(gradcam, "overlay_png", lambda g, h, caption: captions.append(caption) or real_overlay(g, h, caption))
-    batch = load_images({"path": np.array([patient_named])}, {"image_size": 32})
+    (batch,) = load_images({"path": np.array([patient_named])}, {"image_size": 32})  # one batch of one row
     rows = gradcam.Explainer(model_dir, str(tmp_path / "cam"), show_paths=show_paths)(batch)
     names = os.listdir(tmp_path / "cam" / "heatmaps")
     assert rows["status"] == ["ok"] and len(names) == 2
