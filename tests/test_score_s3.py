@@ -85,7 +85,7 @@ def test_killed_run_restarts_without_loss_or_duplicates(ray_cluster, trained_mod
            "--input", archive, "--model", trained_model.model_path, "--output", out,
            "--run-root", str(tmp_path / "runs"), "--set", f"ray.address={address}",
            "--set", "score.rows_per_file=16", "--set", "score.batch_size=8", "--set", "score.decode_batch_size=4",
-           "--set", "score.cpus_per_actor=0.5"]
+           "--set", "score.cpus_per_actor=0.5", "--set", "score.lease_seconds=2"]
     proc = subprocess.Popen(cmd + ["--run-id", "killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     s3 = fs()
@@ -102,13 +102,15 @@ def test_killed_run_restarts_without_loss_or_duplicates(ray_cluster, trained_mod
     proc.wait()
     partial = read_predictions(out)
     assert 0 < len(partial) < total, "the kill should land mid-run"
+    assert storage.exists(f"{out}/_lease.json")  # the killed run's lease ...
+    time.sleep(2.5)  # ... expires (score.lease_seconds), and the restarted run takes it over
 
     done = subprocess.run(cmd + ["--run-id", "restarted"], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"skipped {len(partial)}" in done.stdout
     final = read_predictions(out)
     assert len(final) == total and final.path.nunique() == total  # every input exactly once
-    assert set(final.run_id) == {"killed", "restarted"}
+    assert set(final.run_id) == {"killed", "restarted"} and "took over the expired lease of run killed" in done.stderr
     pd.testing.assert_frame_equal(  # rows committed before the kill were kept as they were
         final[final.run_id == "killed"].sort_values("path").reset_index(drop=True),
         partial.sort_values("path").reset_index(drop=True),
