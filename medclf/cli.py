@@ -25,17 +25,29 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 # ---------------------------------------------------------------- helpers
 
 
+# glibc hands large freed blocks (a CNN's activations) back to the OS after every batch, and the kernel
+# re-zeroes them page by page on the next one: on the 2-core VM that was ~60% of a training worker's
+# CPU time. Keeping freed memory in the process (never mmap, never trim) made a training step 1.6x and
+# inference 2.6x cheaper (docs/benchmarks.md); memory stays at the process's peak, which it reaches anyway.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**30), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
+
+
 def init_ray(cfg: Config) -> None:
     """Join the cluster in ray.address / RAY_ADDRESS, or start Ray in this process."""
     import ray
 
     if ray.is_initialized():
         return
+    # Workers read the allocator settings at exec: a local raylet inherits this process's environment,
+    # a cluster's workers get them through the job's runtime_env. A user's own setting wins.
+    allocator = {k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}
+    os.environ.update(allocator)
+    runtime_env = {"env_vars": allocator}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
 
 
 def _multi_node() -> int:
