@@ -13,6 +13,7 @@ import torch
 
 from medclf.calibration import fit_temperature, negative_log_likelihood, softmax_with_temperature
 from medclf.config import PreprocessConfig
+from medclf.data import read_manifest
 from medclf.decode import decode
 from medclf.metrics import expected_calibration_error
 from medclf.models import CARD_FILE, class_probabilities, load_artifact, prob_column
@@ -34,7 +35,7 @@ def test_fit_temperature_recovers_a_known_overconfidence():
 
 
 def _phantom_batch(root: str, spec: PreprocessConfig) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    manifest = pd.read_parquet(os.path.join(root, "manifest.parquet"))
+    manifest = read_manifest(os.path.join(root, "manifest.parquet"))  # paths relative to the manifest: resolved
     manifest = manifest[manifest["format"] == "png"].reset_index(drop=True)
     x = np.stack([preprocess_gray(decode(open(p, "rb").read(), p).image, spec) for p in manifest["path"]])
     y = (manifest["label"] == "POSITIVE").to_numpy().astype(int)
