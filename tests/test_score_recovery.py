@@ -79,7 +79,8 @@ def test_kill_at_every_stage_then_every_input_is_scored_exactly_once(ray_cluster
     final = score_job(archive, model, out, tmp_path, "night-final")
     assert final.returncode == 0, final.stderr[-3000:]
     assert f"took over the expired lease of run night-{len(stages) - 1}" in final.stderr
-    assert f"skipped {len(expected)} (already scored), scored 0" in final.stdout
+    n = len(expected)
+    assert f"scored 0, skipped {n} ({n} already scored, 0 not an image), failed 0" in final.stdout
     pred = read_predictions(str(out))
     assert set(pred.path) == expected and len(pred) == len(expected)  # every input exactly once
     assert temp_files(out) == [] and read_lease(str(out)) is None
@@ -97,7 +98,7 @@ def test_a_retried_write_task_adds_no_rows(ray_cluster, model, phantom_root, tmp
     assert once.exists(), "the fault should have fired"
     pred = read_predictions(str(out))
     assert len(pred) == n and not pred.duplicated("path").any()
-    assert f"scored {n}, failed 0" in job.stdout
+    assert f"scored {n}, skipped 0 (0 already scored, 0 not an image), failed 0" in job.stdout
 
 
 def test_two_concurrent_runs_on_s3_one_refuses(ray_cluster, model, phantom_root, s3_bucket, tmp_path):
