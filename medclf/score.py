@@ -420,6 +420,7 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     start = time.time()
     sc = cfg.score
     rescore = sc.rescore if rescore is None else rescore
+    storage.check_input_url(input_path)  # the inputs' kind and the model are checked before any work
     card = load_card(model_path)  # fail fast on a bad artifact, before any Ray work
     check_uid_policy(sc.uids, uid_key(sc.uid_key))
     inputs = find_inputs(input_path, sc.extensions)

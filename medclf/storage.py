@@ -182,19 +182,25 @@ def _temp_name(folder: str, name: str) -> str:
     return os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace `path` so that a reader sees either the old or the new bytes, never a mix."""
-    fs, p = filesystem(path)
-    if is_remote(path):
-        fs.pipe_file(p, data)  # an object is replaced in one PUT
-        return
-    folder, name = os.path.split(os.path.abspath(p))
+def _write_temp(local_path: str, data: bytes) -> str:
+    """`data` durably written to a hidden temporary file beside `local_path`; returns its name."""
+    folder, name = os.path.split(os.path.abspath(local_path))
     os.makedirs(folder, exist_ok=True)
     tmp = _temp_name(folder, name)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return tmp
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace `path` so that a reader sees either the old or the new bytes, never a mix."""
+    fs, p = filesystem(path)
+    if is_remote(path):
+        fs.pipe_file(p, data)  # an object is replaced in one PUT
+        return
+    tmp = _write_temp(p, data)
     os.replace(tmp, p)
 
 
@@ -215,13 +221,7 @@ def create_exclusive(path: str, data: bytes, before_publish: Optional[Callable[[
         except FileExistsError:
             return False
         return True
-    folder, name = os.path.split(os.path.abspath(p))
-    os.makedirs(folder, exist_ok=True)
-    tmp = _temp_name(folder, name)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _write_temp(p, data)
     if before_publish:
         before_publish()
     try:

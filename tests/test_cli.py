@@ -36,12 +36,14 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # nothing was started or written
 
 
-def test_missing_data_is_reported_with_its_path(tmp_path, capsys):
+def test_missing_data_is_reported_with_its_path(tmp_path, capsys, monkeypatch):
+    import medclf.cli
+
+    started = []
+    monkeypatch.setattr(medclf.cli, "init_ray", lambda cfg: started.append(cfg))  # another test's Ray may be up
     rc = run_command("train", ["--set", f"run.root={tmp_path / 'runs'}", "--data", str(tmp_path / "nowhere")])
     assert rc == 2 and f"{tmp_path / 'nowhere'}: data folder not found" in capsys.readouterr().err
-    import ray
-
-    assert not ray.is_initialized()  # failed before starting Ray
+    assert not started  # failed before starting Ray
 
 
 def test_phantoms_command(tmp_path, capsys):

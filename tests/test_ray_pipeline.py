@@ -11,7 +11,7 @@ from medclf.config import load_config
 from medclf.data import DatasetError
 from medclf.decode import decode
 from medclf.evaluate import run_evaluation
-from medclf.models import load_artifact, prob_column
+from medclf.models import class_probabilities, load_artifact, prob_column
 from medclf.preprocess import preprocess
 from medclf.score import read_predictions, run_scoring
 from tests.conftest import TINY
@@ -24,7 +24,7 @@ def test_one_epoch_of_ray_train_writes_a_usable_artifact(trained_model):
     assert list(h.epoch) == [1] and np.isfinite(h.val_loss).all() and (h.images_per_s > 0).all()
     card = trained_model.card
     assert card.classes == ["NORMAL", "POSITIVE"] and card.positive_class == "POSITIVE"
-    assert 0.0 <= card.threshold <= 1.0 and card.threshold_rule == "youden on clean validation"
+    assert 0.0 <= card.threshold <= 1.0 and card.threshold_rule == "youden on clean patient validation, calibrated"
     run_dir = os.path.dirname(trained_model.model_path)
     for name in ("history.parquet", "curves.png", "splits.parquet", "model/weights.pt", "model/model.json",
                  "validation_report/metrics.parquet", "validation_report/summary.html", "validation_report/roc.png"):
@@ -41,7 +41,7 @@ def plain_loop(paths, model_path):
     for p in paths:
         x = preprocess(decode(open(p, "rb").read(), p).image, card.preprocess_spec)
         with torch.no_grad():
-            out[p] = torch.softmax(model(torch.from_numpy(x)[None]), 1)[0].numpy()
+            out[p] = class_probabilities(model(torch.from_numpy(x)[None]), card.temperature)[0].numpy()  # calibrated
     return out, card
 
 

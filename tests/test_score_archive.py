@@ -4,6 +4,7 @@ hostile inputs (FIFO, /dev/zero, zip:// chains, over-size files, header bombs). 
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,8 +80,8 @@ def test_the_dicom_corpus_scores_one_row_per_frame(ray_cluster, trained_model, t
             assert (rows.status == "error").all() and rows.error.str.startswith(path).all(), (name, rows.error)
         elif name in NOT_IMAGES:
             assert list(rows.status) == ["skipped"], (name, list(rows.status), list(rows.error))
-            assert rows.error.iloc[0] == f"{path}: not an image: DICOM object without pixel data " \
-                                         f"(modality {rows.modality.iloc[0]})"
+            assert re.fullmatch(re.escape(path) + r": not an image: DICOM object without pixel data \(modality \w+\)",
+                                rows.error.iloc[0]), rows.error.iloc[0]
         else:
             n = frames_in(path)
             assert list(rows.status) == ["ok"] * n, (name, rows.error.dropna().tolist())

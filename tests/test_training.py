@@ -30,4 +30,4 @@ def test_time_box_ends_training_between_epochs(ray_cluster, phantom_root, tmp_pa
                                     "train.threshold_validation=shifted"])
     result = run_training(cfg, str(tmp_path / "run"))
     assert list(result.history.epoch) == [1]  # the first epoch always runs; no second one fits
-    assert result.card.threshold_rule == "target_sensitivity 0.9 on shifted validation"
+    assert result.card.threshold_rule == "target_sensitivity 0.9 on shifted patient validation, calibrated"
