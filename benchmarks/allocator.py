@@ -1,4 +1,4 @@
-"""CPU cost of glibc's malloc settings for CNN training and inference (medclf.cli.ALLOCATOR_ENV).
+"""CPU cost of glibc's malloc settings for CNN training and inference (medclf.runs.ALLOCATOR_ENV).
 
     python benchmarks/allocator.py [--threads 1]
 
@@ -17,7 +17,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from medclf.cli import ALLOCATOR_ENV  # noqa: E402
+from medclf.runs import ALLOCATOR_ENV  # noqa: E402
 
 VARIANTS = {
     "glibc default": {},

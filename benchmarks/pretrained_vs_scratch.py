@@ -19,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from medclf import cli  # noqa: E402
+from medclf import runs  # noqa: E402
 from medclf.config import load_config  # noqa: E402
 from medclf.train import prepare_data, run_training  # noqa: E402
 
@@ -42,9 +42,9 @@ def main(argv=None) -> int:
                                        f"run.id={name}-{variant}-{time.strftime('%Y%m%d-%H%M%S')}"] + args.overrides)
             t0 = time.time()
             prepared = prepare_data(cfg)
-            cli.init_ray(cfg)
-            run_dir = cli.run_folder(cfg, cfg.run.id)
-            cli.save_resolved_config(cfg, run_dir, "train")
+            runs.init_ray(cfg)
+            run_dir = runs.run_folder(cfg, cfg.run.id)
+            runs.save_resolved_config(cfg, run_dir, "train")
             result = run_training(cfg, run_dir, prepared)
             v = result.card.metrics["validation"]
             row = {"config": name, "weights": variant, "arch": cfg.model.arch, "image_size": cfg.preprocess.image_size,

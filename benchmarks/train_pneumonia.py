@@ -30,7 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from medclf import cli  # noqa: E402
+from medclf import runs  # noqa: E402
 from medclf.augment import ACQUISITION_SHIFTS, acquisition_shift  # noqa: E402
 from medclf.config import load_config  # noqa: E402
 from medclf.metrics import binary_metrics  # noqa: E402
@@ -139,9 +139,9 @@ def main(argv=None) -> int:
         overrides.append(f"run.id={args.run_id}")
     cfg = load_config(args.config, overrides)
     df, classes = prepare_data(cfg)
-    cli.init_ray(cfg)
-    run_dir = cli.run_folder(cfg, cli.new_run_id(cfg))
-    cli.save_resolved_config(cfg, run_dir, "train")
+    runs.init_ray(cfg)
+    run_dir = runs.run_folder(cfg, runs.new_run_id(cfg))
+    runs.save_resolved_config(cfg, run_dir, "train")
     print(f"[bench] run folder {run_dir}", flush=True)
 
     plain = plain_loop_images_per_s(cfg, df, classes, args.plain_images, args.threads)

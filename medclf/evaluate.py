@@ -43,7 +43,7 @@ from medclf.metrics import (
     roc_points,
 )
 from medclf.models import prob_column
-from medclf.score import read_predictions
+from medclf.predictions import read_predictions
 
 # Columns that, when present in the predictions or the labels manifest, get a subgroup table.
 SUBGROUP_CANDIDATES = ("format", "modality", "site", "hospital", "scanner", "manufacturer", "view",

@@ -9,78 +9,27 @@ gives one row (`frame` null), a multi-frame DICOM one row per frame (`score.fram
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
-import pandas as pd
 
 from medclf import faults, storage
-from medclf.config import Config, PreprocessConfig
-from medclf.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
+from medclf.config import Config
+from medclf.images import (ALREADY_SCORED, META_KEYS, TRANSIENT, find_inputs, images_dataset, scored_key,
+                           text_or_none)
 from medclf.lease import Lease, verify
+from medclf.predictions import prediction_schema, predictions_dataset
 from medclf.models import class_probabilities, load_artifact, load_card, prob_column
-from medclf.preprocess import preprocess_gray, to_model_input
-from medclf.privacy import check_uid_policy, protect_uid, uid_key
+from medclf.preprocess import to_model_input
+from medclf.privacy import check_uid_policy, uid_key
 
 log = logging.getLogger(__name__)
-
-# Output schema of the predictions Parquet (per-class `prob_<class>` columns follow `status`).
-PREDICTION_COLUMNS = {
-    "path": "input file path or URL",
-    "size": "input size in bytes",
-    "checksum": "sha256 of the input bytes",
-    "format": "png, jpeg or dicom (as sniffed from the bytes)",
-    "modality": "DICOM Modality (null for JPEG/PNG)",
-    "sop_instance_uid": "DICOM SOPInstanceUID per score.uids: raw, keyed hash (default) or null (null for JPEG/PNG)",
-    "study_instance_uid": "DICOM StudyInstanceUID, as sop_instance_uid",
-    "series_instance_uid": "DICOM SeriesInstanceUID, as sop_instance_uid",
-    "frame": "1-based frame number of a multi-frame DICOM (null for single-image files)",
-    "predicted_label": "predicted class name (null on error)",
-    "threshold": "decision threshold on the positive class's probability (null: argmax)",
-    "model_id": "model artifact id (<arch>-<sha256 of weights, 12 hex>)",
-    "model_version": "artifact creation time (UTC, ISO 8601)",
-    "run_id": "id of the scoring run",
-    "scored_at": "UTC time the row was scored",
-    "status": "ok, error, skipped (not an image) or out_of_scope",
-    "error": "what went wrong with this file, or why it was skipped (null when fine)",
-    "error_kind": "permanent (corrupt or unsupported content) or transient (access error, out of memory, decoder "
-                  "missing: the next run retries the file); null when fine",
-}
-# Rows of files this model scored before: counted in the summary, never written.
-ALREADY_SCORED = "already_scored"  # medclf.sink.UNWRITTEN_STATUS
-_META_KEYS = ["format", *DICOM_META_TAGS]
-PERMANENT, TRANSIENT = "permanent", "transient"
-
-
-def prediction_schema(classes: list[str]):
-    """The Arrow schema of a predictions file for a model with these classes."""
-    import pyarrow as pa
-
-    fields = [
-        ("path", pa.string()), ("size", pa.int64()), ("checksum", pa.string()), ("format", pa.string()),
-        ("modality", pa.string()), ("sop_instance_uid", pa.string()), ("study_instance_uid", pa.string()),
-        ("series_instance_uid", pa.string()), ("frame", pa.int32()), ("predicted_label", pa.string()),
-        *[(prob_column(c), pa.float32()) for c in classes],
-        ("threshold", pa.float64()), ("model_id", pa.string()), ("model_version", pa.string()),
-        ("run_id", pa.string()), ("scored_at", pa.string()), ("status", pa.string()), ("error", pa.string()),
-        ("error_kind", pa.string()),
-    ]
-    return pa.schema(fields)
-
-
-def scored_key(path: str, checksum: str, frame: Optional[int] = None) -> int:
-    """64-bit key of (path, content, frame): compact enough to ship millions of them to every task.
-    A single-image file (frame None) keeps the key rows written before frames existed have."""
-    text = f"{path}\0{checksum}" if frame is None else f"{path}\0{checksum}\0{frame}"
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
 
 def scored_keys(output: str, model_id: str, fault: Optional[faults.Fault] = None) -> np.ndarray:
     """Sorted keys of every image this model already has a committed row for in `output`.
@@ -94,10 +43,10 @@ def scored_keys(output: str, model_id: str, fault: Optional[faults.Fault] = None
         return np.zeros(0, np.uint64)
     import pyarrow.compute as pc
 
-    dataset = _predictions_dataset(output)
+    dataset = predictions_dataset(output)
     faults.check(fault, "listing")
     settled = pc.field("error_kind").is_null() | (pc.field("error_kind") != TRANSIENT)
-    # `frame` is always there: _predictions_dataset adds the standard columns (null in older files)
+    # `frame` is always there: predictions_dataset adds the standard columns (null in older files)
     table = dataset.to_table(columns=["path", "checksum", "frame"],
                              filter=(pc.field("model_id") == model_id) & settled)
     keys = [scored_key(p, c or "", f) for p, c, f in zip(table.column("path").to_pylist(),
@@ -121,114 +70,6 @@ def clean_stale_temps(output: str) -> list[str]:
     for path in stale:
         storage.remove(path)
     return stale
-
-
-def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, frames: str = "middle",
-                max_file_bytes: Optional[int] = None, rows_per_batch: int = 16,
-                uids: tuple = ("keep", None)) -> Iterator[dict]:
-    """Ray Data task: paths -> bytes -> checksum -> one row per image -> model tensors; errors as rows.
-
-    A generator: a multi-frame file's rows leave in batches of `rows_per_batch` as they are
-    decoded, so a 500-frame cine never sits in memory whole. Images whose (path, checksum,
-    frame) is in `skip_keys` were scored before: they leave as ALREADY_SCORED rows without
-    being decoded (counted, never written). Each file's first row has `first_row` set, so the
-    sink can count files as well as images. `uids`: (score.uids, site key): DICOM UIDs are
-    hashed or dropped here, so raw ones never leave the task (medclf.privacy).
-    """
-    pre = PreprocessConfig.model_validate(spec)
-    rows: list[dict] = []
-    for path in (str(p) for p in batch["path"]):
-        for row in _file_rows(path, pre, skip_keys, frames, max_file_bytes, uids):
-            rows.append(row)
-            if len(rows) == rows_per_batch:
-                yield _rows_to_batch(rows, pre.image_size)
-                rows = []
-    if rows:
-        yield _rows_to_batch(rows, pre.image_size)
-
-
-def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, frames: str,
-               max_file_bytes: Optional[int], uids: tuple = ("keep", None)) -> Iterator[dict]:
-    row: dict = {"path": path, "size": -1, "checksum": None, "frame": None, "status": None, "error": None,
-                 "error_kind": None, "pixels": None, "first_row": True}
-    try:
-        data = storage.read_input(path, max_file_bytes)
-        row.update(size=len(data), checksum=hashlib.sha256(data).hexdigest())
-        if _in(skip_keys, scored_key(path, row["checksum"])):
-            yield {**row, "status": ALREADY_SCORED}
-            return
-        images = open_images(data, path, frames)
-        row.update({key: _meta_value(key, images.meta.get(key), uids) for key in _META_KEYS})
-    except NotAnImage as exc:
-        yield {**row, "status": "skipped", "error": str(exc)}
-        return
-    except Exception as exc:  # one bad file must not end the night's run
-        yield {**row, "status": "error", "error": _error_text(path, exc), "error_kind": _error_kind(exc)}
-        return
-    for frame in images.frames:
-        out = {**row, "frame": frame}
-        row["first_row"] = False
-        if frame is not None and _in(skip_keys, scored_key(path, row["checksum"], frame)):
-            yield {**out, "status": ALREADY_SCORED}
-            continue
-        try:
-            out["pixels"] = preprocess_gray(images.image(frame).image, pre)
-        except Exception as exc:  # a bad frame is a row; the file's other frames go on
-            out.update(status="error", error=_error_text(path, exc), error_kind=_error_kind(exc))
-        yield out
-
-
-def _meta_value(key: str, value, uids: tuple):
-    return protect_uid(value, *uids) if key.endswith("_uid") else value
-
-
-def _in(keys: np.ndarray | None, key: int) -> bool:
-    if keys is None or not len(keys):
-        return False
-    k = np.uint64(key)
-    j = np.searchsorted(keys, k)
-    return bool(j < len(keys) and keys[j] == k)
-
-
-def _error_kind(exc: Exception) -> str:
-    """Permanent when the content is at fault (corrupt, unsupported, refused by the per-file limits);
-    transient otherwise (access errors, MemoryError, file not found, decoder missing, anything
-    unknown): the next night tries the file again."""
-    if isinstance(exc, DecodeError):
-        return TRANSIENT if exc.transient else PERMANENT
-    return PERMANENT if isinstance(exc, storage.InputRefused) else TRANSIENT
-
-
-def _error_text(path: str, exc: Exception) -> str:
-    if isinstance(exc, (DecodeError, storage.InputRefused)):
-        return str(exc)  # already names the file and the problem
-    if isinstance(exc, FileNotFoundError):
-        return f"{path}: file not found"
-    if isinstance(exc, MemoryError):
-        return f"{path}: out of memory while decoding"
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{path}: {exc.strerror}"  # e.g. permission denied: says what, quotes nothing
-    # Library messages can quote file content or header values: the type and where are enough.
-    return f"{path}: {type(exc).__name__} while reading or decoding"
-
-
-def _rows_to_batch(rows: list[dict], size: int) -> dict:
-    pixels = np.zeros((len(rows), 1, size, size), np.float32)  # one channel: 3x less to ship to the model
-    for i, row in enumerate(rows):
-        if row["pixels"] is not None:
-            pixels[i] = row["pixels"]
-    out: dict = {key: [row.get(key) for row in rows]
-                 for key in ("path", "checksum", "status", "error", "error_kind", *_META_KEYS)}
-    out["size"] = np.array([row["size"] for row in rows], np.int64)
-    out["frame"] = np.array([-1 if row["frame"] is None else row["frame"] for row in rows], np.int64)  # -1: none
-    out["first_row"] = np.array([row["first_row"] for row in rows], bool)
-    out["pixels"] = pixels
-    return out
-
-
-def text_or_none(values) -> list:
-    """Ray turns an all-null string column into float NaNs; give the strings back, None for nulls."""
-    return [v if isinstance(v, str) else None for v in values]
 
 
 class Predictor:
@@ -265,7 +106,7 @@ class Predictor:
         labels = predict_labels(probs, self.card.classes, self.card.positive_index, self.card.threshold)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         out = {k: v for k, v in batch.items() if k != "pixels"}  # `first_row` rides along for the sink
-        for key in ("checksum", "error", "error_kind", *_META_KEYS):
+        for key in ("checksum", "error", "error_kind", *META_KEYS):
             out[key] = text_or_none(batch[key])
         out["predicted_label"] = [lab if good else None for lab, good in zip(labels, ok)]
         for j, col in enumerate(self.prob_columns):
@@ -290,86 +131,6 @@ def predict_labels(probs: np.ndarray, classes: list[str], positive_index: Option
         negative_index = 1 - positive_index
         return [classes[positive_index] if p >= threshold else classes[negative_index] for p in probs[:, positive_index]]
     return [classes[int(i)] for i in np.nan_to_num(probs, nan=-1).argmax(axis=1)]
-
-
-# `score.extensions` entry that matches by content: any file with the DICOM "DICM" marker at
-# byte 128, whatever its name (PACS exports often have no extension, or a UID for a name).
-DICOM_BY_CONTENT = "dicom"
-
-
-@dataclass
-class Inputs:
-    paths: list  # files to score
-    filtered: int = 0  # files in the folder/prefix that score.extensions excluded
-
-
-def find_inputs(source: str, extensions: Iterable[str]) -> Inputs:
-    """Input files: a folder/prefix, a glob, or a manifest (Parquet/CSV with a `path` column).
-
-    Folders and globs are filtered by `extensions` (suffixes like `.dcm`, and the entry `dicom`,
-    which also takes every other file whose bytes carry the DICOM marker: one 132-byte read per
-    such file at listing time). A manifest is taken as it is.
-    """
-    storage.check_input_url(source)
-    if source.lower().endswith((".parquet", ".csv")) and storage.exists(source) and not storage.isdir(source):
-        from medclf.data import read_manifest
-
-        return Inputs(list(read_manifest(source)["path"]))
-    if not any(ch in source for ch in "*?[") and not storage.exists(source):
-        raise FileNotFoundError(f"{source}: scoring input not found")
-    wanted = [e for e in extensions if e != DICOM_BY_CONTENT]
-    sniff = DICOM_BY_CONTENT in extensions
-    suffixes = tuple(e.lower() for e in wanted)
-    paths, filtered = [], 0
-    for path in storage.list_files(source):
-        name = path.rsplit("/", 1)[-1].lower()
-        if name.endswith(suffixes) or (sniff and _has_dicom_marker(path)):
-            paths.append(path)
-        else:
-            filtered += 1
-    return Inputs(paths, filtered)
-
-
-def _has_dicom_marker(path: str) -> bool:
-    return storage.read_head(path, 132)[128:132] == b"DICM"
-
-
-def list_inputs(source: str, extensions: Iterable[str]) -> list[str]:
-    """The files `find_inputs` finds."""
-    return find_inputs(source, extensions).paths
-
-
-# Memory each read/decode task reserves: the worker process with torch loaded (~400 MB) plus a
-# 16-bit 2000x2000 radiograph being rescaled and resized (~100 MB). The reservation also keeps Ray Data from fusing decoding into the
-# inference actors (it fuses only ops with identical resource requests), so decode runs in
-# its own tasks, overlapping inference, instead of serially inside each actor.
-DECODE_TASK_MEMORY = 640 * 1024**2
-
-
-def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: int = 16,
-                   skip_keys: np.ndarray | None = None, frames: str = "middle", max_file_mb: Optional[float] = None,
-                   retries: int = 2, uids: tuple = ("keep", None)):
-    """Ray Dataset of decoded, preprocessed images (the stage training reuses).
-
-    `frames` defaults to one image per file (what training, with one label per file, wants);
-    scoring passes `score.frames`. A task whose worker dies is retried `retries` times; its files
-    are then missing from the output, and `run_scoring` writes error rows for them. `uids`: see
-    `load_images`.
-    """
-    import ray.data
-
-    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // 64, 200)))
-    max_file_bytes = None if max_file_mb is None else int(max_file_mb * 2**20)
-    return ds.map_batches(
-        load_images,
-        fn_kwargs={"spec": spec.model_dump(), "skip_keys": skip_keys, "frames": frames,
-                   "max_file_bytes": max_file_bytes, "rows_per_batch": decode_batch_size, "uids": uids},
-        batch_size=decode_batch_size,
-        batch_format="numpy",
-        num_cpus=0.5,  # leave CPU for the inference actors on small machines
-        memory=DECODE_TASK_MEMORY,  # (Ray Data's default SPREAD scheduling puts these on every node)
-        max_retries=retries,  # Ray's default for tasks is 3; Ray Data's map tasks otherwise retry without limit
-    )
 
 
 @dataclass
@@ -500,7 +261,7 @@ def _write_lost_files(paths: list[str], output: str, card, run_id: str, run_date
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    done = _predictions_dataset(output).to_table(columns=["path"], filter=pc.field("model_id") == card.model_id)
+    done = predictions_dataset(output).to_table(columns=["path"], filter=pc.field("model_id") == card.model_id)
     lost = sorted(set(paths) - set(done.column("path").to_pylist()))
     if not lost:
         return _Lost([], 0)
@@ -520,32 +281,3 @@ def _write_lost_files(paths: list[str], output: str, card, run_id: str, run_date
     verify(output, lease_token)  # a run that lost the output commits nothing
     storage.create_exclusive(final, buf.getvalue())
     return _Lost([final], len(lost))
-
-
-def _read_files(files: list[str], columns: list[str]) -> pd.DataFrame:
-    fs, _ = storage.arrow_filesystem(files[0])
-    import pyarrow.dataset as pads
-
-    paths = [storage.filesystem(f)[1] if storage.is_remote(f) else f for f in files]
-    return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns).to_pandas()
-
-
-def _predictions_dataset(path: str):
-    """Every committed file under `path`, read with the union of their schemas.
-
-    Partitions written by models with other class names keep their own `prob_*` columns, and the
-    standard columns are always there (null in files written before a column existed).
-    """
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-
-    fs, fs_path = storage.arrow_filesystem(path)
-    found = pads.dataset(fs_path, filesystem=fs, format="parquet", partitioning="hive")
-    schemas = [prediction_schema([]), *(fragment.physical_schema for fragment in found.get_fragments()), found.schema]
-    schema = pa.unify_schemas(schemas, promote_options="permissive")
-    return pads.dataset(fs_path, schema=schema, filesystem=fs, format="parquet", partitioning="hive")
-
-
-def read_predictions(path: str, columns: Optional[list[str]] = None) -> pd.DataFrame:
-    """All committed prediction rows under `path` (every run date); hidden temp files are ignored."""
-    return _predictions_dataset(path).to_table(columns=columns).to_pandas()

@@ -89,7 +89,7 @@ class CommitPerFileDatasink(Datasink[list]):
         self.first_rows = sum(task["first_rows"] for task in returns)
 
 
-UNWRITTEN_STATUS = "already_scored"  # medclf.score.ALREADY_SCORED
+UNWRITTEN_STATUS = "already_scored"  # medclf.images.ALREADY_SCORED
 
 
 def _tally(tables: list) -> dict:

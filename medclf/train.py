@@ -412,7 +412,7 @@ def _validation_metrics(val_log_probs: np.ndarray, arrays: dict, positive_index)
 
 def preprocess_all(paths: list[str], cfg: Config) -> tuple[np.ndarray, list[str]]:
     """Decode + preprocess every image once (Ray Data tasks); returns tensors and error messages."""
-    from medclf.score import images_dataset, text_or_none
+    from medclf.images import images_dataset, text_or_none
 
     ds = images_dataset(paths, cfg.preprocess, cfg.score.decode_batch_size)
     pixels = np.zeros((len(paths), 1, cfg.preprocess.image_size, cfg.preprocess.image_size), np.float32)

@@ -72,7 +72,8 @@ def test_stored_temperature_is_applied_identically_by_scoring_gradcam_and_evalua
         ray_cluster, trained_model, tiny_config, phantom_root, tmp_path):
     from medclf.evaluate import run_evaluation
     from medclf.gradcam import run_explain
-    from medclf.score import read_predictions, run_scoring
+    from medclf.predictions import read_predictions
+    from medclf.score import run_scoring
 
     artifact = str(tmp_path / "model")
     shutil.copytree(trained_model.model_path, artifact)

@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 from pydicom.data import get_testdata_file
 
 from medclf.config import PreprocessConfig
-from medclf.score import load_images, prediction_schema, scored_key, scored_keys
+from medclf.images import load_images, scored_key
+from medclf.predictions import prediction_schema
+from medclf.score import scored_keys
 
 
 def test_error_kind_of_each_failure(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 
 from medclf.evaluate import EvaluationError, run_evaluation
 from medclf.models import prob_column
-from medclf.score import prediction_schema
+from medclf.predictions import prediction_schema
 
 CLASSES = ["NORMAL", "POSITIVE"]
 

@@ -10,7 +10,8 @@ import pytest
 
 from medclf import storage
 from medclf.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost, read_lease, verify
-from medclf.score import prediction_schema, read_predictions, scored_keys
+from medclf.predictions import prediction_schema, read_predictions
+from medclf.score import scored_keys
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -55,7 +55,7 @@ def test_gallery_captions(patient_named, monkeypatch, show_paths):
 def test_grad_cam_names_and_captions(patient_named, tmp_path, monkeypatch, show_paths):
     import medclf.gradcam as gradcam
     from medclf.models import ModelCard, build_model, save_artifact
-    from medclf.score import load_images
+    from medclf.images import load_images
 
     model_dir = str(tmp_path / "model")
     save_artifact(build_model("small_cnn", 2), ModelCard(arch="small_cnn", classes=["NORMAL", "POSITIVE"],

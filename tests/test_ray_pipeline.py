@@ -13,7 +13,8 @@ from medclf.decode import decode
 from medclf.evaluate import run_evaluation
 from medclf.models import class_probabilities, load_artifact, prob_column
 from medclf.preprocess import preprocess
-from medclf.score import read_predictions, run_scoring
+from medclf.predictions import read_predictions
+from medclf.score import run_scoring
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]

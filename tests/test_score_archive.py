@@ -18,7 +18,8 @@ import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 
 from medclf.config import load_config
-from medclf.score import read_predictions, run_scoring
+from medclf.predictions import read_predictions
+from medclf.score import run_scoring
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]

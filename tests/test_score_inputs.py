@@ -18,7 +18,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from medclf.decode import decode
-from medclf.score import read_predictions
+from medclf.predictions import read_predictions
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import pytest
 
 from medclf import storage
 from medclf.lease import LEASE_HELD_EXIT, read_lease
-from medclf.score import read_predictions
+from medclf.predictions import read_predictions
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from medclf.models import ModelCard, build_model, save_artifact
-from medclf.score import ALREADY_SCORED, Predictor, load_images, scored_key
+from medclf.images import ALREADY_SCORED, load_images, scored_key
+from medclf.score import Predictor
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import s3fs
 
 from medclf import storage
 from medclf.config import load_config
-from medclf.score import read_predictions, run_scoring
+from medclf.predictions import read_predictions
+from medclf.score import run_scoring
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]

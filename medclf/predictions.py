@@ -1,0 +1,69 @@
+"""The predictions dataset scoring writes: its columns, and reading it back (evaluation, Grad-CAM,
+the nightly skip set). Hive-partitioned Parquet by `run_date`, local or on object storage."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pandas as pd
+
+from medclf import storage
+from medclf.models import prob_column
+
+# Output schema of the predictions Parquet (per-class `prob_<class>` columns follow `status`).
+PREDICTION_COLUMNS = {
+    "path": "input file path or URL",
+    "size": "input size in bytes",
+    "checksum": "sha256 of the input bytes",
+    "format": "png, jpeg or dicom (as sniffed from the bytes)",
+    "modality": "DICOM Modality (null for JPEG/PNG)",
+    "sop_instance_uid": "DICOM SOPInstanceUID per score.uids: raw, keyed hash (default) or null (null for JPEG/PNG)",
+    "study_instance_uid": "DICOM StudyInstanceUID, as sop_instance_uid",
+    "series_instance_uid": "DICOM SeriesInstanceUID, as sop_instance_uid",
+    "frame": "1-based frame number of a multi-frame DICOM (null for single-image files)",
+    "predicted_label": "predicted class name (null on error)",
+    "threshold": "decision threshold on the positive class's probability (null: argmax)",
+    "model_id": "model artifact id (<arch>-<sha256 of weights, 12 hex>)",
+    "model_version": "artifact creation time (UTC, ISO 8601)",
+    "run_id": "id of the scoring run",
+    "scored_at": "UTC time the row was scored",
+    "status": "ok, error, skipped (not an image) or out_of_scope",
+    "error": "what went wrong with this file, or why it was skipped (null when fine)",
+    "error_kind": "permanent (corrupt or unsupported content) or transient (access error, out of memory, decoder "
+                  "missing: the next run retries the file); null when fine",
+}
+def prediction_schema(classes: list[str]):
+    """The Arrow schema of a predictions file for a model with these classes."""
+    import pyarrow as pa
+
+    fields = [
+        ("path", pa.string()), ("size", pa.int64()), ("checksum", pa.string()), ("format", pa.string()),
+        ("modality", pa.string()), ("sop_instance_uid", pa.string()), ("study_instance_uid", pa.string()),
+        ("series_instance_uid", pa.string()), ("frame", pa.int32()), ("predicted_label", pa.string()),
+        *[(prob_column(c), pa.float32()) for c in classes],
+        ("threshold", pa.float64()), ("model_id", pa.string()), ("model_version", pa.string()),
+        ("run_id", pa.string()), ("scored_at", pa.string()), ("status", pa.string()), ("error", pa.string()),
+        ("error_kind", pa.string()),
+    ]
+    return pa.schema(fields)
+
+
+def predictions_dataset(path: str):
+    """Every committed file under `path`, read with the union of their schemas.
+
+    Partitions written by models with other class names keep their own `prob_*` columns, and the
+    standard columns are always there (null in files written before a column existed).
+    """
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    fs, fs_path = storage.arrow_filesystem(path)
+    found = pads.dataset(fs_path, filesystem=fs, format="parquet", partitioning="hive")
+    schemas = [prediction_schema([]), *(fragment.physical_schema for fragment in found.get_fragments()), found.schema]
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    return pads.dataset(fs_path, schema=schema, filesystem=fs, format="parquet", partitioning="hive")
+
+
+def read_predictions(path: str, columns: Optional[list[str]] = None) -> pd.DataFrame:
+    """All committed prediction rows under `path` (every run date); hidden temp files are ignored."""
+    return predictions_dataset(path).to_table(columns=columns).to_pandas()
