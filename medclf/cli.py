@@ -1,4 +1,4 @@
-"""`medclf` command line: phantoms, train, score, evaluate, explain, demo.
+"""`medclf` command line: phantoms, train, score, evaluate, explain, export, demo.
 
 Each subcommand: parse arguments -> load and validate the config (failing before any work) ->
 one call into the library. `jobs/*.py` are the same subcommands under their own names, for
@@ -122,6 +122,18 @@ def explain_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--output", help="heatmaps folder (explain.output); default <run folder>/explanations")
     p.add_argument("--layer", help="layer to explain, e.g. layer4 (explain.layer); default per architecture")
     p.add_argument("--target", help="class to explain, or 'predicted' (explain.target)")
+    return p
+
+
+def export_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Export a model artifact as ONNX and/or TorchScript, with contract.json (inputs, "
+                               "preprocessing, classes, threshold) beside the files.")
+    p.add_argument("--model", required=True, help="model artifact folder, local or s3://")
+    p.add_argument("--output", required=True, help="folder (local or s3://) for the exported files")
+    p.add_argument("--format", nargs="+", default=["onnx", "torchscript"], choices=["onnx", "torchscript"],
+                   help="formats to write (default: both)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (medclf's own loggers)")
     return p
 
 
@@ -305,6 +317,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from medclf.export import export_artifact
+
+    storage.check_input_url(args.model)
+    doc = export_artifact(args.model, args.output, args.format)
+    print(f"exported {doc['model_id']} -> {args.output}: {', '.join(doc['files'])} + contract.json")
+    return 0
+
+
 def explain_into(cfg: Config, paths: list[str], model: str, output: str):
     from medclf.gradcam import run_explain
 
@@ -356,6 +377,7 @@ COMMANDS = {
     "score": (score_parser, cmd_score),
     "evaluate": (evaluate_parser, cmd_evaluate),
     "explain": (explain_parser, cmd_explain),
+    "export": (export_parser, cmd_export),
     "demo": (demo_parser, cmd_demo),
 }
 

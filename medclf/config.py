@@ -276,7 +276,12 @@ class ScoreConfig(_Section):
     explain_flagged: bool = False
     """After scoring, write Grad-CAM heatmaps (section `explain`) for the files flagged positive in this run."""
     torch_threads: Optional[int] = Field(None, ge=1)
-    """Intra-op threads per inference actor; default: its CPU count (cpus_per_actor, at least 1)."""
+    """Intra-op threads per inference actor (torch or ONNX Runtime); default: its CPU count
+    (cpus_per_actor, at least 1)."""
+    runtime: Literal["torch", "onnxruntime"] = "torch"
+    """What runs the model in the inference actors: eager PyTorch (channels_last; AMP on GPU), or ONNX
+    Runtime's CPU provider on the artifact exported by `medclf.export` (faster on CPU nodes: see
+    docs/benchmarks.md). GPU scoring uses torch."""
     uids: Literal["keep", "hash", "drop"] = "hash"
     """DICOM UIDs in the predictions: raw, keyed hash (HMAC-SHA256 with the site key, so the site can
     re-link by hashing its own UIDs), or left out."""
@@ -357,6 +362,9 @@ class Config(_Section):
             raise ValueError(
                 f"data.positive_class '{self.data.positive_class}' is not in data.classes {self.data.classes}"
             )
+        if self.score.use_gpu and self.score.runtime == "onnxruntime":
+            raise ValueError("score.runtime onnxruntime runs on CPU; GPU scoring uses score.runtime torch "
+                             "(set one of score.use_gpu=false or score.runtime=torch)")
         return self
 
 
