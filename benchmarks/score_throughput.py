@@ -6,11 +6,15 @@ decode, preprocess, ResNet18 at 224 px, atomic Parquet commit) and, in the same 
 single-process loop over the same files on local disk doing the same read, hash, decode,
 preprocess and model call in batches, with the same number of torch threads.
 
+Runtimes: medclf's scoring runs once per `score.runtime` (torch, onnxruntime) and per source (the
+local S3 server, local disk), all in the same run as the plain loop, so the ratios share the load.
+
 Memory: peak RSS summed over every process of the in-process Ray cluster (driver, GCS, raylet,
 workers), sampled every 0.2 s, while scoring N phantom PNGs; compared at two archive sizes.
 
     .venv/bin/python benchmarks/score_throughput.py                      # defaults below
     .venv/bin/python benchmarks/score_throughput.py --n 1000 5000 --memory-n 2000 20000
+    .venv/bin/python benchmarks/score_throughput.py --n 5000 --memory-n --runtimes torch onnxruntime --sources local s3
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from medclf.config import load_config  # noqa: E402
 from medclf.decode import decode  # noqa: E402
 from medclf.models import ModelCard, build_model, load_artifact, save_artifact  # noqa: E402
 from medclf.preprocess import preprocess  # noqa: E402
+from medclf.runs import ALLOCATOR_ENV  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
 
@@ -45,6 +50,19 @@ def make_model(tmp: str, arch: str, size: int) -> str:
     path = os.path.join(tmp, f"model-{arch}-{size}")
     save_artifact(model, card, path)
     return path
+
+
+def _local_copy(files: list[str], folder: str) -> str:
+    """The chosen files under one folder (hard links where possible), as the S3 copy has them."""
+    if not os.path.isdir(folder):
+        os.makedirs(folder)
+        for i, f in enumerate(files):
+            dest = os.path.join(folder, f"{i:06d}.jpeg")
+            try:
+                os.link(f, dest)
+            except OSError:
+                shutil.copyfile(f, dest)
+    return folder
 
 
 def plain_loop(files: list[str], model_path: str, threads: int, batch_size: int, channels_last: bool = False) -> float:
@@ -112,6 +130,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads, for both pipelines")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--use-gpu", action="store_true", help="run medclf's model actor on the GPU")
+    ap.add_argument("--runtimes", nargs="+", default=["torch"], choices=["torch", "onnxruntime"],
+                    help="score.runtime values to measure")
+    ap.add_argument("--sources", nargs="+", default=["s3"], choices=["s3", "local"],
+                    help="where medclf reads the files from: the local S3 server, or local disk")
     args = ap.parse_args()
 
     import ray
@@ -128,6 +150,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="medclf-bench-")
     results = []
     with local_s3_server() as endpoint:
+        os.environ.update({k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()})  # as medclf.runs.init_ray
         ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         model_path = make_model(tmp, args.arch, args.image_size)
@@ -144,13 +167,21 @@ def main() -> None:
                 s3.pipe(f"bench/xray-{n}/{i:06d}.jpeg", open(f, "rb").read())
             baseline = plain_loop(chosen, model_path, args.threads, args.batch_size)
             tuned = plain_loop(chosen, model_path, args.threads, args.batch_size, channels_last=True)
-            summary = run_scoring(cfg, f"bench-{n}", f"s3://bench/xray-{n}", model_path, f"s3://bench/pred-{n}")
-            assert summary.scored == n, summary
-            medclf_rate = n / summary.seconds
-            results.append(("throughput", n, medclf_rate, baseline))
-            print(f"N={n}: medclf {medclf_rate:.1f} images/s (S3, end to end, start-up included) | plain loop "
-                  f"{baseline:.1f} images/s (local files) -> ratio {medclf_rate / baseline:.2f} | plain loop with "
-                  f"channels_last {tuned:.1f} images/s -> ratio {medclf_rate / tuned:.2f}", flush=True)
+            print(f"N={n}: plain loop {baseline:.1f} images/s (local files), with channels_last {tuned:.1f}", flush=True)
+            for runtime in args.runtimes:
+                for source in args.sources:
+                    if runtime == "onnxruntime" and args.use_gpu:
+                        continue
+                    cfg.score.runtime = runtime
+                    src = f"s3://bench/xray-{n}" if source == "s3" else _local_copy(chosen, os.path.join(tmp, f"x-{n}"))
+                    out = f"s3://bench/pred-{n}-{runtime}" if source == "s3" else os.path.join(tmp, f"pred-{n}-{runtime}")
+                    summary = run_scoring(cfg, f"bench-{n}-{runtime}-{source}", src, model_path, out)
+                    assert summary.scored == n, summary
+                    rate = n / summary.seconds
+                    results.append(("throughput", n, rate, baseline))
+                    print(f"N={n}: medclf runtime={runtime} from {source}: {rate:.1f} images/s (end to end, start-up "
+                          f"included) -> {rate / baseline:.2f}x the plain loop, {rate / tuned:.2f}x the channels_last "
+                          "loop", flush=True)
         ray.shutdown()
 
     for n in args.memory_n:

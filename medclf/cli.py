@@ -1,4 +1,4 @@
-"""`medclf` command line: phantoms, train, score, evaluate, explain, export, demo.
+"""`medclf` command line: phantoms, train, score, evaluate, explain, export, runs, demo.
 
 Each subcommand: parse arguments -> load and validate the config (failing before any work) ->
 one call into the library. `jobs/*.py` are the same subcommands under their own names, for
@@ -8,6 +8,7 @@ one call into the library. `jobs/*.py` are the same subcommands under their own 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ from typing import Optional
 from medclf import storage
 from medclf.config import Config, ConfigError, load_config
 from medclf.errors import UserError
+from medclf.tracking import log_job
 from medclf.runs import init_ray, new_run_id, run_folder, save_resolved_config, use_shared_root, check_shared_storage
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -125,6 +127,13 @@ def explain_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
+def runs_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="List the tracked runs (MLflow) with their key figures, newest first.")
+    _add_common(p)
+    p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
+    return p
+
+
 def export_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Export a model artifact as ONNX and/or TorchScript, with contract.json (inputs, "
@@ -226,6 +235,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     save_resolved_config(cfg, run_dir, "score")
     summary = run_scoring(cfg, run_id, cfg.score.input, cfg.score.model, output)
     print(summary)
+    log_job(cfg, "score", run_id, load_card(cfg.score.model).model_id, dataclasses.asdict(summary))
     if cfg.score.explain_flagged:
         from medclf.gradcam import flagged_paths
 
@@ -260,10 +270,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         classes, positive = cfg.data.classes, cfg.data.positive_class
     else:
         raise ConfigError("evaluate needs the class names: --model ARTIFACT, or data.classes in the config")
-    run_dir = run_folder(cfg, new_run_id(cfg))
+    run_id = new_run_id(cfg)
+    run_dir = run_folder(cfg, run_id)
     output = cfg.evaluate.output or storage.join(run_dir, "report")
     report = evaluation_for(cfg, cfg.evaluate.predictions, output, classes, positive, cfg.evaluate.labels, model_id)
     print_metrics(report.metrics)
+    if len(report.metrics):
+        log_job(cfg, "evaluate", run_id, model_id, report.metrics.iloc[0].to_dict())
     print(dropped_note(report.rows_dropped, model_id or "the one model present"))
     print(f"report -> {output}")
     return 0
@@ -314,6 +327,26 @@ def cmd_explain(args: argparse.Namespace) -> int:
     index = explain_into(cfg, paths, cfg.score.model, output)
     failed = int((index["status"] != "ok").sum())
     print(f"explained {len(index) - failed} file(s), {failed} failed -> {output} (index: explanations.parquet)")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from medclf.tracking import list_runs, tracking_uri
+
+    cfg = _config_from(args)
+    uri = tracking_uri(cfg)
+    if uri is None:
+        raise ConfigError("no MLflow store: tracking is off, or run.root is on object storage (set "
+                          "MLFLOW_TRACKING_URI or tracking.uri)")
+    import pandas as pd
+
+    runs = list_runs(uri, args.limit)
+    if runs.empty:
+        print(f"no runs in {uri}")
+        return 0
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4f}".format):
+        print(runs.to_string(index=False))
+    print(f"({len(runs)} run(s) in {uri}; browse with `mlflow ui --backend-store-uri {uri}`)")
     return 0
 
 
@@ -378,6 +411,7 @@ COMMANDS = {
     "evaluate": (evaluate_parser, cmd_evaluate),
     "explain": (explain_parser, cmd_explain),
     "export": (export_parser, cmd_export),
+    "runs": (runs_parser, cmd_runs),
     "demo": (demo_parser, cmd_demo),
 }
 

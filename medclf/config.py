@@ -336,6 +336,15 @@ class ReportConfig(_Section):
     of the path instead (file names often carry patient names or record numbers)."""
 
 
+class TrackingConfig(_Section):
+    enabled: bool = True
+    """Log training, scoring and evaluation runs to MLflow (medclf.tracking)."""
+    uri: Optional[str] = None
+    """MLflow tracking URI; MLFLOW_TRACKING_URI wins; default: a file store at <run.root>/mlruns."""
+    experiment: Optional[str] = None
+    """MLflow experiment; default: run.name."""
+
+
 class RayConfig(_Section):
     address: Optional[str] = None
     """None: start Ray in-process; `auto` or `ray://...`: join that cluster."""
@@ -354,6 +363,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")

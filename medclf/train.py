@@ -36,6 +36,7 @@ from medclf.metrics import choose_threshold, classification_metrics
 from medclf.augment import augment_batch
 from medclf.preprocess import to_model_input
 from medclf.calibration import softmax_with_temperature
+from medclf.tracking import MODEL_TAG, Tracker, numeric_metrics
 from medclf.models import (
     ModelCard,
     apply_transfer_mode,
@@ -492,6 +493,7 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
     )
     storage.makedirs(run_dir)
     check_resume(run_dir, run_fingerprint(cfg, classes, df), restart)
+    tracker = Tracker.start(cfg, os.path.basename(run_dir.rstrip("/")), "train")
     split_file = storage.join(run_dir, "splits.parquet")
     buf = df.to_parquet(index=False)
     storage.write_bytes(split_file, buf)
@@ -531,6 +533,7 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             # Ray keeps the latest checkpoint (resume) plus the 2 best by the selection metric; each
             # holds the best-so-far weights too, so the kept model never depends on deleted files.
+            callbacks=tracker.callbacks(),  # rank 0's epoch metrics into MLflow, from the controller
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2,
                 checkpoint_score_attribute=cfg.train.select_by,
@@ -538,7 +541,11 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
             ),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.end("FAILED")
+        raise
     if result.checkpoint is None:
         raise TrainingError(f"training produced no checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:
@@ -584,6 +591,12 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
         write_validation_report(cfg, val[rows], classes, val_probs[rows], card, storage.join(run_dir, folder),
                                 f"{group}-level validation split")
     storage.write_bytes(storage.join(run_dir, "workers.json"), json.dumps(state["workers"], indent=2).encode())
+    tracker.log(metrics={**numeric_metrics(val_metrics[select_group], "validation."),
+                         **numeric_metrics(card.calibration, "calibration.")},
+                tags={MODEL_TAG: card.model_id, "medclf.threshold_rule": rule},
+                artifacts={name: storage.join(run_dir, name) for name in
+                           ("model", "validation_report", "validation_report_patient", "history.parquet", "curves.png")})
+    tracker.end()
     return TrainResult(model_path, history, card)
 
 
