@@ -1,4 +1,4 @@
-"""`medclf` command line: phantoms, train, score, evaluate, explain, export, runs, demo.
+"""`medclf` command line: phantoms, train, score, evaluate, explain, serve, export, runs, demo.
 
 Each subcommand: parse arguments -> load and validate the config (failing before any work) ->
 one call into the library. `jobs/*.py` are the same subcommands under their own names, for
@@ -124,6 +124,16 @@ def explain_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--output", help="heatmaps folder (explain.output); default <run folder>/explanations")
     p.add_argument("--layer", help="layer to explain, e.g. layer4 (explain.layer); default per architecture")
     p.add_argument("--target", help="class to explain, or 'predicted' (explain.target)")
+    return p
+
+
+def serve_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Online endpoint (Ray Serve): POST /predict with an image, GET /healthz, GET /model.")
+    _add_common(p)
+    p.add_argument("--model", help="model artifact folder, local or s3:// (serve.model)")
+    p.add_argument("--host", help="address to listen on (serve.host); default 127.0.0.1")
+    p.add_argument("--port", type=int, help="port (serve.port); default 8000")
     return p
 
 
@@ -330,6 +340,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    extra = [f"serve.port={args.port}"] if args.port else []
+    cfg = _config_from(args, extra, {"serve.model": "model", "serve.host": "host"})
+    if not cfg.serve.model:
+        raise ConfigError("serve needs a model (--model or serve.model)")
+    from medclf.models import load_card
+
+    load_card(cfg.serve.model)  # a bad artifact fails here, before Ray starts
+    from medclf.serve import run_server
+
+    init_ray(cfg)
+    run_server(cfg, blocking=True)
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from medclf.tracking import list_runs, tracking_uri
 
@@ -411,6 +436,7 @@ COMMANDS = {
     "evaluate": (evaluate_parser, cmd_evaluate),
     "explain": (explain_parser, cmd_explain),
     "export": (export_parser, cmd_export),
+    "serve": (serve_parser, cmd_serve),
     "runs": (runs_parser, cmd_runs),
     "demo": (demo_parser, cmd_demo),
 }

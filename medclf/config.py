@@ -336,6 +336,37 @@ class ReportConfig(_Section):
     of the path instead (file names often carry patient names or record numbers)."""
 
 
+class ServeConfig(_Section):
+    """The online endpoint (medclf.serve, Ray Serve): one answer per request, same decode,
+    preprocessing, model and decision as batch scoring."""
+
+    model: Optional[str] = None
+    """Model artifact folder; local or s3://."""
+    host: str = "127.0.0.1"
+    """Where Ray Serve's HTTP proxy listens (0.0.0.0 to accept other machines)."""
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    """Autoscaling bounds; equal: a fixed number of replicas."""
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    """Autoscaling target: requests in flight per replica."""
+    cpus_per_replica: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    """One GPU per replica (torch with AMP)."""
+    max_batch_size: int = Field(16, ge=1)
+    """Requests that arrive together are run through the model as one batch (@serve.batch) ..."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    """... after waiting at most this long for the batch to fill."""
+    runtime: Literal["torch", "onnxruntime"] = "torch"
+    threads: Optional[int] = Field(None, ge=1)
+    """Intra-op threads per replica; default: its CPUs (at least 1)."""
+    frames: Literal["middle", "all", "refuse"] = "middle"
+    """Multi-frame DICOM: answer for the middle frame (one answer per study), every frame, or refuse."""
+    max_file_mb: float = Field(64.0, gt=0)
+    """Larger request bodies are refused (413) before decoding."""
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     """Log training, scoring and evaluation runs to MLflow (medclf.tracking)."""
@@ -363,6 +394,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -375,6 +407,11 @@ class Config(_Section):
         if self.score.use_gpu and self.score.runtime == "onnxruntime":
             raise ValueError("score.runtime onnxruntime runs on CPU; GPU scoring uses score.runtime torch "
                              "(set one of score.use_gpu=false or score.runtime=torch)")
+        if self.serve.use_gpu and self.serve.runtime == "onnxruntime":
+            raise ValueError("serve.runtime onnxruntime runs on CPU; GPU serving uses serve.runtime torch")
+        if self.serve.min_replicas > self.serve.max_replicas:
+            raise ValueError(f"serve.min_replicas ({self.serve.min_replicas}) is above serve.max_replicas "
+                             f"({self.serve.max_replicas})")
         return self
 
 

@@ -58,11 +58,12 @@ def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, fr
 
 
 def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, frames: str,
-               max_file_bytes: Optional[int], uids: tuple = ("keep", None)) -> Iterator[dict]:
+               max_file_bytes: Optional[int], uids: tuple = ("keep", None), data: Optional[bytes] = None) -> Iterator[dict]:
+    """A file's rows; `data`: its bytes when they came another way (the online endpoint's request body)."""
     row: dict = {"path": path, "size": -1, "checksum": None, "frame": None, "status": None, "error": None,
                  "error_kind": None, "pixels": None, "first_row": True}
     try:
-        data = storage.read_input(path, max_file_bytes)
+        data = storage.read_input(path, max_file_bytes) if data is None else data
         row.update(size=len(data), checksum=hashlib.sha256(data).hexdigest())
         if _in(skip_keys, scored_key(path, row["checksum"])):
             yield {**row, "status": ALREADY_SCORED}

@@ -31,7 +31,7 @@ def entrypoints(doc):
 def test_cluster_yamls_exist_and_parse():
     names = {os.path.relpath(p, ROOT) for p in CLUSTER_YAMLS}
     assert {"cluster/aws.yaml", "cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob-train.yaml",
-            "cluster/kuberay/raycronjob-score.yaml"} <= names
+            "cluster/kuberay/raycronjob-score.yaml", "cluster/kuberay/rayservice-serve.yaml"} <= names
     for p in CLUSTER_YAMLS:
         assert isinstance(load(p), dict), p
 
@@ -39,11 +39,20 @@ def test_cluster_yamls_exist_and_parse():
 @pytest.mark.parametrize("path", [p for p in CLUSTER_YAMLS if "kuberay" in p])
 def test_kuberay_manifests(path):
     doc = load(path)
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in {"RayCluster", "RayJob", "RayCronJob"}
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in {"RayCluster", "RayJob", "RayCronJob", "RayService"}
+    if doc["kind"] == "RayService":  # the Serve application builds from the config it names
+        from medclf.serve import app_builder
+
+        serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+        for app in serve_config["applications"]:
+            assert app["import_path"] == "medclf.serve:app_builder" and callable(app_builder)
+            cfg = load_config(os.path.join(ROOT, app["args"]["config"]), app["args"].get("set", []))
+            assert cfg.serve.max_replicas >= cfg.serve.min_replicas
     spec = doc["spec"]
     if doc["kind"] == "RayCronJob":
         assert len(spec["schedule"].split()) == 5
-    cluster = spec.get("rayClusterSpec") or spec.get("jobTemplate", {}).get("rayClusterSpec") or spec
+    cluster = (spec.get("rayClusterSpec") or spec.get("rayClusterConfig")
+               or spec.get("jobTemplate", {}).get("rayClusterSpec") or spec)
     assert cluster["rayVersion"] == "2.60.0"
     gpus_per_worker_pod = [int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
                            for g in cluster["workerGroupSpecs"]]
