@@ -159,7 +159,7 @@ def main() -> None:
         cfg = load_config(None, [
             f"score.batch_size={args.batch_size}", "score.num_actors=1", "score.cpus_per_actor=1",
             f"score.torch_threads={args.threads}", "score.decode_batch_size=16", "score.rows_per_file=2000",
-            f"score.use_gpu={str(args.use_gpu).lower()}", "score.extensions=[.jpeg]",
+            f"score.use_gpu={str(args.use_gpu).lower()}", "score.extensions=[.jpeg]", "score.uids=drop",
         ])
         for n in args.n:
             chosen = sorted(rng.choice(files, n, replace=False))
@@ -191,7 +191,7 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         model_path = make_model(tmp, "small_cnn", 128)
         mcfg = load_config(None, ["score.batch_size=64", "score.cpus_per_actor=1", "score.rows_per_file=5000",
-                                  "score.extensions=[.png]"])
+                                  "score.extensions=[.png]", "score.uids=drop"])
         with TreeRSS() as rss:
             summary = run_scoring(mcfg, f"mem-{n}", os.path.join(root, "test"), model_path,
                                   os.path.join(tmp, f"pred-mem-{n}"))
