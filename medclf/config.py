@@ -336,6 +336,15 @@ class ReportConfig(_Section):
     of the path instead (file names often carry patient names or record numbers)."""
 
 
+class ModelCardConfig(_Section):
+    """What the model card (MODEL_CARD.md beside model.json) says the model is for."""
+
+    intended_use: Optional[str] = None
+    out_of_scope_use: Optional[str] = None
+    population: Optional[str] = None
+    """Who the training images came from (age, site, era, equipment), as far as known."""
+
+
 class ServeConfig(_Section):
     """The online endpoint (medclf.serve, Ray Serve): one answer per request, same decode,
     preprocessing, model and decision as batch scoring."""
@@ -394,6 +403,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

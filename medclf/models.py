@@ -281,6 +281,12 @@ class ModelCard:
     """How the temperature was fitted: on which data, log loss and ECE before and after."""
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    intended_use: dict = field(default_factory=dict)
+    """Intended and out-of-scope use, training population (config `model_card`; medclf.model_card)."""
+    provenance: dict = field(default_factory=dict)
+    """Training data (source, images per class and split, split scheme), software versions, config hash."""
+    failure_modes: list = field(default_factory=list)
+    """The most confident validation errors: file (hashed), true and predicted class, probability."""
     model_id: str = ""
     created_at: str = ""
     artifact_version: int = ARTIFACT_VERSION
@@ -393,7 +399,8 @@ def validate_card(raw, card_path: str) -> ModelCard:
     temperature = raw.get("temperature", 1.0)  # calibration; optional in cards written before it existed
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise bad("temperature", f"must be a number > 0, got {temperature!r}")
-    for name, kind in (("preprocess", dict), ("metrics", dict), ("config", dict)):
+    for name, kind in (("preprocess", dict), ("metrics", dict), ("config", dict), ("intended_use", dict),
+                       ("provenance", dict), ("failure_modes", list)):
         if name in raw and not isinstance(raw[name], kind):
             raise bad(name, f"must be a JSON object, got {type(raw[name]).__name__}")
     try:

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from medclf import data as data_mod
-from medclf import storage
+from medclf import model_card, storage
 from medclf.config import Config, ConfigError
 from medclf.metrics import choose_threshold, classification_metrics
 from medclf.augment import augment_batch
@@ -580,9 +580,15 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
         metrics={"validation": val_metrics[select_group], "selected_on": f"{select_group} validation",
                  **{f"validation_{group}": m for group, m in val_metrics.items()}},
         config=cfg.model_dump(mode="json"),
+        intended_use=cfg.model_card.model_dump(),
+        provenance=model_card.provenance(cfg, df, classes),
+        failure_modes=model_card.failure_modes(
+            list(splits[cfg.data.val_split]["path"][select]), arrays["val_y"][select], val_probs[select], classes,
+            threshold, positive_index, cfg.report.show_paths),
     )
     model_path = storage.join(run_dir, "model")
     card = save_artifact(model, card, model_path)
+    model_card.write(card, model_path)
     write_history(history, run_dir)
     val = splits[cfg.data.val_split]
     for group in val_metrics:
