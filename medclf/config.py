@@ -235,6 +235,15 @@ class TrainConfig(_Section):
     """torch DataLoader worker processes per train worker."""
     channels_last: bool = True
     """NHWC memory layout: faster convolutions on CPU (~1.3x for ResNet18 at 128 px here) and GPU."""
+    data_path: Literal["stream", "memory"] = "stream"
+    """`stream`: each worker streams its shard of the preprocessed cache (Ray Data), memory flat in the
+    data set's size. `memory`: the whole cache as arrays in the object store, every worker indexing it
+    (small data sets only)."""
+    cache_root: Optional[str] = None
+    """Folder or s3:// prefix of the preprocessed cache (medclf.cache); None: `<run folder>/cache`.
+    Set it to share one cache between runs of the same files and preprocessing."""
+    shuffle_buffer: int = Field(512, ge=0)
+    """Rows per worker in the local shuffle buffer of the stream path (on top of a per-epoch block order)."""
 
     @field_validator("augment", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ Flow:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,13 +24,14 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from medclf import cache as cache_mod
 from medclf import data as data_mod
 from medclf import storage
 from medclf.config import Config, ConfigError, TrainConfig
@@ -75,6 +77,7 @@ class TrainResult:
     model_path: str
     history: pd.DataFrame
     card: ModelCard
+    caches: Optional[dict] = None  # split name -> medclf.cache.SplitCache (built or reused)
 
 
 # ---------------------------------------------------------------- worker side
@@ -353,8 +356,38 @@ class MemoryData(WorkerData):
         return self.val
 
 
+class ShardData(WorkerData):
+    """This worker's shards of the cached datasets (Ray Data), streamed: a seeded shuffle per epoch."""
+
+    def __init__(self, job: LoopConfig, rank: int, world: int):
+        import ray.train
+
+        self.job, self.rank, self.world = job, rank, world
+        self.train, self.val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    def train_batches(self, epoch: int) -> Iterable:
+        tc, spec = self.job.cfg.train, self.job.cfg.preprocess
+        return self.train.iter_torch_batches(
+            batch_size=tc.batch_size, drop_last=self.job.n_train > tc.batch_size * self.world,
+            local_shuffle_buffer_size=max(tc.shuffle_buffer, tc.batch_size) if tc.shuffle_buffer else None,
+            local_shuffle_seed=shuffle_seed(self.job.cfg.run.seed, epoch, self.rank),
+            collate_fn=functools.partial(cache_mod.torch_batch, spec=spec))
+
+    def val_batches(self) -> Iterable:
+        return self.val.iter_torch_batches(
+            batch_size=self.job.cfg.train.batch_size * 2,
+            collate_fn=functools.partial(cache_mod.torch_batch, spec=self.job.cfg.preprocess, second="row"))
+
+
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local shuffle's seed: another order every epoch and worker, the same on every run."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % 2**32
+
+
 def worker_data(job: LoopConfig, loop_config: dict, rank: int, world: int) -> WorkerData:
-    return MemoryData(job, loop_config["data_ref"], world)
+    if job.cfg.train.data_path == "memory":
+        return MemoryData(job, loop_config["data_ref"], world)
+    return ShardData(job, rank, world)
 
 
 @dataclass
@@ -602,20 +635,6 @@ def start_run(cfg: Config, run_dir: str, prepared, restart: bool) -> TrainingInp
     return TrainingInputs(classes, positive, train, val, labels["train"], labels["val"], validation_groups(val))
 
 
-def load_arrays(cfg: Config, inputs: TrainingInputs) -> dict:
-    """Every training and validation image decoded + preprocessed into arrays; a bad file fails here."""
-    arrays = {"train_y": inputs.train_y, "val_y": inputs.val_y}
-    for name, part in (("train", inputs.train), ("val", inputs.val)):
-        pixels, errors = preprocess_all(list(part["path"]), cfg)
-        if errors:
-            shown = "\n  ".join(errors[:10])
-            raise data_mod.DatasetError(
-                f"{len(errors)} unreadable image(s) in the {name} split; fix or remove them before training:\n  {shown}"
-                + ("\n  ..." if len(errors) > 10 else ""))
-        arrays[f"{name}_x"] = pixels
-    return arrays
-
-
 def make_trainer(cfg: Config, run_dir: str, loop_config: dict, **data_kwargs):
     """The TorchTrainer of the run: workers, checkpoints in the run folder, failures retried."""
     import ray.train
@@ -646,17 +665,35 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
     """Train per `cfg`; `prepared` is `prepare_data(cfg)` when the caller already checked the data.
     A re-used run id resumes only if its classes, architecture, preprocessing and data are unchanged
     (check_resume); `restart` starts it over."""
-    import ray
-
     inputs = start_run(cfg, run_dir, prepared, restart)
-    arrays = load_arrays(cfg, inputs)
-    loop_config = {"job": inputs.job(cfg).model_dump(mode="json"), "data_ref": ray.put(arrays)}
-    result = make_trainer(cfg, run_dir, loop_config).fit()
+    root = cfg.train.cache_root or storage.join(run_dir, "cache")
+    caches = {name: cache_mod.ensure_cache(name, part, y, inputs.classes, cfg, root) for name, part, y in
+              (("train", inputs.train, inputs.train_y), ("val", inputs.val, inputs.val_y))}
+    loop_config, data_kwargs, val_x = feed(cfg, inputs, caches)
+    result = make_trainer(cfg, run_dir, loop_config, **data_kwargs).fit()
     if result.checkpoint is None:
         raise TrainingError(f"training produced no checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    return finish_run(cfg, run_dir, inputs, state, lambda rows: arrays["val_x"][rows])
+    trained = finish_run(cfg, run_dir, inputs, state, lambda rows: val_x()[rows])
+    trained.caches = caches
+    return trained
+
+
+def feed(cfg: Config, inputs: TrainingInputs, caches: dict) -> tuple[dict, dict, Callable[[], np.ndarray]]:
+    """How the workers get the cached images (train.data_path): their shards of the cache streamed
+    (Ray Data datasets), or the whole cache as arrays in the object store. Returns the loop config,
+    the trainer's data arguments and a reader of the validation images for the driver."""
+    import ray
+
+    job = {"job": inputs.job(cfg).model_dump(mode="json")}
+    if cfg.train.data_path == "memory":
+        arrays = {"train_x": cache_mod.read_pixels(caches["train"], cfg.preprocess), "train_y": inputs.train_y,
+                  "val_x": cache_mod.read_pixels(caches["val"], cfg.preprocess)}
+        return {**job, "data_ref": ray.put(arrays)}, {}, lambda: arrays["val_x"]
+    datasets = {"train": cache_mod.dataset(caches["train"], seed=cfg.run.seed), "val": cache_mod.dataset(caches["val"])}
+    return job, {"datasets": datasets, "dataset_config": cache_mod.shard_config()}, \
+        lambda: cache_mod.read_pixels(caches["val"], cfg.preprocess)
 
 
 def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, val_pixels) -> TrainResult:
