@@ -365,13 +365,14 @@ class ShardData(WorkerData):
         self.job, self.rank, self.world = job, rank, world
         self.train, self.val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
-    def train_batches(self, epoch: int) -> Iterable:
+    def train_batches(self, epoch: int, second: str = "label") -> Iterable:
+        """(x, label) batches; `second="row"`: (x, row of the split) instead, to see what a shard holds."""
         tc, spec = self.job.cfg.train, self.job.cfg.preprocess
         return self.train.iter_torch_batches(
             batch_size=tc.batch_size, drop_last=self.job.n_train > tc.batch_size * self.world,
             local_shuffle_buffer_size=max(tc.shuffle_buffer, tc.batch_size) if tc.shuffle_buffer else None,
             local_shuffle_seed=shuffle_seed(self.job.cfg.run.seed, epoch, self.rank),
-            collate_fn=functools.partial(cache_mod.torch_batch, spec=spec))
+            collate_fn=functools.partial(cache_mod.torch_batch, spec=spec, second=second))
 
     def val_batches(self) -> Iterable:
         return self.val.iter_torch_batches(
@@ -635,14 +636,15 @@ def start_run(cfg: Config, run_dir: str, prepared, restart: bool) -> TrainingInp
     return TrainingInputs(classes, positive, train, val, labels["train"], labels["val"], validation_groups(val))
 
 
-def make_trainer(cfg: Config, run_dir: str, loop_config: dict, **data_kwargs):
-    """The TorchTrainer of the run: workers, checkpoints in the run folder, failures retried."""
+def make_trainer(cfg: Config, run_dir: str, loop_config: dict, loop=None, **data_kwargs):
+    """The TorchTrainer of the run: workers, checkpoints in the run folder, failures retried.
+    `loop`: train_loop_per_worker unless a test streams with another."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     tc = cfg.train
     return TorchTrainer(
-        train_loop_per_worker,
+        loop or train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, placement_strategy=tc.placement_strategy,
