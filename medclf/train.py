@@ -2,11 +2,14 @@
 
 Flow:
   1. discover the labelled files, carve a patient-level validation split (medclf.data);
-  2. decode + preprocess every image once with the scoring stage (Ray Data tasks), so a bad
-     file fails the run before training starts, and workers never re-decode per epoch;
-  3. TorchTrainer runs `train_loop_per_worker` on N workers (DDP); each epoch reports metrics
-     and a checkpoint (latest state + best-so-far weights); a restarted worker or a re-run of the
-     same run id resumes from the latest checkpoint;
+  2. decode + preprocess every image once with the scoring stage (Ray Data tasks) into the
+     preprocessed cache (medclf.cache: Parquet shards keyed by the files and the preprocessing),
+     so a bad file fails the run before training starts, and a resume or re-run reuses it;
+  3. TorchTrainer runs `train_loop_per_worker` on N workers (DDP); each streams its shard of the
+     cache (train.data_path=stream: Ray Data, a seeded shuffle per epoch; `memory`: the whole cache
+     as object-store arrays), and each epoch reports metrics and a checkpoint (latest state +
+     best-so-far weights); a restarted worker or a re-run of the same run id resumes from the
+     latest checkpoint;
   4. the driver picks the decision threshold on validation scores of the best epoch and writes
      the model artifact, the metrics history (Parquet) and curves (PNG).
 """
