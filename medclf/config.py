@@ -235,6 +235,18 @@ class TrainConfig(_Section):
     """torch DataLoader worker processes per train worker."""
     channels_last: bool = True
     """NHWC memory layout: faster convolutions on CPU (~1.3x for ResNet18 at 128 px here) and GPU."""
+    data_path: Literal["auto", "stream", "memory"] = "auto"
+    """`stream`: each worker streams its shard of the preprocessed cache (Ray Data), memory flat in the
+    data set's size. `memory`: the whole cache as arrays in the object store, every worker indexing it
+    (faster on small data: docs/benchmarks.md). `auto`: memory when the images take at most
+    `memory_limit_mb` as float32, stream otherwise."""
+    memory_limit_mb: float = Field(2048.0, gt=0)
+    """Largest data set (train + validation images as float32) `data_path: auto` keeps in memory."""
+    cache_root: Optional[str] = None
+    """Folder or s3:// prefix of the preprocessed cache (medclf.cache); None: `<run folder>/cache`.
+    Set it to share one cache between runs of the same files and preprocessing."""
+    shuffle_buffer: int = Field(512, ge=0)
+    """Rows per worker in the local shuffle buffer of the stream path (on top of a per-epoch block order)."""
 
     @field_validator("augment", mode="before")
     @classmethod

@@ -281,3 +281,23 @@ def download_dir(src: str, local_dir: str) -> str:
     fs, p = filesystem(src)
     fs.get(p.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
     return local_dir
+
+
+def file_stats(paths: list[str]) -> list[str]:
+    """Per path, "size:modified" (mtime locally, ETag or LastModified on object stores), without
+    reading the files: cheap change detection. One listing per folder on object stores."""
+    out: list = [None] * len(paths)
+    remote: dict = {}
+    for i, path in enumerate(paths):
+        if is_remote(path):
+            remote.setdefault(posixpath.dirname(path), []).append(i)
+        else:
+            st = os.stat(path)
+            out[i] = f"{st.st_size}:{st.st_mtime_ns}"
+    for folder, rows in remote.items():
+        fs, p = filesystem(folder)
+        entries = {e["name"]: e for e in fs.ls(p, detail=True)}
+        for i in rows:
+            e = entries.get(filesystem(paths[i])[1]) or fs.info(filesystem(paths[i])[1])
+            out[i] = f"{e.get('size')}:{e.get('ETag') or e.get('LastModified') or e.get('mtime')}"
+    return out

@@ -2,17 +2,21 @@
 
 Flow:
   1. discover the labelled files, carve a patient-level validation split (medclf.data);
-  2. decode + preprocess every image once with the scoring stage (Ray Data tasks), so a bad
-     file fails the run before training starts, and workers never re-decode per epoch;
-  3. TorchTrainer runs `train_loop_per_worker` on N workers (DDP); each epoch reports metrics
-     and a checkpoint (latest state + best-so-far weights); a restarted worker or a re-run of the
-     same run id resumes from the latest checkpoint;
+  2. decode + preprocess every image once with the scoring stage (Ray Data tasks) into the
+     preprocessed cache (medclf.cache: Parquet shards keyed by the files and the preprocessing),
+     so a bad file fails the run before training starts, and a resume or re-run reuses it;
+  3. TorchTrainer runs `train_loop_per_worker` on N workers (DDP); each streams its shard of the
+     cache (train.data_path=stream: Ray Data, a seeded shuffle per epoch; `memory`: the whole cache
+     as object-store arrays), and each epoch reports metrics and a checkpoint (latest state +
+     best-so-far weights); a restarted worker or a re-run of the same run id resumes from the
+     latest checkpoint;
   4. the driver picks the decision threshold on validation scores of the best epoch and writes
      the model artifact, the metrics history (Parquet) and curves (PNG).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,16 +26,18 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
+from medclf import cache as cache_mod
 from medclf import data as data_mod
 from medclf import model_card, storage
-from medclf.config import Config, ConfigError
+from medclf.config import Config, ConfigError, TrainConfig
 from medclf.metrics import choose_threshold, classification_metrics
 from medclf.augment import augment_batch
 from medclf.preprocess import to_model_input
@@ -75,13 +81,14 @@ class TrainResult:
     model_path: str
     history: pd.DataFrame
     card: ModelCard
+    caches: Optional[dict] = None  # split name -> medclf.cache.SplitCache (built or reused)
 
 
 # ---------------------------------------------------------------- worker side
 
 
-def _lr_lambda(cfg: dict):
-    epochs, warmup, kind = cfg["epochs"], cfg["warmup_epochs"], cfg["scheduler"]
+def _lr_lambda(tc: TrainConfig):
+    epochs, warmup, kind = tc.epochs, tc.warmup_epochs, tc.scheduler
 
     def factor(epoch: int) -> float:
         if warmup and epoch < warmup:
@@ -164,6 +171,27 @@ def _gather(values: list) -> list:
     return [v for part in parts for v in part]
 
 
+class LoopConfig(BaseModel):
+    """What a training process gets: the run's typed config plus what the driver derived from the data.
+
+    It travels as `model_dump(mode="json")` and is validated again in the worker, so the loop reads
+    typed fields (`job.cfg.train.epochs`), never raw dict keys.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    cfg: Config
+    classes: list[str]
+    class_weights: list[float]
+    positive_index: Optional[int] = None
+    n_train: int = 0
+    val_y: list[int] = Field(default_factory=list)
+    """Validation labels, by validation row (the order of the validation split)."""
+    val_select: list[bool] = Field(default_factory=list)
+    """Validation rows the epoch is selected on (the family part under data.val_scheme=family)."""
+    val_patient: list[bool] = Field(default_factory=list)
+    """Validation rows of the patient-level part."""
+
+
 @dataclass
 class TrainingParts:
     """Model, optimiser, schedule, loss, AMP scaler and weight average for one training process.
@@ -182,49 +210,55 @@ class TrainingParts:
     ema: object
     use_amp: bool
     device: torch.device
-    config: dict
+    job: LoopConfig
     trainable: int
     total: int
 
     @classmethod
-    def build(cls, config: dict, device: torch.device, wrap=lambda m: m) -> "TrainingParts":
+    def build(cls, job: LoopConfig, device: torch.device, wrap=lambda m: m) -> "TrainingParts":
         """`wrap`: ray.train.torch.prepare_model on a Train worker (DDP + device), identity otherwise."""
-        mc, tc = config["model"], config["train"]
-        model = build_model(mc["arch"], len(config["classes"]), mc["weights"], mc["dropout"])
-        frozen = apply_transfer_mode(model, mc["arch"], mc["transfer"])
+        mc, tc = job.cfg.model, job.cfg.train
+        model = build_model(mc.arch, len(job.classes), mc.weights, mc.dropout)
+        frozen = apply_transfer_mode(model, mc.arch, mc.transfer)
         trainable, total = count_parameters(model)
-        if tc["channels_last"]:
+        if tc.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = wrap(model.to(device))
         params = [p for p in model.parameters() if p.requires_grad]
-        if tc["optimizer"] == "sgd":
-            optimizer = torch.optim.SGD(params, lr=tc["lr"], momentum=0.9, weight_decay=tc["weight_decay"], nesterov=True)
+        if tc.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay, nesterov=True)
         else:
-            optimizer = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
+            optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc))
-        class_weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
-        criterion = torch.nn.CrossEntropyLoss(weight=class_weights, label_smoothing=tc["label_smoothing"])
+        class_weights = torch.tensor(job.class_weights, dtype=torch.float32, device=device)
+        criterion = torch.nn.CrossEntropyLoss(weight=class_weights, label_smoothing=tc.label_smoothing)
         use_amp = device.type == "cuda"
         unwrapped = model.module if hasattr(model, "module") else model
         ema = None
-        if tc["ema_decay"] > 0:
+        if tc.ema_decay > 0:
             # Weight averaging (torch's AveragedModel): the averaged copy, BatchNorm buffers included,
             # is what gets validated and saved; it generalises better than the last step's weights.
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-            ema = AveragedModel(unwrapped, multi_avg_fn=get_ema_multi_avg_fn(tc["ema_decay"]), use_buffers=True)
+            ema = AveragedModel(unwrapped, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
         return cls(model, unwrapped, frozen, optimizer, scheduler, criterion, torch.amp.GradScaler("cuda", enabled=use_amp),
-                   ema, use_amp, device, config, trainable, total)
+                   ema, use_amp, device, job, trainable, total)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What is validated and kept: the weight average when on, else the plain (not DDP) module."""
+        return self.ema.module if self.ema is not None else self.unwrapped
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_model_input(x.to(self.device))
+        return x.contiguous(memory_format=torch.channels_last) if self.job.cfg.train.channels_last else x
 
     def step(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Augment, forward, backward, optimiser step, weight average; returns (loss, logits)."""
-        tc, pc = self.config["train"], self.config["preprocess"]
-        if tc["augment"]["enabled"]:
-            x = augment_batch(x.cpu(), tc["augment"], pc["mean"], pc["std"], gen)  # 1-channel form: 3x cheaper
-        x = to_model_input(x.to(self.device))
-        y = y.to(self.device)
-        if tc["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
+        tc, pc = self.job.cfg.train, self.job.cfg.preprocess
+        if tc.augment.enabled:
+            x = augment_batch(x.cpu(), tc.augment.model_dump(), pc.mean, pc.std, gen)  # 1-channel form: 3x cheaper
+        x, y = self._input(x), y.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             logits = self.model(x)
             loss = self.criterion(logits.float(), y)
@@ -236,176 +270,273 @@ class TrainingParts:
             self.ema.update_parameters(self.unwrapped)
         return loss.detach(), logits.detach()
 
+    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Validation forward pass of the kept model: log-probabilities on the CPU."""
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            logits = self.eval_model(self._input(x))
+        return torch.log_softmax(logits.float(), 1).cpu()
 
-def train_loop_per_worker(config: dict) -> None:
-    """The training loop Ray Train runs on every worker (one config dict in, reports out)."""
-    import ray
+
+# ------------------------------------------------ the worker loop and its parts
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """The training loop Ray Train runs on every worker: resume, then per epoch train, validate,
+    decide (best epoch, early stop, time box), report a line and a checkpoint."""
     import ray.train
     import ray.train.torch
-    from torch.utils.data import DataLoader, TensorDataset
 
-    tc = config["train"]
-    # One progress line per epoch is ours; Train's own per-report INFO lines are noise here.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    job = LoopConfig.model_validate(loop_config["job"])
+    tc = job.cfg.train
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our epoch line is enough
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"] + rank)
+    torch.manual_seed(job.cfg.run.seed + rank)
     device = ray.train.torch.get_device()
-
-    arrays = ray.get(config["data_ref"])  # zero-copy from the object store
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # object-store arrays are read-only; we never write them
-        train_ds = TensorDataset(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"]))
-        val_ds = TensorDataset(
-            torch.from_numpy(arrays["val_x"]), torch.from_numpy(arrays["val_y"]), torch.arange(len(arrays["val_y"]))
-        )
-    train_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(train_ds, batch_size=tc["batch_size"], shuffle=True, num_workers=tc["loader_workers"], drop_last=len(train_ds) > tc["batch_size"] * world)
-    )
-    val_loader = ray.train.torch.prepare_data_loader(DataLoader(val_ds, batch_size=tc["batch_size"] * 2, shuffle=False))
-
-    parts = TrainingParts.build(config, device, wrap=ray.train.torch.prepare_model)
+    data = worker_data(job, loop_config, rank, world)
+    parts = TrainingParts.build(job, device, wrap=ray.train.torch.prepare_model)
     if rank == 0:
-        mc = config["model"]
-        _say(f"{mc['arch']} transfer={mc['transfer']}: {parts.trainable:,} of {parts.total:,} parameters trainable")
-    model, unwrapped, ema, frozen = parts.model, parts.unwrapped, parts.ema, parts.frozen
-    optimizer, scheduler, use_amp = parts.optimizer, parts.scheduler, parts.use_amp
-    eval_model = ema.module if ema is not None else model
-    select_key = tc["select_by"]
-
+        mc = job.cfg.model
+        _say(f"{mc.arch} transfer={mc.transfer}: {parts.trainable:,} of {parts.total:,} parameters trainable")
     # Where each worker runs (node id per rank), kept with the run for placement checks.
     workers = _gather([{"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "device": str(device)}])
-    start_epoch, history = 0, []
-    # best: the epoch kept (by select_by); lowest_loss: what early stopping watches
-    best = {"val_loss": float("inf"), "score": -float("inf"), "epoch": -1, "state": None, "val_log_probs": None}
-    lowest_loss = {"val_loss": float("inf"), "epoch": 0}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        unwrapped.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        if state.get("scaler"):
-            parts.scaler.load_state_dict(state["scaler"])
-        start_epoch, history, best, lowest_loss = state["epoch"] + 1, state["history"], state["best"], state["lowest_loss"]
-        if rank == 0:
-            _say(f"resuming from the checkpoint of epoch {start_epoch}")
-
-    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-    if ckpt and state.get("rng"):  # continue the random streams where the checkpointed epoch left them
-        set_rng_state(state["rng"][rank], gen)
-    epochs, patience = tc["epochs"], tc["early_stopping_patience"]
-    run_start = time.time()
-    for epoch in range(start_epoch, epochs):
+    state, gen = resume(parts, ray.train.get_checkpoint(), rank)
+    start_epoch, run_start = state.next_epoch, time.time()
+    for epoch in range(start_epoch, tc.epochs):
         t0 = time.time()
-        if world > 1:
-            train_loader.sampler.set_epoch(epoch)
-        set_train_mode(model, frozen)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in train_loader:
-            loss, logits = parts.step(x, y, gen)
-            loss_sum += float(loss) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
+        loss_sum, correct, seen = train_one_epoch(parts, data.train_batches(epoch), gen)
         train_seconds = time.time() - t0
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-
-        eval_model.eval()
-        idx_all, logp_all = [], []
-        with torch.inference_mode():
-            for x, _, idx in val_loader:
-                x = to_model_input(x)
-                if tc["channels_last"]:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    logits = eval_model(x)
-                logp_all.extend(torch.log_softmax(logits.float(), 1).cpu().tolist())
-                idx_all.extend(idx.cpu().tolist())
+        lr = parts.optimizer.param_groups[0]["lr"]
+        parts.scheduler.step()
+        val_log_probs = validate(parts, data.val_batches())
         # elapsed time travels with the totals so every worker takes the same time-box decision
         totals = _gather([(loss_sum, correct, seen, time.time() - run_start)])
-        pairs = dict(zip(_gather(idx_all), _gather(logp_all)))  # DistributedSampler pads: dedupe by index
-        val_log_probs = np.array([pairs[i] for i in sorted(pairs)], np.float32)
-        vm = _validation_metrics(val_log_probs, arrays, config["positive_index"])
-        n_seen = sum(t[2] for t in totals)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": sum(t[0] for t in totals) / max(1, n_seen),
-            "train_accuracy": sum(t[1] for t in totals) / max(1, n_seen),
-            "val_loss": vm["log_loss"],
-            "val_accuracy": vm["accuracy"],
-            "val_roc_auc": vm["roc_auc"],
-            "val_patient_roc_auc": vm["patient_roc_auc"],
-            "lr": lr,
-            "images_per_s": n_seen / max(train_seconds, 1e-9),
-            "epoch_seconds": time.time() - t0,
-        }
-        history.append(row)
-        score = -row["val_loss"] if select_key == "val_loss" else row[select_key]
-        improved = score > best["score"] or best["epoch"] < 0
-        if improved:
-            kept = ema.module if ema is not None else unwrapped
-            best = {
-                "val_loss": row["val_loss"],
-                "score": float(score),
-                "epoch": epoch + 1,
-                "state": {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()},
-                "val_log_probs": torch.from_numpy(val_log_probs),
-            }
-        if row["val_loss"] < lowest_loss["val_loss"]:
-            lowest_loss = {"val_loss": row["val_loss"], "epoch": epoch + 1}
-        stale = (epoch + 1) - lowest_loss["epoch"]
-        elapsed = max(t[3] for t in totals)
-        out_of_time = tc["max_minutes"] is not None and elapsed * (1 + 1 / (epoch + 1 - start_epoch)) > tc["max_minutes"] * 60
-        stop = epoch + 1 < epochs and (stale >= patience or out_of_time)
+        row = epoch_row(epoch, totals, val_log_probs, job, lr, train_seconds, time.time() - t0)
+        improved = state.record(row, parts.eval_model, val_log_probs, tc.select_by)
+        stop = stop_reason(state, start_epoch, max(t[3] for t in totals), tc)
         if rank == 0:
-            left = (time.time() - run_start) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
-            _say(
-                f"epoch {epoch + 1}/{epochs} train_loss {row['train_loss']:.4f} "
-                f"val_loss {row['val_loss']:.4f} val_auc {row['val_roc_auc']:.4f} val_acc {row['val_accuracy']:.3f} "
-                f"| {row['images_per_s']:.0f} img/s | {row['epoch_seconds']:.1f}s"
-                + ("" if stop else f", ~{left:.0f}s left") + (" *" if improved else "")
-                + (f" | early stop: no val_loss gain for {stale} epochs" if stop and stale >= patience else "")
-                + (f" | stop: next epoch would pass train.max_minutes={tc['max_minutes']}" if stop and stale < patience else "")
-            )
-        metrics = {**row, "best_epoch": best["epoch"], "best_val_loss": best["val_loss"]}
-        rng_states = _gather([rng_state(gen)])  # every rank's streams, in rank order
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(
-                    {
-                        "model": unwrapped.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "history": history,
-                        "best": best,
-                        "lowest_loss": lowest_loss,
-                        "ema": ema.state_dict() if ema is not None else None,
-                        "scaler": parts.scaler.state_dict(),
-                        "rng": rng_states,
-                        "workers": workers,
-                    },
-                    os.path.join(tmp, STATE_FILE),
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+            _say(progress_line(row, tc, stop, improved, (time.time() - run_start) / (epoch + 1 - start_epoch)))
+        save_checkpoint(parts, state, _gather([rng_state(gen)]), workers, rank)
         if stop:
             break
 
 
-def _validation_metrics(val_log_probs: np.ndarray, arrays: dict, positive_index) -> dict:
+class WorkerData:
+    """This worker's batches: `train_batches(epoch)` -> (x, y), `val_batches()` -> (x, validation row)."""
+
+    def train_batches(self, epoch: int) -> Iterable:
+        raise NotImplementedError
+
+    def val_batches(self) -> Iterable:
+        raise NotImplementedError
+
+
+class MemoryData(WorkerData):
+    """The whole preprocessed data set as arrays in the object store; DataLoaders with Ray's sampler."""
+
+    def __init__(self, job: LoopConfig, arrays_ref, world: int):
+        import ray
+        import ray.train.torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        bs = job.cfg.train.batch_size
+        arrays = ray.get(arrays_ref)  # zero-copy from the object store
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # object-store arrays are read-only; we never write them
+            train = TensorDataset(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"]))
+            val = TensorDataset(torch.from_numpy(arrays["val_x"]), torch.arange(len(arrays["val_x"])))
+        self.world = world
+        self.train = ray.train.torch.prepare_data_loader(DataLoader(
+            train, batch_size=bs, shuffle=True, num_workers=job.cfg.train.loader_workers,
+            drop_last=len(train) > bs * world))
+        self.val = ray.train.torch.prepare_data_loader(DataLoader(val, batch_size=bs * 2, shuffle=False))
+
+    def train_batches(self, epoch: int) -> Iterable:
+        if self.world > 1:
+            self.train.sampler.set_epoch(epoch)
+        return self.train
+
+    def val_batches(self) -> Iterable:
+        return self.val
+
+
+class ShardData(WorkerData):
+    """This worker's shards of the cached datasets (Ray Data), streamed: a seeded shuffle per epoch."""
+
+    def __init__(self, job: LoopConfig, rank: int, world: int):
+        import ray.train
+
+        self.job, self.rank, self.world = job, rank, world
+        self.train, self.val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    def train_batches(self, epoch: int, second: str = "label") -> Iterable:
+        """(x, label) batches; `second="row"`: (x, row of the split) instead, to see what a shard holds."""
+        tc, spec = self.job.cfg.train, self.job.cfg.preprocess
+        return self.train.iter_torch_batches(
+            batch_size=tc.batch_size, drop_last=self.job.n_train > tc.batch_size * self.world,
+            local_shuffle_buffer_size=max(tc.shuffle_buffer, tc.batch_size) if tc.shuffle_buffer else None,
+            local_shuffle_seed=shuffle_seed(self.job.cfg.run.seed, epoch, self.rank),
+            collate_fn=functools.partial(cache_mod.torch_batch, spec=spec, second=second))
+
+    def val_batches(self) -> Iterable:
+        return self.val.iter_torch_batches(
+            batch_size=self.job.cfg.train.batch_size * 2,
+            collate_fn=functools.partial(cache_mod.torch_batch, spec=self.job.cfg.preprocess, second="row"))
+
+
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local shuffle's seed: another order every epoch and worker, the same on every run."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % 2**32
+
+
+def worker_data(job: LoopConfig, loop_config: dict, rank: int, world: int) -> WorkerData:
+    if job.cfg.train.data_path == "memory":
+        return MemoryData(job, loop_config["data_ref"], world)
+    return ShardData(job, rank, world)
+
+
+@dataclass
+class LoopState:
+    """What carries over from epoch to epoch (and through a checkpoint): the history, the epoch kept
+    (by train.select_by) and the lowest validation loss (what early stopping watches)."""
+
+    next_epoch: int = 0
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_loss": float("inf"), "score": -float("inf"), "epoch": -1,
+                                                "state": None, "val_log_probs": None})
+    lowest_loss: dict = field(default_factory=lambda: {"val_loss": float("inf"), "epoch": 0})
+
+    def record(self, row: dict, kept: torch.nn.Module, val_log_probs: np.ndarray, select_by: str) -> bool:
+        """Add an epoch's row; keep its weights if it is the best so far. Returns whether it is."""
+        self.history.append(row)
+        self.next_epoch = row["epoch"]
+        score = -row["val_loss"] if select_by == "val_loss" else row[select_by]
+        improved = score > self.best["score"] or self.best["epoch"] < 0
+        if improved:
+            self.best = {"val_loss": row["val_loss"], "score": float(score), "epoch": row["epoch"],
+                         "state": {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()},
+                         "val_log_probs": torch.from_numpy(val_log_probs)}
+        if row["val_loss"] < self.lowest_loss["val_loss"]:
+            self.lowest_loss = {"val_loss": row["val_loss"], "epoch": row["epoch"]}
+        return improved
+
+
+def stop_reason(state: LoopState, start_epoch: int, elapsed: float, tc: TrainConfig) -> str:
+    """Why training ends after the epoch just recorded ('' to go on): early stop on validation loss,
+    or the time box (the next epoch, at the mean epoch time so far, would end past train.max_minutes)."""
+    done = state.next_epoch
+    if done >= tc.epochs:
+        return ""
+    stale = done - state.lowest_loss["epoch"]
+    if stale >= tc.early_stopping_patience:
+        return f"early stop: no val_loss gain for {stale} epochs"
+    if tc.max_minutes is not None and elapsed * (1 + 1 / (done - start_epoch)) > tc.max_minutes * 60:
+        return f"stop: next epoch would pass train.max_minutes={tc.max_minutes}"
+    return ""
+
+
+def resume(parts: TrainingParts, ckpt, rank: int) -> tuple[LoopState, torch.Generator]:
+    """The loop state and this rank's augmentation generator, from the latest checkpoint if any."""
+    gen = torch.Generator().manual_seed(parts.job.cfg.run.seed * 1000 + rank)
+    if not ckpt:
+        return LoopState(), gen
+    with ckpt.as_directory() as d:
+        saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    parts.unwrapped.load_state_dict(saved["model"])
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.scheduler.load_state_dict(saved["scheduler"])
+    if parts.ema is not None:
+        parts.ema.load_state_dict(saved["ema"])
+    if saved.get("scaler"):
+        parts.scaler.load_state_dict(saved["scaler"])
+    if saved.get("rng"):  # continue the random streams where the checkpointed epoch left them
+        set_rng_state(saved["rng"][rank], gen)
+    state = LoopState(saved["epoch"] + 1, saved["history"], saved["best"], saved["lowest_loss"])
+    if rank == 0:
+        _say(f"resuming from the checkpoint of epoch {state.next_epoch}")
+    return state, gen
+
+
+def train_one_epoch(parts: TrainingParts, batches: Iterable, gen: torch.Generator) -> tuple[float, int, int]:
+    """One pass over this worker's batches; returns (summed loss, correct, images) of this worker."""
+    set_train_mode(parts.model, parts.frozen)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        loss, logits = parts.step(x, y, gen)
+        loss_sum += float(loss) * len(y)
+        correct += int((logits.argmax(1).cpu() == y.cpu()).sum())
+        seen += len(y)
+    return loss_sum, correct, seen
+
+
+def validate(parts: TrainingParts, batches: Iterable) -> np.ndarray:
+    """Validation log-probabilities of every validation row, gathered from all workers, in row order."""
+    parts.eval_model.eval()
+    rows, log_probs = [], []
+    with torch.inference_mode():
+        for x, row in batches:
+            log_probs.extend(parts.log_probs(x).tolist())
+            rows.extend(row.cpu().tolist())
+    pairs = dict(zip(_gather(rows), _gather(log_probs)))  # a padded sampler repeats rows: dedupe by row
+    return np.array([pairs[i] for i in sorted(pairs)], np.float32)
+
+
+def epoch_row(epoch: int, totals: list, val_log_probs: np.ndarray, job: LoopConfig, lr: float,
+              train_seconds: float, epoch_seconds: float) -> dict:
+    """The epoch's history row (HISTORY_COLUMNS) from every worker's (loss sum, correct, seen, elapsed)."""
+    vm = _validation_metrics(val_log_probs, job)
+    n_seen = sum(t[2] for t in totals)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": sum(t[0] for t in totals) / max(1, n_seen),
+        "train_accuracy": sum(t[1] for t in totals) / max(1, n_seen),
+        "val_loss": vm["log_loss"],
+        "val_accuracy": vm["accuracy"],
+        "val_roc_auc": vm["roc_auc"],
+        "val_patient_roc_auc": vm["patient_roc_auc"],
+        "lr": lr,
+        "images_per_s": n_seen / max(train_seconds, 1e-9),
+        "epoch_seconds": epoch_seconds,
+    }
+
+
+def _validation_metrics(val_log_probs: np.ndarray, job: LoopConfig) -> dict:
     """Epoch metrics on the selection part of validation, plus the patient-level part's AUC."""
     probs = np.exp(val_log_probs)
-    select, patient = arrays["val_select"], arrays["val_patient"]
-    vm = classification_metrics(arrays["val_y"][select], probs[select], positive_index, None)
-    vm["patient_roc_auc"] = (classification_metrics(arrays["val_y"][patient], probs[patient], positive_index, None)
+    y, select, patient = np.array(job.val_y), np.array(job.val_select, bool), np.array(job.val_patient, bool)
+    vm = classification_metrics(y[select], probs[select], job.positive_index, None)
+    vm["patient_roc_auc"] = (classification_metrics(y[patient], probs[patient], job.positive_index, None)
                              ["roc_auc"] if patient.any() else float("nan"))
     return vm
+
+
+def progress_line(row: dict, tc: TrainConfig, stop: str, improved: bool, seconds_per_epoch: float) -> str:
+    """The one line per epoch the driver's log shows."""
+    left = seconds_per_epoch * (tc.epochs - row["epoch"])
+    return (f"epoch {row['epoch']}/{tc.epochs} train_loss {row['train_loss']:.4f} "
+            f"val_loss {row['val_loss']:.4f} val_auc {row['val_roc_auc']:.4f} val_acc {row['val_accuracy']:.3f} "
+            f"| {row['images_per_s']:.0f} img/s | {row['epoch_seconds']:.1f}s"
+            + ("" if stop else f", ~{left:.0f}s left") + (" *" if improved else "")
+            + (f" | {stop}" if stop else ""))
+
+
+def save_checkpoint(parts: TrainingParts, state: LoopState, rng_states: list, workers: list, rank: int) -> None:
+    """Report the epoch's metrics; rank 0 adds the checkpoint (latest state + best-so-far weights)."""
+    import ray.train
+
+    row = state.history[-1]
+    metrics = {**row, "best_epoch": state.best["epoch"], "best_val_loss": state.best["val_loss"]}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    ema = parts.ema
+    saved = {"model": parts.unwrapped.state_dict(), "optimizer": parts.optimizer.state_dict(),
+             "scheduler": parts.scheduler.state_dict(), "epoch": row["epoch"] - 1, "history": state.history,
+             "best": state.best, "lowest_loss": state.lowest_loss, "ema": ema.state_dict() if ema is not None else None,
+             "scaler": parts.scaler.state_dict(), "rng": rng_states, "workers": workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(saved, os.path.join(tmp, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 # ---------------------------------------------------------------- driver side
@@ -455,21 +586,86 @@ def shifted_scores(model: torch.nn.Module, val_x: np.ndarray, cfg: Config, posit
     return out
 
 
-def worker_config(cfg: Config, classes: list[str], train_y: np.ndarray) -> dict:
-    """The plain-data part of the config dict a training process gets (see TrainingParts)."""
+def worker_config(cfg: Config, classes: list[str], train_y: np.ndarray, **derived) -> LoopConfig:
+    """The typed config a training process gets (see TrainingParts); `derived`: LoopConfig's data fields."""
     counts = np.bincount(train_y, minlength=len(classes)).astype(float)
     if cfg.train.class_weighting == "balanced":
         class_weights = (counts.sum() / (len(classes) * np.maximum(counts, 1))).tolist()
     else:
         class_weights = [1.0] * len(classes)
-    return {
-        "classes": classes,
-        "class_weights": class_weights,
-        "seed": cfg.run.seed,
-        "train": cfg.train.model_dump(),
-        "model": cfg.model.model_dump(),
-        "preprocess": cfg.preprocess.model_dump(),
-    }
+    return LoopConfig(cfg=cfg, classes=classes, class_weights=class_weights, n_train=len(train_y), **derived)
+
+
+@dataclass
+class TrainingInputs:
+    """The run's data as the driver sees it: splits, labels as class indices, validation groups."""
+
+    classes: list[str]
+    positive: Optional[str]
+    train: pd.DataFrame
+    val: pd.DataFrame
+    train_y: np.ndarray
+    val_y: np.ndarray
+    val_groups: np.ndarray
+
+    @property
+    def positive_index(self) -> Optional[int]:
+        return self.classes.index(self.positive) if self.positive else None
+
+    @property
+    def select_group(self) -> str:
+        """The validation part the epoch, temperature and threshold are chosen on."""
+        return "family" if (self.val_groups == "family").any() else "patient"
+
+    def job(self, cfg: Config) -> LoopConfig:
+        return worker_config(cfg, self.classes, self.train_y, positive_index=self.positive_index,
+                             val_y=self.val_y.tolist(), val_select=(self.val_groups == self.select_group).tolist(),
+                             val_patient=(self.val_groups == "patient").tolist())
+
+
+def start_run(cfg: Config, run_dir: str, prepared, restart: bool) -> TrainingInputs:
+    """Split, print the data line, check a re-used run id may resume, record the splits."""
+    df, classes = prepared or prepare_data(cfg)
+    positive = cfg.data.positive_class or (classes[-1] if len(classes) == 2 else None)
+    train, val = (df[df["split"] == s].reset_index(drop=True) for s in (cfg.data.train_split, cfg.data.val_split))
+    log.info("train %d images, validation %d images, classes %s", len(train), len(val), classes)
+    _say(f"data: {len(train)} train / {len(val)} validation images, "
+         f"{df[df.split.isin([cfg.data.train_split, cfg.data.val_split])].patient_id.nunique()} patients, "
+         f"classes {classes}")
+    storage.makedirs(run_dir)
+    check_resume(run_dir, run_fingerprint(cfg, classes, df), restart)
+    storage.write_bytes(storage.join(run_dir, "splits.parquet"), df.to_parquet(index=False))
+    labels = {name: np.array([classes.index(c) for c in part["label"]], np.int64) for name, part in
+              (("train", train), ("val", val))}
+    return TrainingInputs(classes, positive, train, val, labels["train"], labels["val"], validation_groups(val))
+
+
+def make_trainer(cfg: Config, run_dir: str, loop_config: dict, loop=None, callbacks: Optional[list] = None,
+                 **data_kwargs):
+    """The TorchTrainer of the run: workers, checkpoints in the run folder, failures retried.
+    `loop`: train_loop_per_worker unless a test streams with another."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    tc = cfg.train
+    return TorchTrainer(
+        loop or train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, placement_strategy=tc.placement_strategy,
+            resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name="ray_train",
+            storage_path=run_dir if storage.is_remote(run_dir) else os.path.abspath(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            callbacks=callbacks or [],  # e.g. rank 0's epoch metrics into MLflow, from the controller
+            # Ray keeps the latest checkpoint (resume) plus the 2 best by the selection metric; each
+            # holds the best-so-far weights too, so the kept model never depends on deleted files.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=tc.select_by,
+                checkpoint_score_order="min" if tc.select_by == "val_loss" else "max")),
+        **data_kwargs,
+    )
 
 
 def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[str]] | None = None,
@@ -477,72 +673,15 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
     """Train per `cfg`; `prepared` is `prepare_data(cfg)` when the caller already checked the data.
     A re-used run id resumes only if its classes, architecture, preprocessing and data are unchanged
     (check_resume); `restart` starts it over."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    df, classes = prepared or prepare_data(cfg)
-    positive = cfg.data.positive_class or (classes[-1] if len(classes) == 2 else None)
-    positive_index = classes.index(positive) if positive else None
-    splits = {s: df[df["split"] == s].reset_index(drop=True) for s in (cfg.data.train_split, cfg.data.val_split)}
-    log.info("train %d images, validation %d images, classes %s", *(len(v) for v in splits.values()), classes)
-    print(
-        f"[medclf] data: {len(splits[cfg.data.train_split])} train / {len(splits[cfg.data.val_split])} validation "
-        f"images, {df[df.split.isin(list(splits))].patient_id.nunique()} patients, classes {classes}",
-        flush=True,
-    )
-    storage.makedirs(run_dir)
-    check_resume(run_dir, run_fingerprint(cfg, classes, df), restart)
+    inputs = start_run(cfg, run_dir, prepared, restart)
     tracker = Tracker.start(cfg, os.path.basename(run_dir.rstrip("/")), "train")
-    split_file = storage.join(run_dir, "splits.parquet")
-    buf = df.to_parquet(index=False)
-    storage.write_bytes(split_file, buf)
-
-    arrays = {}
-    for name, part in (("train", splits[cfg.data.train_split]), ("val", splits[cfg.data.val_split])):
-        pixels, errors = preprocess_all(list(part["path"]), cfg)
-        if errors:
-            shown = "\n  ".join(errors[:10])
-            raise data_mod.DatasetError(
-                f"{len(errors)} unreadable image(s) in the {name} split; fix or remove them before training:\n  {shown}"
-                + ("\n  ..." if len(errors) > 10 else "")
-            )
-        arrays[f"{name}_x"] = pixels
-        arrays[f"{name}_y"] = np.array([classes.index(c) for c in part["label"]], np.int64)
-    val_groups = validation_groups(splits[cfg.data.val_split])
-    select_group = "family" if (val_groups == "family").any() else "patient"
-    arrays["val_select"], arrays["val_patient"] = val_groups == select_group, val_groups == "patient"
-    loop_config = {
-        **worker_config(cfg, classes, arrays["train_y"]),
-        "data_ref": ray.put(arrays),
-        "positive_index": positive_index,
-    }
-    storage_path = run_dir if storage.is_remote(run_dir) else os.path.abspath(run_dir)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
-            placement_strategy=cfg.train.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name="ray_train",
-            storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            # Ray keeps the latest checkpoint (resume) plus the 2 best by the selection metric; each
-            # holds the best-so-far weights too, so the kept model never depends on deleted files.
-            callbacks=tracker.callbacks(),  # rank 0's epoch metrics into MLflow, from the controller
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2,
-                checkpoint_score_attribute=cfg.train.select_by,
-                checkpoint_score_order="min" if cfg.train.select_by == "val_loss" else "max",
-            ),
-        ),
-    )
+    root = cfg.train.cache_root or storage.join(run_dir, "cache")
+    caches = {name: cache_mod.ensure_cache(name, part, y, inputs.classes, cfg, root) for name, part, y in
+              (("train", inputs.train, inputs.train_y), ("val", inputs.val, inputs.val_y))}
+    cfg = resolve_data_path(cfg, caches)
+    loop_config, data_kwargs, val_x = feed(cfg, inputs, caches)
     try:
-        result = trainer.fit()
+        result = make_trainer(cfg, run_dir, loop_config, callbacks=tracker.callbacks(), **data_kwargs).fit()
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -550,59 +689,84 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
         raise TrainingError(f"training produced no checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    best, history = state["best"], pd.DataFrame(state["history"])
+    trained = finish_run(cfg, run_dir, inputs, state, lambda rows: val_x()[rows])
+    trained.caches = caches
+    tracker.log(metrics={**numeric_metrics(trained.card.metrics["validation"], "validation."),
+                         **numeric_metrics(trained.card.calibration, "calibration.")},
+                tags={MODEL_TAG: trained.card.model_id, "medclf.threshold_rule": trained.card.threshold_rule},
+                artifacts={name: storage.join(run_dir, name) for name in
+                           ("model", "validation_report", "validation_report_patient", "history.parquet", "curves.png")})
+    tracker.end()
+    return trained
 
-    model = build_model(cfg.model.arch, len(classes), "none", cfg.model.dropout)
+
+def resolve_data_path(cfg: Config, caches: dict) -> Config:
+    """train.data_path `auto` -> `memory` for data sets up to train.memory_limit_mb, else `stream`."""
+    if cfg.train.data_path != "auto":
+        return cfg
+    size_mb = sum(c.rows for c in caches.values()) * cfg.preprocess.image_size ** 2 * 4 / 2**20
+    path = "memory" if size_mb <= cfg.train.memory_limit_mb else "stream"
+    _say(f"data path: {path} ({size_mb:.0f} MB of images as float32; train.memory_limit_mb "
+         f"{cfg.train.memory_limit_mb:g})")
+    resolved = cfg.model_copy(deep=True)
+    resolved.train.data_path = path
+    return resolved
+
+
+def feed(cfg: Config, inputs: TrainingInputs, caches: dict) -> tuple[dict, dict, Callable[[], np.ndarray]]:
+    """How the workers get the cached images (train.data_path): their shards of the cache streamed
+    (Ray Data datasets), or the whole cache as arrays in the object store. Returns the loop config,
+    the trainer's data arguments and a reader of the validation images for the driver."""
+    import ray
+
+    job = {"job": inputs.job(cfg).model_dump(mode="json")}
+    if cfg.train.data_path == "memory":
+        arrays = {"train_x": cache_mod.read_pixels(caches["train"], cfg.preprocess), "train_y": inputs.train_y,
+                  "val_x": cache_mod.read_pixels(caches["val"], cfg.preprocess)}
+        return {**job, "data_ref": ray.put(arrays)}, {}, lambda: arrays["val_x"]
+    datasets = {"train": cache_mod.dataset(caches["train"], seed=cfg.run.seed), "val": cache_mod.dataset(caches["val"])}
+    return job, {"datasets": datasets, "dataset_config": cache_mod.shard_config()}, \
+        lambda: cache_mod.read_pixels(caches["val"], cfg.preprocess)
+
+
+def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, val_pixels) -> TrainResult:
+    """From the best epoch's weights and validation scores: calibration, threshold, metrics with CIs,
+    the model artifact, history, curves and validation reports. `val_pixels(rows)`: validation images."""
+    best, history, group = state["best"], pd.DataFrame(state["history"]), inputs.select_group
+    model = build_model(cfg.model.arch, len(inputs.classes), "none", cfg.model.dropout)
     model.load_state_dict(best["state"])
-    log_probs = best["val_log_probs"].numpy()
-    select = arrays["val_select"]
-    temperature, calibration = fit_calibration(log_probs[select], arrays["val_y"][select], positive_index,
-                                               f"{select_group} validation")
+    log_probs, select, y = best["val_log_probs"].numpy(), inputs.val_groups == group, inputs.val_y
+    temperature, calibration = fit_calibration(log_probs[select], y[select], inputs.positive_index,
+                                               f"{group} validation")
     val_probs = softmax_with_temperature(log_probs, temperature).astype(np.float32)
-    threshold, rule = decision_threshold(cfg, model.eval(), temperature, val_probs[select], arrays["val_x"][select],
-                                         arrays["val_y"][select], positive_index, select_group)
+    threshold, rule = decision_threshold(cfg, model.eval(), temperature, val_probs[select], lambda: val_pixels(select),
+                                         y[select], inputs.positive_index, group)
     val_metrics = {}
-    for group in dict.fromkeys([select_group, "patient"]):  # the selection part first
-        rows = val_groups == group
+    for part in dict.fromkeys([group, "patient"]):  # the selection part first
+        rows = inputs.val_groups == part
         if rows.any():
-            val_metrics[group] = metrics_with_ci(arrays["val_y"][rows], val_probs[rows], positive_index, threshold, cfg)
-            val_metrics[group].update(best_epoch=best["epoch"], n=int(rows.sum()))
-
+            val_metrics[part] = metrics_with_ci(y[rows], val_probs[rows], inputs.positive_index, threshold, cfg)
+            val_metrics[part].update(best_epoch=best["epoch"], n=int(rows.sum()))
     card = ModelCard(
-        arch=cfg.model.arch,
-        classes=classes,
-        preprocess=cfg.preprocess.model_dump(),
-        positive_class=positive,
-        threshold=threshold,
-        threshold_rule=rule,
-        temperature=temperature,
-        calibration=calibration,
-        metrics={"validation": val_metrics[select_group], "selected_on": f"{select_group} validation",
-                 **{f"validation_{group}": m for group, m in val_metrics.items()}},
-        config=cfg.model_dump(mode="json"),
+        arch=cfg.model.arch, classes=inputs.classes, preprocess=cfg.preprocess.model_dump(),
+        positive_class=inputs.positive, threshold=threshold, threshold_rule=rule, temperature=temperature,
+        calibration=calibration, config=cfg.model_dump(mode="json"),
+        metrics={"validation": val_metrics[group], "selected_on": f"{group} validation",
+                 **{f"validation_{part}": m for part, m in val_metrics.items()}},
         intended_use=cfg.model_card.model_dump(),
-        provenance=model_card.provenance(cfg, df, classes),
-        failure_modes=model_card.failure_modes(
-            list(splits[cfg.data.val_split]["path"][select]), arrays["val_y"][select], val_probs[select], classes,
-            threshold, positive_index, cfg.report.show_paths),
-    )
+        provenance=model_card.provenance(cfg, pd.concat([inputs.train, inputs.val]), inputs.classes),
+        failure_modes=model_card.failure_modes(list(inputs.val["path"][select]), y[select], val_probs[select],
+                                               inputs.classes, threshold, inputs.positive_index, cfg.report.show_paths))
     model_path = storage.join(run_dir, "model")
     card = save_artifact(model, card, model_path)
     model_card.write(card, model_path)
     write_history(history, run_dir)
-    val = splits[cfg.data.val_split]
-    for group in val_metrics:
-        rows = val_groups == group
-        folder = "validation_report" if group == select_group else f"validation_report_{group}"
-        write_validation_report(cfg, val[rows], classes, val_probs[rows], card, storage.join(run_dir, folder),
-                                f"{group}-level validation split")
+    for part in val_metrics:
+        rows = inputs.val_groups == part
+        folder = "validation_report" if part == group else f"validation_report_{part}"
+        write_validation_report(cfg, inputs.val[rows], inputs.classes, val_probs[rows], card,
+                                storage.join(run_dir, folder), f"{part}-level validation split")
     storage.write_bytes(storage.join(run_dir, "workers.json"), json.dumps(state["workers"], indent=2).encode())
-    tracker.log(metrics={**numeric_metrics(val_metrics[select_group], "validation."),
-                         **numeric_metrics(card.calibration, "calibration.")},
-                tags={MODEL_TAG: card.model_id, "medclf.threshold_rule": rule},
-                artifacts={name: storage.join(run_dir, name) for name in
-                           ("model", "validation_report", "validation_report_patient", "history.parquet", "curves.png")})
-    tracker.end()
     return TrainResult(model_path, history, card)
 
 
@@ -636,15 +800,16 @@ def fit_calibration(log_probs: np.ndarray, y: np.ndarray, positive_index, fitted
     return temperature, calibration
 
 
-def decision_threshold(cfg: Config, model: torch.nn.Module, temperature: float, probs: np.ndarray, x: np.ndarray,
+def decision_threshold(cfg: Config, model: torch.nn.Module, temperature: float, probs: np.ndarray, x,
                        y: np.ndarray, positive_index, group: str) -> tuple[Optional[float], str]:
-    """The operating point on calibrated validation scores (`train.threshold`); None for multi-class."""
+    """The operating point on calibrated validation scores (`train.threshold`); None for multi-class.
+    `x()`: the validation images, read only when the threshold is chosen on shifted copies of them."""
     if positive_index is None:
         return None, "argmax"
     y_pos = (y == positive_index).astype(int)
     scores, labels = probs[:, positive_index], y_pos
     if cfg.train.threshold_validation == "shifted":
-        shifted = shifted_scores(model, x, cfg, positive_index, temperature)
+        shifted = shifted_scores(model, x(), cfg, positive_index, temperature)
         scores = np.concatenate([scores, *shifted])
         labels = np.tile(y_pos, 1 + len(shifted))
     threshold = choose_threshold(labels, scores, cfg.train.threshold, cfg.train.target_sensitivity)

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 TINY_JOB = ["--set", "preprocess.image_size=32", "--set", "data.extensions=[.png]",
             "--set", "data.patient_regex='^(P\\d+)_'", "--set", "score.cpus_per_actor=0.5",
-            "--set", "score.batch_size=16"]
+            "--set", "score.batch_size=16", "--set", "train.data_path=stream"]  # the streaming path across 2 nodes
 
 
 def _ray(*args, env, check=True):

@@ -25,7 +25,7 @@ def train_workers():
 
 def test_sigkilled_worker_resumes_from_last_checkpoint(ray_cluster, phantom_root, tmp_path):
     epochs = 10
-    cfg = load_config(None, TINY + [f"data.root={phantom_root}", f"run.root={tmp_path}", f"train.epochs={epochs}",
+    cfg = load_config(None, TINY + ["train.data_path=stream", f"data.root={phantom_root}", f"run.root={tmp_path}", f"train.epochs={epochs}",
                                     "train.early_stopping_patience=99", "train.max_failures=1"])
     run_dir = str(tmp_path / "run")
     outcome = {}

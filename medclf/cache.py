@@ -1,0 +1,201 @@
+"""The preprocessed training cache: every training and validation image is read, decoded and
+preprocessed once per data set (the scoring stage, medclf.images), written as Parquet shards, and
+streamed from there every epoch (Ray Data -> Ray Train), so no process ever holds the whole set.
+
+Layout: `<cache root>/<split>-<key>/*.parquet` plus `_cache.json`, written last (a folder without
+it is an unfinished build and is rebuilt). The key is a hash of the cache format, the classes, the
+preprocessing spec and, per file, its path, label, size and modification time (ETag on S3): a run
+whose files, labels and preprocessing are unchanged (a resume, a re-run, a restarted worker)
+reuses the cache; any change builds a new one. Both are said in the run's log.
+
+Pixels are stored as uint16 of the preprocessed [0, 1] image (before the mean/std step, which is
+undone and redone exactly): preprocess_gray's output is a continuous resample of 8- to 16-bit
+sources, so uint8 would drop the extra bits of 12/16-bit DICOM, while uint16 keeps every image to
+1/65535 (float16 keeps only ~1/2048 near 1.0) at half the size of float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from medclf import storage
+from medclf.config import Config, PreprocessConfig
+
+CACHE_VERSION = 1
+MARKER = "_cache.json"
+SCALE = 65535  # uint16 full scale = 1.0 on the [0, 1] image
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+@dataclass
+class SplitCache:
+    name: str  # "train" / "val"
+    path: str
+    key: str
+    rows: int
+    built: bool  # False: reused as it was
+
+
+def _say(message: str) -> None:
+    sys.stdout.write(f"[medclf] {message}\n")
+    sys.stdout.flush()
+
+
+def cache_key(part: pd.DataFrame, labels: np.ndarray, classes: list[str], spec: PreprocessConfig) -> str:
+    """What the cached images depend on: format, classes, preprocessing, and each file's path,
+    label, size and modification time (no file is read to compute it)."""
+    h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "classes": classes,
+                                   "preprocess": spec.model_dump()}, sort_keys=True).encode())
+    for path, label, stat in zip(part["path"], labels, storage.file_stats(list(part["path"]))):
+        h.update(f"{path}\0{label}\0{stat}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def ensure_cache(name: str, part: pd.DataFrame, labels: np.ndarray, classes: list[str], cfg: Config,
+                 root: str) -> SplitCache:
+    """The cache of one split: reused when its key matches a finished cache, else built (and said)."""
+    key = cache_key(part, labels, classes, cfg.preprocess)
+    path = storage.join(root, f"{name}-{key}")
+    marker = storage.join(path, MARKER)
+    if storage.exists(marker):
+        rows = json.loads(storage.read_bytes(marker))["rows"]
+        _say(f"data cache: reusing {path} ({rows} {name} images; files, labels and preprocessing unchanged)")
+        return SplitCache(name, path, key, rows, built=False)
+    others = [p.rsplit("/", 1)[-1] for p in _caches_of(root, name) if not p.endswith(key)]
+    reason = (f"files, labels or preprocessing changed since {', '.join(others)}" if others
+              else "no cache of these files yet")
+    _say(f"data cache: building {path} ({len(part)} {name} images: {reason})")
+    build(path, part, labels, cfg)
+    storage.write_bytes(marker, json.dumps({"rows": len(part), "key": key, "version": CACHE_VERSION,
+                                            "preprocess": cfg.preprocess.model_dump()}).encode())
+    return SplitCache(name, path, key, len(part), built=True)
+
+
+def _caches_of(root: str, name: str) -> list[str]:
+    fs, p = storage.filesystem(root)
+    if not fs.exists(p):
+        return []
+    return [e for e in fs.ls(p, detail=False) if e.rstrip("/").rsplit("/", 1)[-1].startswith(f"{name}-")]
+
+
+def rows_per_file(n: int) -> int:
+    """Enough files for a block-order shuffle and for every worker to get several, not thousands."""
+    return int(min(1024, max(16, n // 32)))
+
+
+def build(path: str, part: pd.DataFrame, labels: np.ndarray, cfg: Config) -> None:
+    """Decode + preprocess every file of the split with Ray Data tasks, straight to Parquet shards;
+    unreadable files fail the build, naming them."""
+    from medclf.images import DECODE_TASK_MEMORY, images_dataset
+
+    fs, p = storage.filesystem(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)  # an unfinished build: its part files must not mix with the new ones
+    paths = list(part["path"])
+    ds = images_dataset(paths, cfg.preprocess, cfg.score.decode_batch_size)
+    ds = ds.map_batches(
+        _cache_rows, fn_kwargs={"index": {q: i for i, q in enumerate(paths)}, "labels": labels,
+                                "spec": cfg.preprocess.model_dump()},
+        batch_format="numpy", num_cpus=0.5, memory=DECODE_TASK_MEMORY)  # same resources: fused with decoding
+    arrow_fs, arrow_path = storage.arrow_filesystem(path)
+    n = rows_per_file(len(paths))
+    ds.write_parquet(arrow_path, filesystem=arrow_fs, min_rows_per_file=n, max_rows_per_file=n)
+    _check_build(path, len(paths))
+
+
+def _cache_rows(batch: dict, index: dict, labels: np.ndarray, spec: dict) -> dict:
+    from medclf.images import text_or_none
+
+    pre = PreprocessConfig.model_validate(spec)
+    rows = np.array([index[str(p)] for p in batch["path"]], np.int64)
+    x01 = np.clip(batch["pixels"][:, 0] * pre.std + pre.mean, 0.0, 1.0)  # undo the normalisation exactly
+    return {"row": rows, "label": labels[rows], "pixels": np.rint(x01 * SCALE).astype(np.uint16),
+            "error": np.array([e or "" for e in text_or_none(batch["error"])], dtype=object)}
+
+
+def _check_build(path: str, expected: int) -> None:
+    import pyarrow.parquet as pq
+
+    from medclf.data import DatasetError
+
+    arrow_fs, arrow_path = storage.arrow_filesystem(path)
+    errors = [e for e in pq.read_table(arrow_path, columns=["error"], filesystem=arrow_fs).column("error").to_pylist()
+              if e]
+    if errors:
+        shown = "\n  ".join(errors[:10])
+        raise DatasetError(f"{len(errors)} unreadable image(s) in the {path.rsplit('/', 1)[-1].split('-')[0]} split; "
+                           f"fix or remove them before training:\n  {shown}" + ("\n  ..." if len(errors) > 10 else ""))
+    rows = pq.read_table(arrow_path, columns=["row"], filesystem=arrow_fs).num_rows
+    if rows != expected:
+        raise CacheError(f"{path}: {expected - rows} of {expected} images missing after decoding (tasks failed)")
+
+
+def dataset(cache: SplitCache, seed: Optional[int] = None):
+    """The cache as a Ray Dataset (row, label, pixels); with `seed`, in a block order that is
+    reshuffled every epoch (execution), reproducibly from the seed."""
+    import ray.data
+    from ray.data import RandomSeedConfig
+
+    arrow_fs, arrow_path = storage.arrow_filesystem(cache.path)
+    ds = ray.data.read_parquet(arrow_path, filesystem=arrow_fs, columns=["row", "label", "pixels"],
+                               file_extensions=["parquet"])
+    if seed is not None:
+        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return ds
+
+
+def to_model_scale(pixels: np.ndarray, spec: PreprocessConfig) -> np.ndarray:
+    """uint16 (N, S, S) from the cache -> float32 (N, 1, S, S), exactly as preprocess_gray normalises."""
+    x = pixels.astype(np.float32)[:, None]
+    x *= 1.0 / SCALE
+    x -= spec.mean
+    x *= 1.0 / spec.std
+    return x
+
+
+def read_pixels(cache: SplitCache, spec: PreprocessConfig) -> np.ndarray:
+    """The whole split as float32 (N, 1, S, S) in row order (the in-memory path; shifted thresholds)."""
+    out = np.zeros((cache.rows, 1, spec.image_size, spec.image_size), np.float32)
+    for batch in dataset(cache).iter_batches(batch_size=512, batch_format="numpy"):
+        out[batch["row"]] = to_model_scale(batch["pixels"], spec)
+    return out
+
+
+def torch_batch(batch: dict, spec: PreprocessConfig, second: str = "label"):
+    """collate_fn for iter_torch_batches: (model-scale pixels, `second` column) as CPU tensors."""
+    import torch
+
+    return torch.from_numpy(to_model_scale(batch["pixels"], spec)), torch.from_numpy(batch[second])
+
+
+def shard_config(preserve_order: bool = True):
+    """Ray Train's DataConfig for the cache datasets: `train` split equally (DDP needs the same number
+    of steps on every worker; up to world_size - 1 rows of an epoch are left out for that), `val`
+    split unequally (every row once, for the gathered metrics). Order preserved: the same seed gives
+    every worker the same rows in the same order (on one node; across nodes, locality picks)."""
+    import ray.train
+
+    class ShardConfig(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = [{} for _ in range(world_size)]
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.set_name(name)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                ds.context.execution_options.preserve_order = preserve_order
+                for i, split in enumerate(ds.streaming_split(world_size, equal=name == "train", locality_hints=hints)):
+                    output[i][name] = split
+            return output
+
+    return ShardConfig()
