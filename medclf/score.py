@@ -3,7 +3,9 @@
 Reading/decoding runs in Ray tasks separate from the inference actors, so the two overlap and
 each scales on its own. A file that cannot be read or decoded becomes a row with
 `status = "error"` and its message; a file that holds no image (a DICOM report) a row with
-`status = "skipped"` and the reason; the run goes on. One row per image: a single-image file
+`status = "skipped"` and the reason; an image the model was not trained for (medclf.ood: another
+DICOM modality, too small, or an `ood_score` above the model's threshold) a row with
+`status = "out_of_scope"` and the reason; the run goes on. One row per image: a single-image file
 gives one row (`frame` null), a multi-frame DICOM one row per frame (`score.frames`).
 """
 
@@ -25,7 +27,8 @@ from medclf.images import (ALREADY_SCORED, META_KEYS, TRANSIENT, find_inputs, im
                            text_or_none)
 from medclf.lease import Lease, verify
 from medclf.predictions import prediction_schema, predictions_dataset
-from medclf.models import class_probabilities, load_artifact, load_card, prob_column
+from medclf.models import class_probabilities, load_artifact, load_card, penultimate, prob_column
+from medclf.ood import input_gate, load_domain, score_reason
 from medclf.preprocess import to_model_input
 from medclf.privacy import check_uid_policy, uid_key
 
@@ -83,6 +86,7 @@ class Predictor:
         self.torch = torch
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model, self.card = load_artifact(model_path, self.device)
+        self.domain = load_domain(model_path, self.card)  # None: an artifact from before the guard
         # NHWC lets oneDNN/cuDNN pick faster convolution kernels (ResNet18 on CPU: +24%, same outputs).
         self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = self.device == "cuda"
@@ -98,16 +102,28 @@ class Predictor:
         ok = np.array([s is None for s in statuses], bool)
         n = len(statuses)
         probs = np.full((n, len(self.card.classes)), np.nan, np.float32)
+        ood_scores = np.full(n, np.nan)
         if ok.any():
             gray = torch.from_numpy(batch["pixels"][ok] if not ok.all() else batch["pixels"]).to(self.device)
             x = to_model_input(gray).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-                probs[ok] = class_probabilities(self.model(x), self.card.temperature).cpu().numpy()
+                logits, features = penultimate(self.model, self.card.arch, x)
+                probs[ok] = class_probabilities(logits, self.card.temperature).cpu().numpy()
+            if self.domain is not None:
+                ood_scores[ok] = self.domain.scores(features.float().cpu().numpy(), logits.float().cpu().numpy())
+        # Out of scope: probabilities kept (audit), no label, the reason in `error`.
+        beyond = ok & (ood_scores > self.domain.record.threshold) if self.domain is not None else np.zeros(n, bool)
+        errors = text_or_none(batch["error"])
+        for i in np.flatnonzero(beyond):
+            statuses[i], errors[i] = "out_of_scope", f"{batch['path'][i]}: {score_reason(ood_scores[i], self.domain.record)}"
+        ok &= ~beyond
         labels = predict_labels(probs, self.card.classes, self.card.positive_index, self.card.threshold)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         out = {k: v for k, v in batch.items() if k != "pixels"}  # `first_row` rides along for the sink
-        for key in ("checksum", "error", "error_kind", *META_KEYS):
+        for key in ("checksum", "error_kind", *META_KEYS):
             out[key] = text_or_none(batch[key])
+        out["error"] = errors
+        out["ood_score"] = pa.array(ood_scores, pa.float64(), mask=np.isnan(ood_scores))
         out["predicted_label"] = [lab if good else None for lab, good in zip(labels, ok)]
         for j, col in enumerate(self.prob_columns):
             out[col] = probs[:, j]
@@ -183,6 +199,9 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     rescore = sc.rescore if rescore is None else rescore
     storage.check_input_url(input_path)  # the inputs' kind and the model are checked before any work
     card = load_card(model_path)  # fail fast on a bad artifact, before any Ray work
+    if card.domain is None:
+        log.warning("model %s has no domain record (trained before the out-of-scope guard): no ood_score, and "
+                    "no modality or size check; retrain it to get them", card.model_id)
     check_uid_policy(sc.uids, uid_key(sc.uid_key))
     inputs = find_inputs(input_path, sc.extensions)
     paths = inputs.paths
@@ -224,7 +243,8 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
 
     sc = cfg.score
     ds = images_dataset(paths, card.preprocess_spec, sc.decode_batch_size, skip if len(skip) else None,
-                        sc.frames, sc.max_file_mb, sc.decode_retries, (sc.uids, uid_key(sc.uid_key)))
+                        sc.frames, sc.max_file_mb, sc.decode_retries, (sc.uids, uid_key(sc.uid_key)),
+                        input_gate(card))
     threads = sc.torch_threads or max(1, int(sc.cpus_per_actor))
     ds = ds.map_batches(
         Predictor,

@@ -33,6 +33,7 @@ from medclf import data as data_mod
 from medclf import storage
 from medclf.config import Config, ConfigError
 from medclf.metrics import choose_threshold, classification_metrics
+from medclf.ood import fit_domain
 from medclf.augment import augment_batch
 from medclf.preprocess import to_model_input
 from medclf.calibration import softmax_with_temperature
@@ -574,8 +575,11 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
                  **{f"validation_{group}": m for group, m in val_metrics.items()}},
         config=cfg.model_dump(mode="json"),
     )
+    domain = fit_domain(model.eval(), cfg.model.arch, cfg, arrays["val_x"], arrays["val_y"],
+                        list(splits[cfg.data.val_split]["path"]))  # the out-of-scope guard (medclf.ood)
+    card.domain = domain and domain.record.model_dump()
     model_path = storage.join(run_dir, "model")
-    card = save_artifact(model, card, model_path)
+    card = save_artifact(model, card, model_path, domain and {domain.record.file: domain.to_bytes()})
     write_history(history, run_dir)
     val = splits[cfg.data.val_split]
     for group in val_metrics:
