@@ -111,7 +111,7 @@ def _score(kind: str, arrays: dict, features: np.ndarray, logits: np.ndarray) ->
     best = np.full(len(z), np.inf)
     for mean in arrays["means"]:
         d = z - mean
-        best = np.minimum(best, np.einsum("ij,jk,ik->i", d, arrays["precision"], d))
+        best = np.minimum(best, ((d @ arrays["precision"]) * d).sum(axis=1))
     return best / z.shape[1]
 
 

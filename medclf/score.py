@@ -115,7 +115,8 @@ class Predictor:
         beyond = ok & (ood_scores > self.domain.record.threshold) if self.domain is not None else np.zeros(n, bool)
         errors = text_or_none(batch["error"])
         for i in np.flatnonzero(beyond):
-            statuses[i], errors[i] = "out_of_scope", f"{batch['path'][i]}: {score_reason(ood_scores[i], self.domain.record)}"
+            statuses[i] = "out_of_scope"
+            errors[i] = f"{batch['path'][i]}: {score_reason(ood_scores[i], self.domain.record)}"
         ok &= ~beyond
         labels = predict_labels(probs, self.card.classes, self.card.positive_index, self.card.threshold)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
