@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--pca", type=int, nargs="*", default=[64, 256])
     ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
     ap.add_argument("--resamples", type=int, default=1000)
+    ap.add_argument("--reuse-features", action="store_true", help="take --out/features.npz of an earlier run")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     t0 = time.time()
@@ -131,11 +132,23 @@ def main() -> None:
           flush=True)
 
     # Features once per set; every score variant is computed from them.
-    fit_x = np.stack(preprocess_files(list(fit.path), spec)[0])
     fit_y = np.array([card.classes.index(v) for v in fit.label])
-    fit_f, fit_l = features_and_logits(model, card.arch, fit_x)
-    feats = {name: features_and_logits(model, card.arch, x) for name, x in sets.items()}
-    print(f"features in {time.time() - t0:.0f}s", flush=True)
+    cached = os.path.join(args.out, "features.npz")
+    if args.reuse_features and os.path.exists(cached):
+        with np.load(cached) as z:
+            feats = {name: (z[f"f{i}"], z[f"l{i}"]) for i, name in enumerate(sets)}
+            fit_f, fit_l = z["fit_f"], z["fit_l"]
+        sets = {}
+    else:
+        fit_f, fit_l = features_and_logits(model, card.arch, np.stack(preprocess_files(list(fit.path), spec)[0]))
+        feats = {}
+    print(f"fit-set features in {time.time() - t0:.0f}s", flush=True)
+    for name, x in sets.items():
+        feats[name] = features_and_logits(model, card.arch, x)
+        print(f"{name}: features in {time.time() - t0:.0f}s", flush=True)
+    np.savez(cached, fit_f=fit_f, fit_l=fit_l, fit_y=fit_y,
+             **{f"f{i}": f for i, (f, _) in enumerate(feats.values())},
+             **{f"l{i}": lg for i, (_, lg) in enumerate(feats.values())})  # to re-analyse without the model
 
     variants = {"mahalanobis (all 1280 dims)": ("mahalanobis", None),
                 **{f"mahalanobis (PCA {k})": ("mahalanobis", k) for k in args.pca},
@@ -145,13 +158,16 @@ def main() -> None:
         arrays = fit_gaussian(fit_f, fit_y, pca) if kind == "mahalanobis" else {}
         threshold = float(np.quantile(out_of_fold_scores(kind, fit_f, fit_l, fit_y, pca), args.quantile))
         scores = {name: _score(kind, arrays, f, lg) for name, (f, lg) in feats.items()}
-        inside_name = next(iter(sets))
+        inside_name = next(iter(feats))
         inside = scores[inside_name]
         rows.append({"score": variant, "set": inside_name, "n": len(inside), "auroc": None, "ci": None,
                      "flagged": float((inside > threshold).mean())})
         for name, s in list(scores.items())[1:]:
             y = np.r_[np.zeros(len(inside)), np.ones(len(s))]
-            ci = bootstrap_ci(y, np.r_[inside, s], threshold, args.resamples, seed=0).set_index("metric")
+            # bootstrap_ci wants probabilities: a monotone map (AUROC unchanged) with the threshold at 0.5
+            z = np.r_[inside, s] - threshold
+            p = 1 / (1 + np.exp(-np.clip(z / (np.std(z) + 1e-12), -50, 50)))
+            ci = bootstrap_ci(y, p, 0.5, args.resamples, seed=0).set_index("metric")
             rows.append({"score": variant, "set": name, "n": len(s), "auroc": ci.loc["roc_auc", "estimate"],
                          "ci": (ci.loc["roc_auc", "ci_low"], ci.loc["roc_auc", "ci_high"]),
                          "flagged": float((s > threshold).mean())})
