@@ -285,6 +285,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     output = cfg.evaluate.output or storage.join(run_dir, "report")
     report = evaluation_for(cfg, cfg.evaluate.predictions, output, classes, positive, cfg.evaluate.labels, model_id)
     print_metrics(report.metrics)
+    if report.out_of_scope and report.out_of_scope["n"]:
+        oos = report.out_of_scope
+        print(f"out of scope: {oos['n']} file(s), {100 * oos['rate']:.1f}% of those seen ({oos['reasons']}); "
+              "not counted as predictions")
     if len(report.metrics):
         log_job(cfg, "evaluate", run_id, model_id, report.metrics.iloc[0].to_dict())
     print(dropped_note(report.rows_dropped, model_id or "the one model present"))

@@ -84,6 +84,10 @@ class DataConfig(_Section):
     positive_class: Optional[str] = None
     """Binary tasks: the class whose probability is thresholded (the finding)."""
     extensions: list[str] = [".png", ".jpg", ".jpeg", ".dcm"]
+    modalities: list[str] = Field(default_factory=list)
+    """DICOM modalities this model is for (e.g. [CR, DX] for chest films), recorded in the model's
+    domain (medclf.ood): at scoring, a DICOM of another modality is `out_of_scope`. Training images
+    are often JPEG/PNG without the tag, so it comes from here. Empty: any modality."""
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -128,6 +132,11 @@ class DataConfig(_Section):
             raise ValueError("data.val_scheme=family needs data.family_regex and data.holdout_families "
                              "and/or data.holdout_id_fraction > 0")
         return self
+
+    @field_validator("modalities")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [m.strip().upper() for m in v]
 
     @field_validator("extensions")
     @classmethod
@@ -309,6 +318,31 @@ class ScoreConfig(_Section):
         return ["dicom" if e.lower() == "dicom" else DataConfig._dotted_lower.__func__(cls, [e])[0] for e in v]
 
 
+class OODConfig(_Section):
+    """The out-of-scope guard (medclf.ood): the domain record training writes into the model."""
+
+    enabled: bool = True
+    """Fit a domain record after training (off: scoring writes ood_score null, modality/size unchecked)."""
+    score: Literal["mahalanobis", "energy", "max_softmax"] = "mahalanobis"
+    """ood_score: min Mahalanobis distance of the penultimate-layer features to the class means
+    (shared shrinkage covariance), the energy -logsumexp(logits), or 1 - max softmax. Mahalanobis
+    was measured best on the pneumonia model (docs/benchmarks.md, OOD table)."""
+    quantile: float = Field(0.99, gt=0.5, lt=1.0)
+    """The ood threshold is this quantile of out-of-fold validation ood scores: about 1 - quantile
+    of in-domain images are flagged (measured: docs/benchmarks.md)."""
+    pca_dim: Optional[int] = Field(None, ge=1)
+    """Reduce features to this many principal components (fitted on validation) before the
+    Gaussian; None: all feature dimensions (shrinkage keeps the covariance invertible)."""
+    min_size_floor: int = Field(8, ge=1)
+    """Minimum image side = half the smallest validation image side, but at least this (px)."""
+    action: Literal["flag", "out_of_scope"] = "flag"
+    """What scoring does with an image whose ood_score is over the stored threshold. `flag`: writes the
+    score and keeps the prediction (compare ood_score with the card's domain.threshold); `out_of_scope`:
+    no label, status out_of_scope with the reason. Flag by default: on the pneumonia model the 0.99
+    validation quantile flagged 21% of held-in chest films of another validation part (docs/benchmarks.md).
+    A wrong modality or a too-small image is out_of_scope either way."""
+
+
 class ExplainConfig(_Section):
     """Grad-CAM heatmaps (`medclf explain`, and `score.explain_flagged`)."""
 
@@ -414,6 +448,7 @@ class Config(_Section):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    ood: OODConfig = Field(default_factory=OODConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

@@ -61,6 +61,7 @@ class Report:
     metrics: pd.DataFrame
     n_evaluated: int
     n_failed: int
+    out_of_scope: Optional[dict] = None  # ood_rate(): n, rate of the files seen, count per reason
     rows_dropped: Optional[dict] = None  # {"other_models": n, "superseded": n} from select_model_rows
 
 
@@ -111,7 +112,8 @@ def attach_labels(pred: pd.DataFrame, labels: Optional[str], class_map: Optional
         extra = [c for c in manifest.columns if c not in pred.columns or c == "path"]
         table = manifest[extra].drop_duplicates("path")
         merged = pred.merge(table, on="path", how="left")
-        unlabelled = merged["label"].isna()
+        # an out-of-scope file (a CT slice in a chest archive) is no prediction: it needs no label
+        unlabelled = merged["label"].isna() & (merged["status"] != "out_of_scope")
         if unlabelled.all():
             raise EvaluationError(
                 f"{labels}: none of the {len(pred)} scored files has a label; the paths do not match "
@@ -237,13 +239,14 @@ def write_report(
     """`df`: path, label, status, threshold, model_id and one `prob_<class>` column per class."""
     from medclf import plots
 
-    unknown = sorted(set(df["label"].dropna()) - set(classes))
+    unknown = sorted(set(df.loc[df["status"] != "out_of_scope", "label"].dropna()) - set(classes))
     if unknown:
         raise EvaluationError(
             f"labels {unknown} are not among the model's classes {classes}; map them with data.class_map "
             "or check that the labels belong to this model")
     ok = df[df["status"] == "ok"].reset_index(drop=True)
-    n_failed = int((df["status"] != "ok").sum())
+    n_failed = int((~df["status"].isin(["ok", "out_of_scope"])).sum())
+    oos = ood_rate(df)
     if ok.empty:
         raise EvaluationError(f"every one of the {len(df)} predictions failed; nothing to evaluate")
     prob_cols = [prob_column(c) for c in classes]
@@ -271,6 +274,7 @@ def write_report(
                     row[f"{r.metric}_ci_low"], row[f"{r.metric}_ci_high"] = r.ci_low, r.ci_high
     metrics = pd.DataFrame(rows)
     metrics.insert(1, "n_failed", n_failed)
+    metrics.insert(2, "n_out_of_scope", oos["n"])
 
     y_pred = _decisions(probs, pos, threshold)
     if binary:
@@ -326,14 +330,25 @@ def write_report(
         storage.write_bytes(storage.join(output, name), png)
 
     summary = {**(source or {}), "classes": classes, "positive_class": positive_class, "threshold": threshold,
-               "n_evaluated": int(len(ok)), "n_failed": n_failed,
+               "n_evaluated": int(len(ok)), "n_failed": n_failed, "out_of_scope": oos,
                "class_counts": {c: int((y == k).sum()) for k, c in enumerate(classes)},
                "model_ids": sorted(ok["model_id"].dropna().unique().tolist()) if "model_id" in ok else [],
                "subgroup_columns": columns,
                "metrics": {k: (None if pd.isna(v) else v) for k, v in head.items() if k != "rule"}}
     storage.write_bytes(storage.join(output, "summary.json"), json.dumps(summary, indent=2, default=float).encode())
     storage.write_bytes(storage.join(output, "summary.html"), summary_html(summary, tables, pictures).encode())
-    return Report(output, metrics, int(len(ok)), n_failed)
+    return Report(output, metrics, int(len(ok)), n_failed, oos)
+
+
+def ood_rate(df: pd.DataFrame) -> dict:
+    """Out-of-scope files (medclf.ood) among those seen: not predictions, so not in the metrics,
+    but a rising rate says the input has drifted from what the model was trained on."""
+    from medclf.ood import reason_kind
+
+    rows = df[df["status"] == "out_of_scope"]
+    reasons = rows["error"].map(reason_kind).value_counts() if len(rows) else pd.Series(dtype=int)
+    return {"n": int(len(rows)), "rate": float(len(rows) / len(df)) if len(df) else float("nan"),
+            "reasons": {str(k): int(v) for k, v in reasons.items()}}
 
 
 def gallery(ok: pd.DataFrame, y: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, classes: list[str],
@@ -367,6 +382,13 @@ def gallery(ok: pd.DataFrame, y: np.ndarray, y_pred: np.ndarray, probs: np.ndarr
     return gallery_plot(images, captions, [bool(y_pred[i] != y[i]) for i in order], title)
 
 
+def _ood_fact(oos: Optional[dict]) -> str:
+    if not oos or not oos["n"]:
+        return "none"
+    reasons = ", ".join(f"{k}: {v}" for k, v in oos["reasons"].items())
+    return f"{oos['n']} ({100 * oos['rate']:.1f}% of the files seen; {reasons}), not counted as predictions"
+
+
 def _table_html(table: pd.DataFrame, columns: list[str]) -> str:
     cols = [c for c in columns if c in table.columns]
     return table[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-", border=0)
@@ -388,6 +410,7 @@ def summary_html(summary: dict, tables: dict, pictures: dict) -> str:
         ("Positive class", summary["positive_class"] or "- (multi-class: argmax)"),
         ("Decision threshold", "argmax" if threshold is None else f"{threshold:.4f} (stored in the model)"),
         ("Images evaluated", f"{summary['n_evaluated']} ({summary['n_failed']} failed to score, not counted)"),
+        ("Out of scope", _ood_fact(summary.get("out_of_scope"))),
     ]
     if "rows_dropped_note" in summary:
         facts.append(("Rows left out", summary["rows_dropped_note"]))

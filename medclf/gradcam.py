@@ -56,7 +56,7 @@ EXPLANATION_COLUMNS = {
     "peak_y": "heatmap maximum, fraction of the image height (0 = top edge)",
     "heatmap_png": "side-by-side picture (image | overlay)",
     "heatmap_npy": "heatmap array, float32 (S, S), values in [0, 1]",
-    "status": "ok | error | skipped (not an image)",
+    "status": "ok | error | skipped (not an image) | out_of_scope (another modality, too small: medclf.ood)",
     "error": "why the file could not be explained",
 }
 
@@ -192,6 +192,7 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
     import ray.data
 
     from medclf.images import images_dataset
+    from medclf.ood import input_gate
 
     card = load_card(model_path)  # fail fast: a bad artifact, an unknown layer or class
     if target != "predicted" and target not in card.classes:
@@ -202,7 +203,9 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
             raise ModelError(f"no layer '{layer}' in {card.arch}; default for it: '{default_layer(card.arch)}'")
     if not paths:
         raise FileNotFoundError("nothing to explain: no input files")
-    ds = images_dataset(paths, card.preprocess_spec, decode_batch_size, frames=frames)
+    # Files the model's domain excludes by header (another modality, too small) get no heatmap: an
+    # explanation would present them as in scope. (`--flagged` takes status-ok rows only.)
+    ds = images_dataset(paths, card.preprocess_spec, decode_batch_size, frames=frames, gate=input_gate(card))
     ds = ds.map_batches(
         Explainer,
         fn_constructor_kwargs={"model_path": model_path, "output": output, "layer": layer, "target": target,

@@ -17,6 +17,7 @@ import numpy as np
 from medclf import storage
 from medclf.config import PreprocessConfig
 from medclf.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
+from medclf.ood import input_out_of_scope
 from medclf.preprocess import preprocess_gray
 from medclf.privacy import protect_uid
 
@@ -35,7 +36,7 @@ def scored_key(path: str, checksum: str, frame: Optional[int] = None) -> int:
 
 def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, frames: str = "middle",
                 max_file_bytes: Optional[int] = None, rows_per_batch: int = 16,
-                uids: tuple = ("keep", None)) -> Iterator[dict]:
+                uids: tuple = ("keep", None), gate: Optional[dict] = None) -> Iterator[dict]:
     """Ray Data task: paths -> bytes -> checksum -> one row per image -> model tensors; errors as rows.
 
     A generator: a multi-frame file's rows leave in batches of `rows_per_batch` as they are
@@ -43,12 +44,14 @@ def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, fr
     frame) is in `skip_keys` were scored before: they leave as ALREADY_SCORED rows without
     being decoded (counted, never written). Each file's first row has `first_row` set, so the
     sink can count files as well as images. `uids`: (score.uids, site key): DICOM UIDs are
-    hashed or dropped here, so raw ones never leave the task (medclf.privacy).
+    hashed or dropped here, so raw ones never leave the task (medclf.privacy). `gate`: the
+    model's domain checks known from the header (medclf.ood.input_gate): a file that fails them
+    gives `out_of_scope` rows, its pixels never decoded.
     """
     pre = PreprocessConfig.model_validate(spec)
     rows: list[dict] = []
     for path in (str(p) for p in batch["path"]):
-        for row in _file_rows(path, pre, skip_keys, frames, max_file_bytes, uids):
+        for row in _file_rows(path, pre, skip_keys, frames, max_file_bytes, uids, gate):
             rows.append(row)
             if len(rows) == rows_per_batch:
                 yield _rows_to_batch(rows, pre.image_size)
@@ -58,7 +61,8 @@ def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, fr
 
 
 def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, frames: str,
-               max_file_bytes: Optional[int], uids: tuple = ("keep", None), data: Optional[bytes] = None) -> Iterator[dict]:
+               max_file_bytes: Optional[int], uids: tuple = ("keep", None), gate: Optional[dict] = None,
+               data: Optional[bytes] = None) -> Iterator[dict]:
     """A file's rows; `data`: its bytes when they came another way (the online endpoint's request body)."""
     row: dict = {"path": path, "size": -1, "checksum": None, "frame": None, "status": None, "error": None,
                  "error_kind": None, "pixels": None, "first_row": True}
@@ -70,6 +74,7 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
             return
         images = open_images(data, path, frames)
         row.update({key: _meta_value(key, images.meta.get(key), uids) for key in META_KEYS})
+        out_of_scope = input_out_of_scope(images.meta, gate)
     except NotAnImage as exc:
         yield {**row, "status": "skipped", "error": str(exc)}
         return
@@ -81,6 +86,9 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
         row["first_row"] = False
         if frame is not None and _in(skip_keys, scored_key(path, row["checksum"], frame)):
             yield {**out, "status": ALREADY_SCORED}
+            continue
+        if out_of_scope:
+            yield {**out, "status": "out_of_scope", "error": f"{path}: {out_of_scope}"}
             continue
         try:
             out["pixels"] = preprocess_gray(images.image(frame).image, pre)
@@ -198,13 +206,13 @@ DECODE_TASK_MEMORY = 640 * 1024**2
 
 def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: int = 16,
                    skip_keys: np.ndarray | None = None, frames: str = "middle", max_file_mb: Optional[float] = None,
-                   retries: int = 2, uids: tuple = ("keep", None)):
+                   retries: int = 2, uids: tuple = ("keep", None), gate: Optional[dict] = None):
     """Ray Dataset of decoded, preprocessed images (the stage training reuses).
 
     `frames` defaults to one image per file (what training, with one label per file, wants);
     scoring passes `score.frames`. A task whose worker dies is retried `retries` times; its files
-    are then missing from the output, and `run_scoring` writes error rows for them. `uids`: see
-    `load_images`.
+    are then missing from the output, and `run_scoring` writes error rows for them. `uids`, `gate`:
+    see `load_images`.
     """
     import ray.data
 
@@ -213,7 +221,8 @@ def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: 
     return ds.map_batches(
         load_images,
         fn_kwargs={"spec": spec.model_dump(), "skip_keys": skip_keys, "frames": frames,
-                   "max_file_bytes": max_file_bytes, "rows_per_batch": decode_batch_size, "uids": uids},
+                   "max_file_bytes": max_file_bytes, "rows_per_batch": decode_batch_size, "uids": uids,
+                   "gate": gate},
         batch_size=decode_batch_size,
         batch_format="numpy",
         num_cpus=0.5,  # leave CPU for the inference actors on small machines

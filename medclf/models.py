@@ -4,6 +4,8 @@ The artifact is a folder any job can read without unpickling code:
     weights.pt   the state_dict (loaded with torch.load(weights_only=True))
     model.json   arch, class names, positive class, decision threshold, preprocessing spec,
                  validation metrics, the training config and the model id
+    domain.npz   (optional) the arrays of the out-of-scope guard's domain record (medclf.ood);
+                 model.json's `files` holds its sha256, checked on load like the weights' hash
 """
 
 from __future__ import annotations
@@ -159,6 +161,18 @@ def head_module(model: nn.Module, arch: str) -> nn.Module:
     return model.classifier
 
 
+def penultimate(model: nn.Module, arch: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the penultimate-layer features (what the classifier head reads), from ONE forward
+    pass: a hook on the head's input, so it works for every architecture `head_module` knows."""
+    seen: list = []
+    hook = head_module(model, arch).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        logits = model(x)
+    finally:
+        hook.remove()
+    return logits, torch.flatten(seen[0], 1)
+
+
 def backbone_blocks(model: nn.Module, arch: str) -> list[nn.Module]:
     """Top-level blocks in input-to-output order; `freeze_first:N` freezes the first N."""
     if arch == "small_cnn":
@@ -290,6 +304,10 @@ class ModelCard:
     model_id: str = ""
     created_at: str = ""
     artifact_version: int = ARTIFACT_VERSION
+    domain: Optional[dict] = None
+    """The out-of-scope guard's domain record (medclf.ood.DomainRecord); None: older artifacts."""
+    files: dict = field(default_factory=dict)
+    """Other files of the artifact (name -> sha256), checked on load: e.g. domain.npz."""
 
     @property
     def preprocess_spec(self) -> PreprocessConfig:
@@ -326,8 +344,9 @@ def model_id_for(arch: str, weights_sha256: str) -> str:
     return f"{arch}-{weights_sha256[:12]}"
 
 
-def save_artifact(model: nn.Module, card: ModelCard, dest: str) -> ModelCard:
-    """Write weights + card to `dest` (local or s3://); the model id is derived from the weights.
+def save_artifact(model: nn.Module, card: ModelCard, dest: str, files: Optional[dict] = None) -> ModelCard:
+    """Write weights + card (+ `files`: name -> bytes, their sha256 into `card.files`) to `dest`
+    (local or s3://); the model id is derived from the weights.
 
     Never half-written where a reader can load it: locally the folder is written under a hidden
     temporary name next to `dest` and renamed into place; on S3 the weights go first and the card
@@ -340,14 +359,38 @@ def save_artifact(model: nn.Module, card: ModelCard, dest: str) -> ModelCard:
         torch.save(state, weights_path)
         card.model_id = model_id_for(card.arch, _weights_digest(weights_path))
         card.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        with open(os.path.join(tmp, CARD_FILE), "w") as f:
-            json.dump(asdict(card), f, indent=2, default=str)
-        if storage.is_remote(dest):
-            storage.write_bytes(storage.join(dest, WEIGHTS_FILE), open(weights_path, "rb").read())
-            storage.write_bytes(storage.join(dest, CARD_FILE), open(os.path.join(tmp, CARD_FILE), "rb").read())
-        else:
-            _publish_folder(tmp, dest)
+        _publish_artifact(tmp, card, dest, files)
     return card
+
+
+def republish_with_files(src: str, dest: str, card: ModelCard, files: dict) -> ModelCard:
+    """A copy of the artifact `src` at `dest` with `files` added and `card` (its own card, edited):
+    the same weights, so the same model id (e.g. a domain record fitted after training)."""
+    weights = storage.read_bytes(storage.join(src, WEIGHTS_FILE))
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, WEIGHTS_FILE), "wb") as f:
+            f.write(weights)
+        if model_id_for(card.arch, _weights_digest(os.path.join(tmp, WEIGHTS_FILE))) != card.model_id:
+            raise ModelError(f"{src}: its weights are not those of the card's model id {card.model_id}")
+        _publish_artifact(tmp, card, dest, files)
+    return card
+
+
+def _publish_artifact(tmp: str, card: ModelCard, dest: str, files: Optional[dict]) -> None:
+    """`tmp` holds weights.pt: add `files` and the card (with the files' sha256), then publish."""
+    card.files = {name: hashlib.sha256(data).hexdigest() for name, data in (files or {}).items()}
+    for name, data in (files or {}).items():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
+    with open(os.path.join(tmp, CARD_FILE), "w") as f:
+        json.dump(asdict(card), f, indent=2, default=str)
+    if storage.is_remote(dest):
+        storage.write_bytes(storage.join(dest, WEIGHTS_FILE), open(os.path.join(tmp, WEIGHTS_FILE), "rb").read())
+        for name, data in (files or {}).items():  # before the card, like the weights
+            storage.write_bytes(storage.join(dest, name), data)
+        storage.write_bytes(storage.join(dest, CARD_FILE), open(os.path.join(tmp, CARD_FILE), "rb").read())
+    else:
+        _publish_folder(tmp, dest)
 
 
 def _publish_folder(src: str, dest: str) -> None:
@@ -399,6 +442,17 @@ def validate_card(raw, card_path: str) -> ModelCard:
     temperature = raw.get("temperature", 1.0)  # calibration; optional in cards written before it existed
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise bad("temperature", f"must be a number > 0, got {temperature!r}")
+    files = raw.get("files", {})
+    if not (isinstance(files, dict) and all(re.fullmatch(r"[\w.-]+", str(k)) and k not in (WEIGHTS_FILE, CARD_FILE)
+                                            and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
+                                            for k, v in files.items())):
+        raise bad("files", "must map plain file names to sha256 hex digests")
+    if raw.get("domain") is not None:
+        from medclf.ood import check_domain_record
+
+        problem = check_domain_record(raw["domain"], files)
+        if problem:
+            raise bad("domain", problem)
     for name, kind in (("preprocess", dict), ("metrics", dict), ("config", dict), ("intended_use", dict),
                        ("provenance", dict), ("failure_modes", list)):
         if name in raw and not isinstance(raw[name], kind):
@@ -446,7 +500,24 @@ def load_artifact(path: str, device: str = "cpu") -> tuple[nn.Module, ModelCard]
             raise ModelError(f"{weights_path}: the weights hash to model id {expected}, but {CARD_FILE} says "
                              f"{card.model_id}; the artifact was altered or is half-written")
         state = _load_weights_file(local)
+    for name in card.files:
+        read_artifact_file(path, card, name)  # refused here when altered, before any job uses the model
     dropout = float(card.config.get("model", {}).get("dropout", 0.0) or 0.0)
     model = build_model(card.arch, len(card.classes), "none", dropout=dropout)
     model.load_state_dict(state)
     return model.to(device).eval(), card
+
+
+def read_artifact_file(path: str, card: ModelCard, name: str) -> bytes:
+    """One of the artifact's other files (`card.files`), its sha256 checked against the card."""
+    if name not in card.files:
+        raise ModelError(f"{storage.join(path, CARD_FILE)}: lists no file {name!r}")
+    where = storage.join(path, name)
+    try:
+        data = storage.read_bytes(where)
+    except FileNotFoundError:
+        raise ModelError(f"{where}: file not found; {CARD_FILE} lists it (the artifact is incomplete)") from None
+    if hashlib.sha256(data).hexdigest() != card.files[name]:
+        raise ModelError(f"{where}: its sha256 is not the one {CARD_FILE} records; the artifact was altered or "
+                         "is half-written")
+    return data

@@ -21,14 +21,16 @@ PREDICTION_COLUMNS = {
     "study_instance_uid": "DICOM StudyInstanceUID, as sop_instance_uid",
     "series_instance_uid": "DICOM SeriesInstanceUID, as sop_instance_uid",
     "frame": "1-based frame number of a multi-frame DICOM (null for single-image files)",
-    "predicted_label": "predicted class name (null on error)",
+    "predicted_label": "predicted class name (null unless status is ok)",
     "threshold": "decision threshold on the positive class's probability (null: argmax)",
+    "ood_score": "distance of the image from the model's training domain (medclf.ood; higher = less like it); "
+                 "null when not computed (error, skipped, out of scope by header, model without a domain record)",
     "model_id": "model artifact id (<arch>-<sha256 of weights, 12 hex>)",
     "model_version": "artifact creation time (UTC, ISO 8601)",
     "run_id": "id of the scoring run",
     "scored_at": "UTC time the row was scored",
-    "status": "ok, error, skipped (not an image) or out_of_scope",
-    "error": "what went wrong with this file, or why it was skipped (null when fine)",
+    "status": "ok, error, skipped (not an image) or out_of_scope (not what the model was trained on: medclf.ood)",
+    "error": "what went wrong with this file, or why it was skipped or out of scope (null when fine)",
     "error_kind": "permanent (corrupt or unsupported content) or transient (access error, out of memory, decoder "
                   "missing: the next run retries the file); null when fine",
 }
@@ -41,7 +43,7 @@ def prediction_schema(classes: list[str]):
         ("modality", pa.string()), ("sop_instance_uid", pa.string()), ("study_instance_uid", pa.string()),
         ("series_instance_uid", pa.string()), ("frame", pa.int32()), ("predicted_label", pa.string()),
         *[(prob_column(c), pa.float32()) for c in classes],
-        ("threshold", pa.float64()), ("model_id", pa.string()), ("model_version", pa.string()),
+        ("threshold", pa.float64()), ("ood_score", pa.float64()), ("model_id", pa.string()), ("model_version", pa.string()),
         ("run_id", pa.string()), ("scored_at", pa.string()), ("status", pa.string()), ("error", pa.string()),
         ("error_kind", pa.string()),
     ]

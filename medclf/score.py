@@ -3,7 +3,9 @@
 Reading/decoding runs in Ray tasks separate from the inference actors, so the two overlap and
 each scales on its own. A file that cannot be read or decoded becomes a row with
 `status = "error"` and its message; a file that holds no image (a DICOM report) a row with
-`status = "skipped"` and the reason; the run goes on. One row per image: a single-image file
+`status = "skipped"` and the reason; an image the model was not trained for (medclf.ood: another
+DICOM modality, too small, or an `ood_score` above the model's threshold) a row with
+`status = "out_of_scope"` and the reason; the run goes on. One row per image: a single-image file
 gives one row (`frame` null), a multi-frame DICOM one row per frame (`score.frames`).
 """
 
@@ -25,7 +27,8 @@ from medclf.images import (ALREADY_SCORED, META_KEYS, TRANSIENT, find_inputs, im
                            text_or_none)
 from medclf.lease import Lease, verify
 from medclf.predictions import prediction_schema, predictions_dataset
-from medclf.models import class_probabilities, load_artifact, load_card, prob_column
+from medclf.models import class_probabilities, load_artifact, load_card, penultimate, prob_column
+from medclf.ood import input_gate, load_domain, score_reason
 from medclf.preprocess import to_model_input
 from medclf.privacy import check_uid_policy, uid_key
 
@@ -76,7 +79,7 @@ class Predictor:
     """Ray Data actor: holds the model, turns a batch of tensors into prediction rows."""
 
     def __init__(self, model_path: str, run_id: str, use_gpu: bool = False, threads: int | None = None,
-                 runtime: str = "torch"):
+                 runtime: str = "torch", ood_action: str = "flag"):
         import torch
 
         if threads:
@@ -84,37 +87,59 @@ class Predictor:
         self.torch = torch
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model, self.card = load_artifact(model_path, self.device)
+        self.domain = load_domain(model_path, self.card)  # None: an artifact from before the guard
         # NHWC lets oneDNN/cuDNN pick faster convolution kernels (ResNet18 on CPU: +24%, same outputs).
         self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = self.device == "cuda"
         self.onnx = _onnx_session(self.model, self.card, threads) if runtime == "onnxruntime" else None
+        self.ood_action = ood_action
         self.run_id = run_id
         self.prob_columns = [prob_column(c) for c in self.card.classes]
         self.schema = prediction_schema(self.card.classes)
 
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities of preprocessed one-channel images (N, 1, S, S)."""
+    def logits_and_features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and penultimate features (the out-of-scope guard's input) of preprocessed one-channel
+        images (N, 1, S, S), from one forward pass of whichever runtime the config names."""
         torch = self.torch
         if self.onnx is not None:
-            return self.onnx.run(["probabilities"], {"image": np.ascontiguousarray(pixels, np.float32)})[0]
+            logits, features = self.onnx.run(None, {"image": np.ascontiguousarray(pixels, np.float32)})
+            return logits, features
         x = to_model_input(torch.from_numpy(pixels).to(self.device)).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-            return class_probabilities(self.model(x), self.card.temperature).cpu().numpy()
+            logits, features = penultimate(self.model, self.card.arch, x)
+        return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
     def __call__(self, batch: dict):
         import pyarrow as pa
 
+        torch = self.torch
         statuses = text_or_none(batch["status"])  # set by the decode task for rows not to be scored
         ok = np.array([s is None for s in statuses], bool)
         n = len(statuses)
         probs = np.full((n, len(self.card.classes)), np.nan, np.float32)
+        ood_scores = np.full(n, np.nan)
         if ok.any():
-            probs[ok] = self.probabilities(batch["pixels"][ok] if not ok.all() else batch["pixels"])
+            logits, features = self.logits_and_features(batch["pixels"][ok] if not ok.all() else batch["pixels"])
+            probs[ok] = class_probabilities(torch.from_numpy(logits), self.card.temperature).numpy()
+            if self.domain is not None:
+                ood_scores[ok] = self.domain.scores(features, logits)
+        # Out of scope by the feature score only with ood.action=out_of_scope: probabilities kept (audit), no
+        # label, the reason in `error`. The default (flag) writes ood_score and leaves the answer standing.
+        beyond = ok & (ood_scores > self.domain.record.threshold) if self.domain is not None else np.zeros(n, bool)
+        if self.ood_action != "out_of_scope":
+            beyond[:] = False
+        errors = text_or_none(batch["error"])
+        for i in np.flatnonzero(beyond):
+            statuses[i] = "out_of_scope"
+            errors[i] = f"{batch['path'][i]}: {score_reason(ood_scores[i], self.domain.record)}"
+        ok &= ~beyond
         labels = predict_labels(probs, self.card.classes, self.card.positive_index, self.card.threshold)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         out = {k: v for k, v in batch.items() if k != "pixels"}  # `first_row` rides along for the sink
-        for key in ("checksum", "error", "error_kind", *META_KEYS):
+        for key in ("checksum", "error_kind", *META_KEYS):
             out[key] = text_or_none(batch[key])
+        out["error"] = errors
+        out["ood_score"] = pa.array(ood_scores, pa.float64(), mask=np.isnan(ood_scores))
         out["predicted_label"] = [lab if good else None for lab, good in zip(labels, ok)]
         for j, col in enumerate(self.prob_columns):
             out[col] = probs[:, j]
@@ -133,14 +158,26 @@ class Predictor:
 
 
 def _onnx_session(model, card, threads: int | None):
-    """An ONNX Runtime CPU session on the artifact's network, exported in memory by `medclf.export`
-    (the same graph `medclf export` writes: temperature and channel replication included)."""
+    """An ONNX Runtime CPU session on the artifact's network (exported in memory, as `medclf export`
+    does) with two outputs: logits and the penultimate features the out-of-scope guard scores."""
     import onnxruntime as ort
+    import torch
 
-    from medclf.export import ExportedClassifier, export_onnx
+    from medclf.export import ONNX_OPSET
 
+    class LogitsAndFeatures(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, image):
+            return penultimate(self.model, card.arch, to_model_input(image))
+
+    size = card.preprocess_spec.image_size
     buffer = io.BytesIO()
-    export_onnx(ExportedClassifier(model, card.temperature).eval(), card, buffer)
+    torch.onnx.export(LogitsAndFeatures().eval(), (torch.zeros(2, 1, size, size),), buffer, input_names=["image"],
+                      output_names=["logits", "features"], opset_version=ONNX_OPSET, dynamo=False,
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 1
     options.inter_op_num_threads = 1
@@ -205,6 +242,9 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     rescore = sc.rescore if rescore is None else rescore
     storage.check_input_url(input_path)  # the inputs' kind and the model are checked before any work
     card = load_card(model_path)  # fail fast on a bad artifact, before any Ray work
+    if card.domain is None:
+        log.warning("model %s has no domain record (trained before the out-of-scope guard): no ood_score, and "
+                    "no modality or size check; retrain it to get them", card.model_id)
     check_uid_policy(sc.uids, uid_key(sc.uid_key))
     inputs = find_inputs(input_path, sc.extensions)
     paths = inputs.paths
@@ -246,12 +286,14 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
 
     sc = cfg.score
     ds = images_dataset(paths, card.preprocess_spec, sc.decode_batch_size, skip if len(skip) else None,
-                        sc.frames, sc.max_file_mb, sc.decode_retries, (sc.uids, uid_key(sc.uid_key)))
+                        sc.frames, sc.max_file_mb, sc.decode_retries, (sc.uids, uid_key(sc.uid_key)),
+                        input_gate(card))
     threads = sc.torch_threads or max(1, int(sc.cpus_per_actor))
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"model_path": model_path, "run_id": run_id, "use_gpu": sc.use_gpu,
-                               "threads": threads, "runtime": sc.runtime},
+                               "threads": threads, "runtime": sc.runtime,
+                               "ood_action": cfg.ood.action},
         batch_size=sc.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=sc.num_actors),

@@ -39,6 +39,7 @@ from medclf import data as data_mod
 from medclf import model_card, storage
 from medclf.config import Config, ConfigError, TrainConfig
 from medclf.metrics import choose_threshold, classification_metrics
+from medclf.ood import fit_domain
 from medclf.augment import augment_batch
 from medclf.preprocess import to_model_input
 from medclf.calibration import softmax_with_temperature
@@ -757,8 +758,11 @@ def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, v
         provenance=model_card.provenance(cfg, pd.concat([inputs.train, inputs.val]), inputs.classes),
         failure_modes=model_card.failure_modes(list(inputs.val["path"][select]), y[select], val_probs[select],
                                                inputs.classes, threshold, inputs.positive_index, cfg.report.show_paths))
+    domain = fit_domain(model.eval(), cfg.model.arch, cfg, val_pixels(np.ones(len(y), bool)), y,
+                        list(inputs.val["path"]))  # the out-of-scope guard (medclf.ood)
+    card.domain = domain and domain.record.model_dump()
     model_path = storage.join(run_dir, "model")
-    card = save_artifact(model, card, model_path)
+    card = save_artifact(model, card, model_path, domain and {domain.record.file: domain.to_bytes()})
     model_card.write(card, model_path)
     write_history(history, run_dir)
     for part in val_metrics:

@@ -1,0 +1,322 @@
+"""The out-of-scope guard: what a model was trained on, and whether an input is like it.
+
+A chest-film model asked about a CT slice or a 1x1-pixel PNG still answers with a probability;
+this module lets scoring say `status = out_of_scope` instead. Training fits a domain record on
+the validation images (`fit_domain`) and stores it in the model artifact:
+
+  * the DICOM modalities the model is for (`data.modalities`; training JPEG/PNGs carry none),
+    and, for the record, the photometric interpretations, formats and image sizes seen;
+  * the minimum image side: half the smallest validation image side (at least `ood.min_size_floor`);
+  * input statistics of the preprocessed validation images (for the record and for audits);
+  * a feature-space reference: class means of the penultimate-layer features with one shared
+    Ledoit-Wolf shrinkage covariance; `ood_score` = the smallest Mahalanobis distance to a class
+    mean, squared and divided by the feature dimension (about 1 for typical in-domain images).
+    `ood.score` can select the energy score or 1 - max softmax instead; Mahalanobis separated
+    CT, ultrasound and noise from chest films best (docs/benchmarks.md, OOD table).
+  * the threshold: the `ood.quantile` quantile of out-of-fold validation scores (each half of
+    validation scored by the Gaussian fitted on the other half, so the quantile is not that of
+    images the reference was fitted on); the stored Gaussian is then fitted on all of it.
+
+Scoring applies two kinds of rule. At decode time (medclf.images, no model needed): a DICOM
+modality not in the record, or an image smaller than the minimum side (`input_out_of_scope`).
+After the forward pass (medclf.score): `ood_score` above the threshold. Either way the row's
+`error` says why; see the README for what the row carries.
+
+The small fields go into model.json (`card.domain`, a `DomainRecord`), the arrays into
+`domain.npz` beside the weights; the card records its sha256 (medclf.models.read_artifact_file).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from medclf.models import ModelCard, ModelError, penultimate, read_artifact_file
+from medclf.preprocess import to_model_input
+
+log = logging.getLogger(__name__)
+
+DOMAIN_FILE = "domain.npz"
+SCORES = ("mahalanobis", "energy", "max_softmax")
+
+# Each out-of-scope reason starts with one of these phrases; `reason_kind` maps them back for counts.
+REASONS = {"modality": "DICOM modality", "too_small": "image too small", "ood_score": "ood_score"}
+
+
+class DomainRecord(BaseModel):
+    """The small part of the domain record, stored in model.json as `domain`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: Literal["mahalanobis", "energy", "max_softmax"]
+    threshold: float
+    """ood_score above this: out_of_scope."""
+    quantile: float
+    """The threshold is this quantile of the out-of-fold validation scores."""
+    validation_flag_rate: float
+    """Share of validation images whose out-of-fold score is above the threshold."""
+    modalities: list[str]
+    """DICOM modalities accepted (empty: any). Files without the tag (JPEG/PNG) are not judged by it."""
+    min_size: int
+    """Images with a side shorter than this (px) are out_of_scope."""
+    smallest_side_seen: int
+    photometric_seen: list[str]
+    formats_seen: list[str]
+    modalities_seen: list[str]
+    input_stats: dict[str, float]
+    """Of the preprocessed validation images: mean and sd of the per-image mean and sd."""
+    n_fit: int
+    feature_dim: int
+    pca_dim: Optional[int] = None
+    file: str = DOMAIN_FILE
+
+
+@dataclass
+class Domain:
+    """A domain record and its arrays: `center`, `components` (PCA; empty when none), class
+    `means`, shared `precision`, and the out-of-fold `validation_scores` the threshold came from."""
+
+    record: DomainRecord
+    arrays: dict
+
+    def scores(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """ood_score per image: higher = less like the validation images."""
+        return _score(self.record.score, self.arrays, features, logits)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, **self.arrays)
+        return buf.getvalue()
+
+
+# ---------------------------------------------------------------- scores
+
+
+def _score(kind: str, arrays: dict, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, np.float64)
+    if kind == "energy":  # Liu et al. 2020: -logsumexp of the logits; higher = less familiar
+        top = logits.max(axis=1)
+        return -(top + np.log(np.exp(logits - top[:, None]).sum(axis=1)))
+    if kind == "max_softmax":
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return 1.0 - (p / p.sum(axis=1, keepdims=True)).max(axis=1)
+    z = _project(arrays, features)
+    best = np.full(len(z), np.inf)
+    for mean in arrays["means"]:
+        d = z - mean
+        best = np.minimum(best, ((d @ arrays["precision"]) * d).sum(axis=1))
+    return best / z.shape[1]
+
+
+def _project(arrays: dict, features: np.ndarray) -> np.ndarray:
+    z = np.asarray(features, np.float64) - arrays["center"]
+    return z @ arrays["components"] if arrays["components"].size else z
+
+
+def fit_gaussian(features: np.ndarray, labels: np.ndarray, pca_dim: Optional[int] = None) -> dict:
+    """Class means and one shared Ledoit-Wolf covariance (as its inverse) of the features."""
+    from sklearn.covariance import LedoitWolf
+
+    features = np.asarray(features, np.float64)
+    center = features.mean(axis=0)
+    components = np.zeros((0, 0))
+    if pca_dim and pca_dim < min(features.shape):
+        _, _, vt = np.linalg.svd(features - center, full_matrices=False)
+        components = vt[:pca_dim].T
+    arrays = {"center": center, "components": components}
+    z = _project(arrays, features)
+    classes = np.unique(labels)
+    means = np.stack([z[labels == c].mean(axis=0) for c in classes])
+    residuals = z - means[np.searchsorted(classes, labels)]
+    covariance = LedoitWolf(assume_centered=True).fit(residuals).covariance_
+    return {**arrays, "means": means, "precision": np.linalg.pinv(covariance, hermitian=True)}
+
+
+def out_of_fold_scores(kind: str, features: np.ndarray, logits: np.ndarray, labels: np.ndarray,
+                       pca_dim: Optional[int] = None, seed: int = 0) -> np.ndarray:
+    """Each validation image scored by a reference fitted on the other half (2 folds)."""
+    if kind != "mahalanobis":
+        return _score(kind, {}, features, logits)
+    fold = np.random.default_rng(seed).permutation(len(labels)) % 2
+    out = np.empty(len(labels))
+    for k in (0, 1):
+        fit, held = fold != k, fold == k
+        out[held] = _score(kind, fit_gaussian(features[fit], labels[fit], pca_dim), features[held], logits[held])
+    return out
+
+
+def features_and_logits(model: torch.nn.Module, arch: str, x: np.ndarray,
+                        batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features and logits of preprocessed images x (N, 1, S, S), in eval mode."""
+    feats, logits = [], []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            out, f = penultimate(model, arch, to_model_input(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))))
+            feats.append(f.float().numpy())
+            logits.append(out.float().numpy())
+    return np.concatenate(feats), np.concatenate(logits)
+
+
+# ---------------------------------------------------------------- fitting (training)
+
+
+def fit_domain(model: torch.nn.Module, arch: str, cfg, val_x: np.ndarray, val_y: np.ndarray,
+               val_paths: list[str]) -> Optional[Domain]:
+    """The domain record of a trained model, from its validation images (preprocessed `val_x`,
+    labels `val_y`, and their files for sizes and headers). None when `ood.enabled` is off."""
+    oc = cfg.ood
+    if not oc.enabled:
+        return None
+    if len(val_y) < 4:
+        raise ModelError(f"the out-of-scope guard needs at least 4 validation images, got {len(val_y)} "
+                         "(or set ood.enabled=false)")
+    features, logits = features_and_logits(model, arch, val_x)
+    val_y = np.asarray(val_y)
+    val_scores = out_of_fold_scores(oc.score, features, logits, val_y, oc.pca_dim, cfg.run.seed)
+    threshold = float(np.quantile(val_scores, oc.quantile))
+    arrays = fit_gaussian(features, val_y, oc.pca_dim) if oc.score == "mahalanobis" else {}
+    arrays["validation_scores"] = val_scores
+    facts = [_image_facts(p) for p in val_paths]
+    smallest = min(min(f["width"], f["height"]) for f in facts)
+    means, sds = val_x.mean(axis=(1, 2, 3)), val_x.std(axis=(1, 2, 3))
+    record = DomainRecord(
+        score=oc.score, threshold=threshold, quantile=oc.quantile,
+        validation_flag_rate=float((val_scores > threshold).mean()),
+        modalities=list(cfg.data.modalities), min_size=max(oc.min_size_floor, smallest // 2),
+        smallest_side_seen=smallest,
+        photometric_seen=sorted({f["photometric"] for f in facts}), formats_seen=sorted({f["format"] for f in facts}),
+        modalities_seen=sorted({f["modality"] for f in facts if f["modality"]}),
+        input_stats={"mean_of_means": float(means.mean()), "sd_of_means": float(means.std()),
+                     "mean_of_sds": float(sds.mean()), "sd_of_sds": float(sds.std())},
+        n_fit=len(val_y), feature_dim=int(features.shape[1]),
+        pca_dim=oc.pca_dim if oc.score == "mahalanobis" and arrays["components"].size else None)
+    log.info("domain record: %s score, threshold %.4g (%.0f%% of validation passes), min side %d px",
+             record.score, threshold, 100 * (1 - record.validation_flag_rate), record.min_size)
+    return Domain(record, arrays)
+
+
+def add_domain(artifact: str, dest: str, cfg, paths: list[str], labels: list[str]) -> Domain:
+    """A copy of `artifact` at `dest` with a domain record fitted on these labelled validation
+    images: for models trained before the guard (same weights, same model id). `cfg`: its `ood`
+    section and `data.modalities` are used."""
+    from medclf import storage
+    from medclf.decode import decode
+    from medclf.models import load_artifact, republish_with_files
+    from medclf.preprocess import preprocess_gray
+
+    model, card = load_artifact(artifact)
+    x = np.stack([preprocess_gray(decode(storage.read_bytes(p), p).image, card.preprocess_spec) for p in paths])
+    y = np.array([card.classes.index(label) for label in labels])
+    domain = fit_domain(model, card.arch, cfg, x, y, paths)
+    if domain is None:
+        raise ModelError("ood.enabled is false: no domain record to add")
+    card.domain = domain.record.model_dump()
+    republish_with_files(artifact, dest, card, {domain.record.file: domain.to_bytes()})
+    return domain
+
+
+_GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def _image_facts(path: str) -> dict:
+    """Size, format, photometric interpretation and modality of an image file, from its header."""
+    from PIL import Image
+
+    from medclf import storage
+    from medclf.decode import sniff_format
+
+    data = storage.read_bytes(path)
+    kind = sniff_format(data, path)
+    if kind == "dicom":
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        return {"format": kind, "width": int(ds.get("Columns", 0)), "height": int(ds.get("Rows", 0)),
+                "photometric": str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip(),
+                "modality": str(ds.get("Modality", "") or "") or None}
+    with Image.open(io.BytesIO(data)) as img:
+        photometric = "MONOCHROME2" if img.mode in _GRAY_MODES else ("PALETTE COLOR" if img.mode == "P" else "RGB")
+        return {"format": kind, "width": img.width, "height": img.height, "photometric": photometric,
+                "modality": None}
+
+
+# ---------------------------------------------------------------- the artifact
+
+
+def check_domain_record(raw, files: dict) -> Optional[str]:
+    """What is wrong with a card's `domain` entry, or None (medclf.models.validate_card)."""
+    try:
+        record = DomainRecord.model_validate(raw)
+    except ValidationError as exc:
+        return f"is not a valid domain record ({exc.error_count()} problem(s): {exc.errors()[0]['msg']})"
+    if record.file not in files:
+        return f"names {record.file!r}, which the card's `files` does not list with its sha256"
+    return None
+
+
+def load_domain(path: str, card: ModelCard) -> Optional[Domain]:
+    """The artifact's domain record with its arrays (sha256 checked); None for older artifacts."""
+    if card.domain is None:
+        return None
+    record = DomainRecord.model_validate(card.domain)
+    where = f"{path}/{record.file}"
+    try:
+        with np.load(io.BytesIO(read_artifact_file(path, card, record.file)), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"{where}: not a readable .npz ({type(exc).__name__})") from None
+    needed = ["validation_scores"] + (["center", "components", "means", "precision"]
+                                      if record.score == "mahalanobis" else [])
+    missing = [k for k in needed if k not in arrays]
+    if missing:
+        raise ModelError(f"{where}: lacks the arrays {missing}")
+    return Domain(record, arrays)
+
+
+def input_gate(card: ModelCard) -> Optional[dict]:
+    """What the decode stage checks before any pixel reaches the model (None: nothing)."""
+    if card.domain is None:
+        return None
+    record = DomainRecord.model_validate(card.domain)
+    return {"modalities": record.modalities, "min_size": record.min_size}
+
+
+# ---------------------------------------------------------------- reasons
+
+
+def input_out_of_scope(meta: dict, gate: Optional[dict]) -> Optional[str]:
+    """Why a decoded file is out of scope by its header alone (modality, size), or None."""
+    if not gate:
+        return None
+    modality = meta.get("modality")
+    allowed = gate["modalities"]
+    if allowed and modality and modality.strip().upper() not in allowed:
+        # Modality is a short code (CS, 16 chars); anything else is not echoed (it could be a name).
+        shown = modality if re.fullmatch(r"[A-Za-z0-9 _]{1,16}", modality) else "a non-standard value"
+        return f"{REASONS['modality']} {shown} is not one this model is for ({', '.join(allowed)})"
+    width, height = meta.get("width"), meta.get("height")
+    if width is not None and height is not None and min(width, height) < gate["min_size"]:
+        return (f"{REASONS['too_small']}: {width}x{height} px, the model's domain starts at "
+                f"{gate['min_size']} px a side")
+    return None
+
+
+def score_reason(score: float, record: DomainRecord) -> str:
+    return (f"{REASONS['ood_score']} {score:.3g} above the threshold {record.threshold:.3g} "
+            f"({record.score}; {100 * record.quantile:g}% quantile of validation): unlike the training images")
+
+
+def reason_kind(error: Optional[str]) -> str:
+    """The reason key (`REASONS`) of an out_of_scope row's `error` text ('<path>: <reason>')."""
+    for key, phrase in REASONS.items():
+        if f": {phrase}" in (error or ""):
+            return key
+    return "other"

@@ -1,0 +1,205 @@
+"""The out-of-scope guard (medclf.ood): a model trained on phantoms records its domain; scoring
+marks a CT slice, a 1x1 PNG and noise as out_of_scope; the artifact's domain file is checked."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+from pydicom.data import get_testdata_file
+from sklearn.metrics import roc_auc_score
+
+from medclf.config import load_config
+from medclf.images import load_images
+from medclf.models import CARD_FILE, ModelError, build_model, load_artifact, penultimate
+from medclf.ood import DOMAIN_FILE, load_domain, reason_kind
+from medclf.score import Predictor
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def guarded(trained_model, tmp_path_factory):
+    """The shared 1-epoch phantom model with a domain record for chest-film modalities, fitted on its
+    own validation images (the function training calls, via `add_domain`: no second training;
+    tests/test_training.py checks that training writes the record itself)."""
+    from medclf.ood import add_domain
+
+    run_dir = os.path.dirname(trained_model.model_path)
+    val = pd.read_parquet(os.path.join(run_dir, "splits.parquet")).query("split == 'val'")
+    cfg = load_config(None, TINY + ["ood.enabled=true", "ood.quantile=0.95", "data.modalities=[cr, DX]"])
+    dest = str(tmp_path_factory.mktemp("guarded") / "model")
+    add_domain(trained_model.model_path, dest, cfg, list(val.path), list(val.label))
+    assert load_artifact(dest)[1].model_id == trained_model.card.model_id  # same weights, same model
+    return dest
+
+
+def score_rows(model_path, paths, ood_action="out_of_scope"):
+    """The decode stage and the model stage as plain functions (no Ray), as scoring runs them."""
+    from medclf.models import load_card
+    from medclf.ood import input_gate
+
+    card = load_card(model_path)
+    predictor = Predictor(model_path, "run", threads=1, ood_action=ood_action)
+    batches = load_images({"path": np.array(paths, object)}, card.preprocess, rows_per_batch=8,
+                          gate=input_gate(card))
+    return pa.concat_tables([predictor(b) for b in batches]).to_pandas().set_index("path")
+
+
+def noise_images(folder, n=24, size=32, seed=0):
+    """Phantom-sized images that are nothing like a phantom: uniform, gaussian, constant, stripes."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    kinds = [lambda: rng.uniform(0, 255, (size, size)),
+             lambda: np.clip(rng.normal(128, 60, (size, size)), 0, 255),
+             lambda: np.full((size, size), rng.uniform(0, 255)),
+             lambda: np.tile((np.arange(size) // rng.integers(1, 5) % 2) * 255.0, (size, 1))]
+    paths = []
+    for i in range(n):
+        path = os.path.join(folder, f"noise{i}.png")
+        Image.fromarray(kinds[i % len(kinds)]().astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_training_records_the_domain_and_the_threshold_is_the_validation_quantile(guarded):
+    model, card = load_artifact(guarded)
+    domain = load_domain(guarded, card)
+    record = domain.record
+    assert card.files[DOMAIN_FILE] and os.path.exists(os.path.join(guarded, DOMAIN_FILE))
+    assert record.modalities == ["CR", "DX"] and record.formats_seen == ["png"]
+    assert record.photometric_seen == ["MONOCHROME2"] and record.smallest_side_seen == 32 and record.min_size == 16
+    assert record.score == "mahalanobis" and record.feature_dim == 128  # the small CNN's last width
+    val = domain.arrays["validation_scores"]
+    assert len(val) == record.n_fit >= 4 and record.quantile == 0.95
+    assert record.threshold == pytest.approx(np.quantile(val, 0.95))
+    assert record.validation_flag_rate == pytest.approx((val > record.threshold).mean())
+
+
+def test_ct_slice_small_png_and_noise_are_out_of_scope(guarded, phantom_root, tmp_path):
+    ct = get_testdata_file("CT_small.dcm")
+    tiny = str(tmp_path / "tiny.png")
+    Image.fromarray(np.full((1, 1), 200, np.uint8)).save(tiny)
+    held_out = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(phantom_root, "test"))
+                      for f in fs if f.endswith(".png"))
+    dicom_phantoms = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(phantom_root, "test"))
+                            for f in fs if f.endswith(".dcm"))[:4]  # modality DX: passes the modality check
+    noise = noise_images(str(tmp_path / "noise"))
+    rows = score_rows(guarded, [ct, tiny, *held_out, *dicom_phantoms, *noise])
+
+    for path, kind, says in ((ct, "modality", "DICOM modality CT is not one this model is for (CR, DX)"),
+                             (tiny, "too_small", "image too small: 1x1 px, the model's domain starts at 16 px a side")):
+        row = rows.loc[path]
+        assert row.status == "out_of_scope" and row.error == f"{path}: {says}" and reason_kind(row.error) == kind
+        assert pd.isna(row.predicted_label) and np.isnan(row.ood_score) and np.isnan(row.prob_POSITIVE)
+    assert rows.loc[dicom_phantoms, "ood_score"].notna().all()
+    scores = rows.loc[held_out + noise, "ood_score"].to_numpy()
+    auroc = roc_auc_score([0] * len(held_out) + [1] * len(noise), scores)
+    print(f"noise vs held-out phantoms: AUROC {auroc:.3f}")
+    assert auroc >= 0.9, auroc
+    flagged = rows.loc[noise][rows.loc[noise].status == "out_of_scope"]
+    assert len(flagged) >= len(noise) // 2, rows.loc[noise, ["status", "ood_score"]]
+    # feature-space out of scope: probabilities kept for audit, no label, the score and the reason
+    assert flagged.predicted_label.isna().all() and flagged.prob_POSITIVE.notna().all()
+    assert flagged.error.str.contains("ood_score .* above the threshold", regex=True).all()
+    assert set(flagged.error.map(reason_kind)) == {"ood_score"}
+    ok = rows[rows.status == "ok"]
+    assert ok.predicted_label.notna().all() and ok.error.isna().all()
+    assert (rows.loc[held_out, "status"] == "ok").mean() >= 0.75  # in-domain mostly passes (quantile 0.95)
+    # ood.action=flag (the default): the same scores, the answers stand
+    flag_rows = score_rows(guarded, noise, "flag")
+    assert (flag_rows.status == "ok").all() and flag_rows.predicted_label.notna().all()
+    np.testing.assert_allclose(flag_rows.loc[noise, "ood_score"], rows.loc[noise, "ood_score"], rtol=1e-6)
+
+
+def test_tampered_or_missing_domain_file_is_refused(guarded, tmp_path):
+    altered = str(tmp_path / "altered")
+    shutil.copytree(guarded, altered)
+    with open(os.path.join(altered, DOMAIN_FILE), "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ModelError, match=r"altered/domain.npz: its sha256 is not the one model.json records"):
+        load_artifact(altered)
+    os.remove(os.path.join(altered, DOMAIN_FILE))
+    with pytest.raises(ModelError, match=r"domain.npz: file not found; model.json lists it"):
+        Predictor(altered, "run", threads=1)
+
+
+def test_artifact_without_a_domain_still_scores(guarded, tmp_path):
+    old = str(tmp_path / "old")
+    shutil.copytree(guarded, old)
+    os.remove(os.path.join(old, DOMAIN_FILE))
+    card = json.load(open(os.path.join(old, CARD_FILE)))
+    del card["domain"], card["files"]  # a card written before the guard existed
+    json.dump(card, open(os.path.join(old, CARD_FILE), "w"))
+    ct = get_testdata_file("CT_small.dcm")
+    rows = score_rows(old, [ct])
+    assert rows.loc[ct, "status"] == "ok" and np.isnan(rows.loc[ct, "ood_score"])
+
+
+def test_scoring_and_evaluation_count_out_of_scope(ray_cluster, guarded, phantom_root, tmp_path, caplog):
+    from medclf.evaluate import run_evaluation
+    from medclf.predictions import read_predictions
+    from medclf.score import run_scoring
+
+    src = tmp_path / "archive"
+    normal = src / "NORMAL"
+    normal.mkdir(parents=True)
+    for f in sorted(os.listdir(os.path.join(phantom_root, "test", "NORMAL")))[:6]:
+        shutil.copy(os.path.join(phantom_root, "test", "NORMAL", f), normal / f)
+    shutil.copy(get_testdata_file("CT_small.dcm"), normal / "ct.dcm")
+    Image.fromarray(np.zeros((2, 3), np.uint8)).save(normal / "tiny.png")
+    out = str(tmp_path / "pred")
+    summary = run_scoring(load_config(None, TINY), "oos", str(src), guarded, out)
+    pred = read_predictions(out).set_index("path")
+    assert pred.loc[str(normal / "ct.dcm"), "status"] == pred.loc[str(normal / "tiny.png"), "status"] == "out_of_scope"
+    n_oos = int((pred.status == "out_of_scope").sum())
+    assert summary.out_of_scope == n_oos >= 2 and summary.seen == len(pred) == summary.scored + n_oos
+    assert pred.loc[pred.status == "ok", "ood_score"].notna().all()
+
+    report = run_evaluation(out, str(tmp_path / "report"), ["NORMAL", "POSITIVE"], "POSITIVE",
+                            bootstrap_resamples=0)
+    assert report.out_of_scope["n"] == n_oos and report.n_failed == 0 and report.n_evaluated == len(pred) - n_oos
+    assert report.out_of_scope["rate"] == pytest.approx(n_oos / len(pred))
+    assert report.out_of_scope["reasons"]["modality"] == 1 and report.out_of_scope["reasons"]["too_small"] == 1
+    summary_json = json.load(open(tmp_path / "report" / "summary.json"))
+    assert summary_json["out_of_scope"]["n"] == n_oos
+    assert pd.read_parquet(tmp_path / "report" / "metrics.parquet")["n_out_of_scope"].iloc[0] == n_oos
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "efficientnet_lite0", "mobilenet_v3_small",
+                                  "efficientnet_b0"])
+def test_penultimate_features_come_from_the_same_forward_pass(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 3, dropout=0.2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        logits, features = penultimate(model, arch, x)
+        expected = model(x)
+    assert torch.allclose(logits, expected, atol=1e-5) and features.shape[0] == 2 and features.ndim == 2
+    head = model.fc if arch.startswith("resnet") else model._fc if arch == "efficientnet_lite0" else model.classifier
+    with torch.inference_mode():
+        assert torch.allclose(head(features), logits, atol=1e-5)
+
+
+def test_old_predictions_without_ood_score_still_read(tmp_path):
+    from medclf.predictions import prediction_schema, read_predictions
+
+    schema = prediction_schema(["NORMAL", "POSITIVE"])
+    old = pa.schema([f for f in schema if f.name != "ood_score"])
+    folder = tmp_path / "pred" / "run_date=2026-01-01"
+    folder.mkdir(parents=True)
+    table = pa.table({f.name: pa.array([None], f.type) for f in old}, schema=old)
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, folder / "part-old.parquet")
+    rows = read_predictions(str(tmp_path / "pred"))
+    assert "ood_score" in rows.columns and rows.ood_score.isna().all()
