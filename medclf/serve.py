@@ -33,6 +33,7 @@ from ray import serve
 from medclf.config import Config, ServeConfig
 from medclf.images import _file_rows, _rows_to_batch
 from medclf.models import prob_column
+from medclf.ood import input_gate
 from medclf.score import Predictor
 
 UPLOAD_NAME = "upload"  # what error texts call the request's file (its own name may carry a patient's)
@@ -65,6 +66,7 @@ class Classifier:
         self.predictor = Predictor(model_path, "serve", self.cfg.use_gpu, threads, self.cfg.runtime)
         self.card = self.predictor.card
         self.spec = self.card.preprocess_spec
+        self.gate = input_gate(self.card)  # the modality / size checks batch scoring's decode stage makes
         self.max_bytes = int(self.cfg.max_file_mb * 2**20)
         self.predict_rows.set_max_batch_size(self.cfg.max_batch_size)
         self.predict_rows.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -116,7 +118,8 @@ class Classifier:
 
     def rows(self, body: bytes) -> list[dict]:
         """The request's images, as batch scoring's decode stage makes them (limits, errors, checks)."""
-        return list(_file_rows(UPLOAD_NAME, self.spec, None, self.cfg.frames, self.max_bytes, ("drop", None), data=body))
+        return list(_file_rows(UPLOAD_NAME, self.spec, None, self.cfg.frames, self.max_bytes, ("drop", None),
+                               gate=self.gate, data=body))
 
     @serve.batch
     async def predict_rows(self, rows: list[dict]) -> list[dict]:

@@ -42,7 +42,22 @@ def _get(url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_cluster, trained_model, phantom_root):
+def served_model(trained_model, tmp_path_factory):
+    """The shared phantom model with a domain record for chest films (CR, DX), as training writes one."""
+    from medclf.config import load_config
+    from medclf.ood import add_domain
+    from tests.conftest import TINY
+
+    run_dir = os.path.dirname(trained_model.model_path)
+    val = pd.read_parquet(os.path.join(run_dir, "splits.parquet")).query("split == 'val'")
+    cfg = load_config(None, TINY + ["ood.enabled=true", "data.modalities=[CR, DX]"])
+    dest = str(tmp_path_factory.mktemp("served") / "model")
+    add_domain(trained_model.model_path, dest, cfg, list(val.path), list(val.label))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_cluster, served_model, phantom_root):
     from ray import serve
 
     from medclf.config import load_config
@@ -51,17 +66,19 @@ def endpoint(ray_cluster, trained_model, phantom_root):
     port = _free_port()
     cfg = load_config(None, [f"serve.port={port}", "serve.cpus_per_replica=0.5", "serve.max_batch_size=16",
                              "serve.batch_wait_timeout_s=0.2"])
-    url = run_server(cfg, trained_model.model_path, blocking=False)
+    url = run_server(cfg, served_model, blocking=False)
     yield url
     serve.shutdown()
 
 
-def test_answers_match_batch_scoring_for_png_jpeg_and_dicom(endpoint, trained_model, tiny_config, phantom_root,
+def test_answers_match_batch_scoring_for_png_jpeg_and_dicom(endpoint, served_model, tiny_config, phantom_root,
                                                             tmp_path):
+    from pydicom.data import get_testdata_file
+
     from medclf.predictions import read_predictions
     from medclf.score import run_scoring
 
-    card = load_card(trained_model.model_path)
+    card = load_card(served_model)
     pngs = sorted(glob.glob(os.path.join(phantom_root, "test", "*", "*.png")))[:3]
     dicoms = sorted(glob.glob(os.path.join(phantom_root, "test", "*", "*.dcm")))[:3]
     jpegs = []
@@ -70,10 +87,12 @@ def test_answers_match_batch_scoring_for_png_jpeg_and_dicom(endpoint, trained_mo
         Image.open(p).convert("L").save(jpegs[-1], quality=90)
     corrupt = str(tmp_path / "corrupt.png")
     open(corrupt, "wb").write(open(pngs[0], "rb").read()[:200])  # a truncated PNG
-    files = pngs + dicoms + jpegs + [corrupt]
+    ct = str(tmp_path / "ct.dcm")  # a CT slice: out of scope for a chest-film model (its modality)
+    open(ct, "wb").write(open(get_testdata_file("CT_small.dcm"), "rb").read())
+    files = pngs + dicoms + jpegs + [corrupt, ct]
     manifest = str(tmp_path / "inputs.csv")
     pd.DataFrame({"path": files}).to_csv(manifest, index=False)
-    run_scoring(tiny_config, "vs-serve", manifest, trained_model.model_path, str(tmp_path / "pred"))
+    run_scoring(tiny_config, "vs-serve", manifest, served_model, str(tmp_path / "pred"))
     batch = read_predictions(str(tmp_path / "pred")).set_index("path")
 
     for path in files:
@@ -85,7 +104,7 @@ def test_answers_match_batch_scoring_for_png_jpeg_and_dicom(endpoint, trained_mo
             assert answer["model_id"] == card.model_id and answer["threshold"] == pytest.approx(card.threshold)
             for c in card.classes:
                 assert answer["probabilities"][c] == pytest.approx(float(row[prob_column(c)]), abs=1e-5)
-        else:  # the corrupt file: 422 and the batch job's own text, with the file called "upload"
+        else:  # the corrupt file and the CT: 422 and the batch job's own text, the file called "upload"
             assert status == 422
             assert answer["error"] == row["error"].replace(path, "upload")
             assert path not in json.dumps(answer)
@@ -98,6 +117,7 @@ def test_answers_match_batch_scoring_for_png_jpeg_and_dicom(endpoint, trained_mo
     status, answer = _post(f"{endpoint}/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert status == 200 and answer["label"] == batch.loc[dicoms[0], "predicted_label"]
     assert answer["format"] == "dicom"
+    assert batch.loc[ct, "status"] == "out_of_scope"  # the CT was checked above as a 422 with the batch text
 
 
 def test_concurrent_requests_are_batched(endpoint, phantom_root):
@@ -112,8 +132,8 @@ def test_concurrent_requests_are_batched(endpoint, phantom_root):
     assert after["batches"] - before["batches"] < len(files)
 
 
-def test_health_model_card_explain_and_limits(endpoint, trained_model, phantom_root):
-    card = load_card(trained_model.model_path)
+def test_health_model_card_explain_and_limits(endpoint, served_model, phantom_root):
+    card = load_card(served_model)
     assert _get(f"{endpoint}/healthz") == {"status": "ok", "model_id": card.model_id}
     served_card = _get(f"{endpoint}/model")
     assert served_card["model_id"] == card.model_id and served_card["classes"] == card.classes
