@@ -66,10 +66,12 @@ def clean_stale_temps(output: str) -> list[str]:
     """
     if storage.is_remote(output) or not storage.exists(output):
         return []  # on S3 an object is published in one PUT: a killed run leaves nothing behind
+    ours = f"._lease.json.{os.getpid()}-"  # this run's own lease renewal, possibly in flight
     stale = []
     for folder, _, names in os.walk(output):
+        # A run killed while renewing its lease leaves `._lease.json.<its pid>-*.tmp`: stale too.
         stale += [os.path.join(folder, n) for n in names
-                  if n.startswith(".") and n.endswith(".tmp") and not n.startswith("._lease")]  # ours: renewals
+                  if n.startswith(".") and n.endswith(".tmp") and not n.startswith(ours)]
     for path in stale:
         storage.remove(path)
     return stale
