@@ -147,7 +147,39 @@ index = run_explain(flagged, result.model_path, os.path.join(work, "cam"), targe
 display(index[["probability", "peak_x", "peak_y", "status"]])
 for png in index.heatmap_png.head(2):
     display(Image(png, width=360))"""),
-md("""## 7. A small real subset (when `../shared/data` is present)
+md("""## 7. Watch every night: a drift report
+
+A nightly archive has no labels, so nobody can re-measure accuracy on it. What we can check is
+whether tonight's images and answers still look like the validation images the model was judged
+on. Training stored that **reference** in the model artifact (intensity statistics, image sizes,
+format and modality mix, calibrated scores, `ood_score`s, and a few principal components of the
+model's internal representation, its *embedding*); scoring wrote the same statistics for every
+image as extra columns. `run_drift` compares the two, one test per statistic, and flags a
+statistic only when the difference is both significant after correcting for testing many things
+at once and large enough to matter.
+
+First the night we already scored (same kind of images as validation: expect no flag, or a rare
+false alarm), then a night whose images went through a different processing preset: every image
+brightened with a gamma curve (`u -> u**0.6`), as a new detector or export setting might do."""),
+code("""from medclf.config import DriftConfig
+from medclf.drift import run_drift
+from medclf.phantoms import write_shifted
+
+quiet = run_drift(DriftConfig(), result.model_path, predictions, os.path.join(work, "drift-night-1"), run_id="night-1")
+print("night-1 flags:", quiet.flagged or "none")
+
+shifted = write_shifted(sorted(pred.path[pred.format == "png"]), os.path.join(work, "tonight"), gamma=0.6)
+print(run_scoring(cfg, "night-3", os.path.join(work, "tonight"), result.model_path, predictions))
+drift = run_drift(DriftConfig(), result.model_path, predictions, os.path.join(work, "drift-night-3"), run_id="night-3")
+print("night-3 flags:", drift.flagged)
+display(drift.table[["statistic", "value", "reference", "test", "p_adjusted", "psi", "flag"]].round(4))
+display(Image(os.path.join(work, "drift-night-3", "drift_histograms.png"), width=720))"""),
+md("""The intensity statistics flag: tonight's images are brighter than validation's, and the red
+titles in the histograms show where. `medclf drift` (or `score.drift_report: true` in the nightly
+config) writes the same report as `drift.parquet`, PNGs and `drift.html`, and exits with status 4
+when anything flags, so the scheduler can page someone. The README ("Drift reports") says what
+each flag means and what to do about it."""),
+md("""## 8. A small real subset (when `../shared/data` is present)
 
 The same calls on real paediatric chest X-rays (Kermany et al. 2018): 200 films, a few epochs of
 the small CNN. Too small to be a good model; it shows that nothing above was phantom-specific.
