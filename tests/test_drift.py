@@ -229,3 +229,23 @@ def test_statistics_helpers():
     low, high = wilson(30, 100)
     assert low < 0.3 < high and high - low == pytest.approx(0.18, abs=0.01)
     assert holm(np.array([0.01, np.nan, 0.04, 0.03])) == pytest.approx([0.03, np.nan, 0.06, 0.06], nan_ok=True)
+
+
+@pytest.mark.timeout(600)
+def test_nightly_scoring_runs_drift_in_the_same_job(ray_cluster, trained_model, phantom_root, tmp_path):
+    """score.drift_report: the scoring job writes the drift report of its own run and exits 4 on a flag."""
+    import glob
+
+    from medclf.cli import run_command
+
+    night = write_shifted(sorted(glob.glob(os.path.join(phantom_root, "test", "*", "*.png"))), str(tmp_path / "night"),
+                          gamma=0.5, contrast=1.5)
+    root = str(tmp_path / "runs")
+    rc = run_command("score", ["--set", "score.cpus_per_actor=0.5", "--set", "score.batch_size=8",
+                               "--set", "score.drift_report=true", "--run-root", root, "--run-id", "nightly",
+                               "--input", str(tmp_path / "night"), "--model", trained_model.model_path,
+                               "--output", str(tmp_path / "pred")])
+    assert rc == DRIFT_EXIT
+    table = pd.read_parquet(os.path.join(root, "nightly", "drift", "drift.parquet")).set_index("statistic")
+    assert table.loc["img_mean", "flag"] and table.loc["img_mean", "n"] == len(night)
+    assert os.path.getsize(os.path.join(root, "nightly", "drift", "drift.html")) > 1000
