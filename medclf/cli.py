@@ -1,4 +1,4 @@
-"""`medclf` command line: phantoms, train, score, evaluate, explain, serve, export, runs, demo.
+"""`medclf` command line: phantoms, train, score, drift, evaluate, explain, serve, export, runs, demo.
 
 Each subcommand: parse arguments -> load and validate the config (failing before any work) ->
 one call into the library. `jobs/*.py` are the same subcommands under their own names, for
@@ -16,6 +16,8 @@ import time
 from typing import Optional
 
 from medclf import storage
+import numpy as np
+
 from medclf.config import Config, ConfigError, load_config
 from medclf.errors import UserError
 from medclf.tracking import log_job
@@ -96,6 +98,23 @@ def score_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--rescore", action="store_true",
                    help="score every file again, even those this model already scored (score.rescore)")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any file failed to score")
+    return p
+
+
+def drift_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Compare a scoring run, a run date or a date range of a predictions dataset with the "
+        "model's validation reference; write drift.parquet, PNGs and drift.html. Exit status 4 when any drift flag "
+        "trips (0: none; 2: bad input; see README, 'Drift reports')."
+    )
+    _add_common(p)
+    p.add_argument("--predictions", help="predictions folder or s3:// prefix (default score.output)")
+    p.add_argument("--model", help="model artifact whose reference and rows are compared (score.model)")
+    p.add_argument("--scoring-run", help="only the rows of this scoring run id")
+    p.add_argument("--run-date", help="only the rows of this run date (YYYY-MM-DD)")
+    p.add_argument("--from", dest="date_from", help="first run date of a range (inclusive)")
+    p.add_argument("--to", dest="date_to", help="last run date of a range (inclusive)")
+    p.add_argument("--output", help="report folder (drift.output); default <run folder>/drift")
     return p
 
 
@@ -259,7 +278,41 @@ def cmd_score(args: argparse.Namespace) -> int:
             print("no file flagged in this run; no heatmaps")
     if summary.failed:
         print(f"{summary.failed} file(s) failed; see the 'error' column in {output}")
+    if cfg.score.drift_report:  # right after scoring, in the same job: tonight's rows against the reference
+        result = drift_report(cfg, cfg.score.model, output, cfg.drift.output or storage.join(run_dir, "drift"),
+                              run_id=run_id)
+        if result.flagged:
+            from medclf.drift import DRIFT_EXIT
+
+            return DRIFT_EXIT
     return 1 if (summary.failed and args.fail_on_error) else 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from medclf.drift import DRIFT_EXIT
+
+    cfg = _config_from(args, None, {"score.output": "predictions", "score.model": "model", "drift.output": "output"})
+    if not cfg.score.output or not cfg.score.model:
+        raise ConfigError("drift needs the predictions (--predictions or score.output) and the model (--model or "
+                          "score.model)")
+    if sum(bool(v) for v in (args.scoring_run, args.run_date, args.date_from or args.date_to)) > 1:
+        raise ConfigError("drift compares one selection: --scoring-run, --run-date, or --from/--to")
+    output = cfg.drift.output or storage.join(run_folder(cfg, new_run_id(cfg)), "drift")
+    result = drift_report(cfg, cfg.score.model, cfg.score.output, output, run_id=args.scoring_run,
+                          run_date=args.run_date, date_from=args.date_from, date_to=args.date_to)
+    return DRIFT_EXIT if result.flagged else 0
+
+
+def drift_report(cfg: Config, model: str, predictions: str, output: str, **selection):
+    from medclf.drift import run_drift
+
+    result = run_drift(cfg.drift, model, predictions, output, **selection)
+    flagged = result.table[result.table["flag"]]
+    for r in flagged.itertuples():
+        print(f"DRIFT {r.statistic}: {r.value:.4g} (validation {r.reference:.4g}), p_adj {r.p_adjusted:.2g}"
+              + ("" if np.isnan(r.psi) else f", PSI {r.psi:.3f}"))
+    print(f"drift report: {len(flagged)} flag(s) of {len(result.table)} statistics -> {output}/drift.html")
+    return result
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -437,6 +490,7 @@ COMMANDS = {
     "phantoms": (phantoms_parser, cmd_phantoms),
     "train": (train_parser, cmd_train),
     "score": (score_parser, cmd_score),
+    "drift": (drift_parser, cmd_drift),
     "evaluate": (evaluate_parser, cmd_evaluate),
     "explain": (explain_parser, cmd_explain),
     "export": (export_parser, cmd_export),

@@ -312,6 +312,11 @@ class ScoreConfig(_Section):
     """How long the output's lease lasts without renewal (renewed every third of it while the run
     lives): after a run dies, the next run can take the output over once this much time passed."""
 
+    drift_report: bool = False
+    """After scoring, compare this run's rows with the model's drift reference (section `drift`,
+    medclf.drift) and write the report under `drift.output` (default `<run folder>/drift`); the
+    job then exits 4 when a drift flag trips."""
+
     @field_validator("extensions")
     @classmethod
     def _dotted_or_dicom(cls, v: list[str]) -> list[str]:
@@ -438,6 +443,35 @@ class RayConfig(_Section):
     """Only for an in-process Ray: cap the CPUs it may use."""
 
 
+class DriftConfig(_Section):
+    """Drift reports (medclf.drift): tonight's predictions against the model's validation reference."""
+
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    """Family-wise false-alarm level: every statistic's p-value is Holm-adjusted over the report's tests,
+    and a flag needs an adjusted p below this (measured: docs/benchmarks.md, drift)."""
+    min_psi: float = Field(0.1, ge=0.0)
+    """A distribution statistic flags only when its population stability index is also at least this:
+    a large archive makes any tiny shift significant; below 0.1 is conventionally 'no real change'."""
+    min_rate_change: float = Field(0.02, ge=0.0, lt=1.0)
+    """Rates and mixes (positive rate, out-of-scope rate, format and modality mix) flag only when they
+    moved at least this far (absolute share) from the reference, as well as significantly."""
+    bins: int = Field(10, ge=2, le=100)
+    """PSI bins: the reference's quantiles."""
+    embedding_test: Literal["mmd", "classifier"] = "mmd"
+    """Embedding shift: maximum mean discrepancy (RBF kernel, permutation p-value) or a classifier
+    two-sample test (k-nearest-neighbours accuracy, binomial p-value). MMD had the higher power on
+    phantoms (docs/benchmarks.md)."""
+    permutations: int = Field(1000, ge=50)
+    """Permutations of the MMD test (its smallest p-value is 1 / (permutations + 1))."""
+    max_rows: int = Field(1000, ge=50)
+    """Rows of each side the embedding test uses (a seeded sample): its cost grows with the square."""
+    history_nights: int = Field(14, ge=1)
+    """The time-series plot covers this many most recent run dates of the predictions dataset."""
+    output: Optional[str] = None
+    """Report folder; default `<run folder>/drift`."""
+    seed: int = 0
+
+
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     phantoms: PhantomConfig = Field(default_factory=PhantomConfig)
@@ -449,6 +483,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     ood: OODConfig = Field(default_factory=OODConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

@@ -1,5 +1,6 @@
 """The image stage shared by scoring, training, Grad-CAM and evaluation: list input files, then
-read -> checksum -> decode -> preprocess, one row per image, as a Ray Data dataset.
+read -> checksum -> decode -> preprocess, one row per image, as a Ray Data dataset. The decode
+step also measures each image's input statistics for drift (medclf.reference.image_stats).
 
 A file that cannot be read or decoded becomes a row with `status = "error"` and its message; a
 file that holds no image (a DICOM report) a row with `status = "skipped"` and the reason. One row
@@ -20,6 +21,7 @@ from medclf.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
 from medclf.ood import input_out_of_scope
 from medclf.preprocess import preprocess_gray
 from medclf.privacy import protect_uid
+from medclf.reference import STAT_COLUMNS, image_stats
 
 # Rows of files this model scored before: counted in the summary, never written.
 ALREADY_SCORED = "already_scored"  # medclf.sink.UNWRITTEN_STATUS
@@ -91,7 +93,9 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
             yield {**out, "status": "out_of_scope", "error": f"{path}: {out_of_scope}"}
             continue
         try:
-            out["pixels"] = preprocess_gray(images.image(frame).image, pre)
+            image = images.image(frame).image
+            out["stats"] = image_stats(image)  # for drift (medclf.reference), measured here: no second pass
+            out["pixels"] = preprocess_gray(image, pre)
         except Exception as exc:  # a bad frame is a row; the file's other frames go on
             out.update(status="error", error=_error_text(path, exc), error_kind=_error_kind(exc))
         yield out
@@ -142,6 +146,8 @@ def _rows_to_batch(rows: list[dict], size: int) -> dict:
     out["frame"] = np.array([-1 if row["frame"] is None else row["frame"] for row in rows], np.int64)  # -1: none
     out["first_row"] = np.array([row["first_row"] for row in rows], bool)
     out["pixels"] = pixels
+    for name in STAT_COLUMNS:  # NaN: not decoded (error, skipped, out of scope by header)
+        out[name] = np.array([row["stats"][name] if row.get("stats") else np.nan for row in rows], np.float64)
     return out
 
 

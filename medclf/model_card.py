@@ -101,6 +101,11 @@ def _metrics_table(metrics: dict) -> list[str]:
     return rows
 
 
+# Every MODEL_CARD.md has these sections, in this order (issue 15; tests/test_model_card.py).
+REQUIRED_SECTIONS = ("## Intended use", "## Out-of-scope use", "## Training data", "## Validation results",
+                     "## Calibration and threshold", "## Known failure modes", "## Drift reference", "## Software")
+
+
 def render(card) -> str:
     """MODEL_CARD.md text from a ModelCard."""
     use, prov = card.intended_use or {}, card.provenance or {}
@@ -137,15 +142,31 @@ def render(card) -> str:
               "Probabilities in predictions are calibrated: softmax(logits / temperature).", "",
               (f"Decision: {card.positive_class} when its probability >= {card.threshold:.4f} ({card.threshold_rule})."
                if card.threshold is not None else "Decision: the most probable class."), ""]
+    lines += ["## Known failure modes", ""]
     if card.failure_modes:
-        lines += ["## Known failure modes", "", "The most confident validation errors (the report's gallery shows them):",
+        lines += ["The most confident validation errors (the report's gallery shows them):",
                   "", "| file | true | predicted | probability |", "|---|---|---|---|"]
         lines += [f"| {e['file']} | {e['true']} | {e['predicted']} | {e['probability']:.3f} |" for e in card.failure_modes]
         lines.append("")
+    else:
+        lines += ["No validation image was misclassified; that is a statement about a small validation set, "
+                  "not a guarantee.", ""]
     domain = getattr(card, "domain", None)
     if domain:
         lines += ["## Out-of-scope guard", "", "Inputs outside the training domain are answered `out_of_scope` "
                   "(see model.json `domain`).", ""]
+    reference = getattr(card, "reference", None)
+    lines += ["## Drift reference", ""]
+    if reference:
+        lines += [f"Measured on {reference['n']} validation images (model.json `reference`, reference.npz): input "
+                  "intensity, size and format/modality mix, calibrated scores, ood_score and "
+                  f"{reference['emb_pcs']} principal components of the embedding. `medclf drift` compares nightly "
+                  "predictions with it (README, 'Drift reports')"
+                  + (f"; validation prevalence {reference['prevalence']:.3f}, predicted-positive rate "
+                     f"{reference['predicted_positive_rate']:.3f}." if reference.get("predicted_positive_rate")
+                     is not None else "."), ""]
+    else:
+        lines += ["None recorded (a model trained before drift reports): `medclf drift` cannot judge this model.", ""]
     lines += ["## Software", "", ", ".join(f"{k} {v}" for k, v in software.items()) or "not recorded", "",
               f"Training config sha256: `{prov.get('config_sha256', 'not recorded')}`", ""]
     return "\n".join(lines)

@@ -306,6 +306,8 @@ class ModelCard:
     artifact_version: int = ARTIFACT_VERSION
     domain: Optional[dict] = None
     """The out-of-scope guard's domain record (medclf.ood.DomainRecord); None: older artifacts."""
+    reference: Optional[dict] = None
+    """The drift reference measured on validation (medclf.reference.ReferenceRecord); None: older artifacts."""
     files: dict = field(default_factory=dict)
     """Other files of the artifact (name -> sha256), checked on load: e.g. domain.npz."""
 
@@ -365,7 +367,10 @@ def save_artifact(model: nn.Module, card: ModelCard, dest: str, files: Optional[
 
 def republish_with_files(src: str, dest: str, card: ModelCard, files: dict) -> ModelCard:
     """A copy of the artifact `src` at `dest` with `files` added and `card` (its own card, edited):
-    the same weights, so the same model id (e.g. a domain record fitted after training)."""
+    the same weights, so the same model id (e.g. a domain record fitted after training). The other
+    files `src` has (its card's `files`) are kept, checked, unless `files` replaces them."""
+    kept = {name: read_artifact_file(src, load_card(src), name) for name in load_card(src).files if name not in files}
+    files = {**kept, **files}
     weights = storage.read_bytes(storage.join(src, WEIGHTS_FILE))
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, WEIGHTS_FILE), "wb") as f:
@@ -453,6 +458,12 @@ def validate_card(raw, card_path: str) -> ModelCard:
         problem = check_domain_record(raw["domain"], files)
         if problem:
             raise bad("domain", problem)
+    if raw.get("reference") is not None:
+        from medclf.reference import check_reference_record
+
+        problem = check_reference_record(raw["reference"], files)
+        if problem:
+            raise bad("reference", problem)
     for name, kind in (("preprocess", dict), ("metrics", dict), ("config", dict), ("intended_use", dict),
                        ("provenance", dict), ("failure_modes", list)):
         if name in raw and not isinstance(raw[name], kind):

@@ -186,3 +186,50 @@ def generate(
     manifest = pd.DataFrame(rows)
     manifest.to_parquet(os.path.join(root, "manifest.parquet"), index=False)
     return manifest
+
+
+def render_ct_like(rng: np.random.Generator, size: int) -> np.ndarray:
+    """An axial-CT-like slice (what a chest-film model should not be shown): a round body in a dark
+    field, two dark lungs, a bright vertebra and aorta, soft-tissue noise. Float HxW in [0, 1], u/255."""
+    s = float(size)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, cy = s / 2 + rng.normal(0, s * 0.02), s / 2 + rng.normal(0, s * 0.02)
+    img = np.zeros((size, size), np.float32)
+    img[_ellipse(yy, xx, cy, cx, s * rng.uniform(0.30, 0.36), s * rng.uniform(0.42, 0.47))] = rng.uniform(0.45, 0.55)
+    for side in (-1, 1):
+        img[_ellipse(yy, xx, cy - s * 0.02, cx + side * s * 0.2, s * 0.2, s * 0.13)] = rng.uniform(0.02, 0.08)
+    img[_ellipse(yy, xx, cy + s * 0.2, cx, s * 0.07, s * 0.07)] = rng.uniform(0.85, 0.95)  # vertebra
+    img[_ellipse(yy, xx, cy + s * 0.05, cx + s * 0.05, s * 0.05, s * 0.05)] = rng.uniform(0.6, 0.7)  # aorta
+    img += rng.normal(0, 0.04, img.shape).astype(np.float32)
+    return (np.round(np.clip(img, 0, 1) * 255.0) / 255.0).astype(np.float32)
+
+
+def write_ct_like(folder: str, n: int, image_size: int = 64, seed: int = 0, fmt: str = "png") -> list[str]:
+    """`n` CT-like slices as PNG, or as DICOM with Modality CT; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(n):
+        image = render_ct_like(np.random.default_rng([seed, 3, i]), image_size)
+        path = os.path.join(folder, f"ct{i:05d}.{fmt}")
+        with open(path, "wb") as f:
+            f.write(png_bytes(image) if fmt == "png" else dicom_bytes(image, f"P{i:05d}", i, seed, modality="CT"))
+        paths.append(path)
+    return paths
+
+
+def write_shifted(paths: list[str], folder: str, gamma: float = 1.0, contrast: float = 1.0) -> list[str]:
+    """PNG copies of images with a gamma (u -> u**gamma) and a contrast change about mid-grey: what a
+    new detector or a changed processing preset does to every image of a night."""
+    from medclf.decode import decode
+
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for i, path in enumerate(paths):
+        with open(path, "rb") as f:
+            image = decode(f.read(), path).image
+        image = np.clip((image ** gamma - 0.5) * contrast + 0.5, 0, 1)
+        dest = os.path.join(folder, f"shifted{i:05d}.png")
+        with open(dest, "wb") as f:
+            f.write(png_bytes(image))
+        out.append(dest)
+    return out

@@ -143,3 +143,58 @@ def gallery_plot(images: list, captions: list[str], wrong: list[bool], title: st
                 spine.set_linewidth(3)
     fig.suptitle(title, y=1 - 0.15 / (3.7 * rows), va="top")
     return _png(fig, tight=False)
+
+
+def drift_histograms(rows: pd.DataFrame, reference, card, table: pd.DataFrame) -> bytes:
+    """Reference (validation) vs batch histograms of each distribution statistic of a drift report;
+    a flagged statistic's title is red."""
+    from medclf.models import prob_column
+
+    dist = table[table["kind"] == "distribution"]
+    n = max(1, len(dist))
+    cols = 4
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3.2 * cols, 2.6 * ((n + cols - 1) // cols)),
+                             squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    for ax, r in zip(axes.ravel(), dist.itertuples()):
+        name = r.statistic
+        if name.startswith("score_"):
+            ref = reference.arrays["probs"][:, card.positive_index]
+            batch = rows.loc[rows["status"] == "ok", prob_column(card.positive_class)]
+        elif name == "ood_score":
+            ref, batch = reference.arrays["ood_scores"], rows["ood_score"]
+        else:
+            ref, batch = reference.arrays[name], rows[name]
+        batch = pd.to_numeric(batch, errors="coerce").dropna().to_numpy(float)
+        both = np.concatenate([ref, batch])
+        lo, hi = np.quantile(both, [0.0, 1.0])
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 31)
+        ax.hist(ref, bins=bins, density=True, alpha=0.5, label="validation")
+        ax.hist(batch, bins=bins, density=True, alpha=0.5, label="batch")
+        ax.set_title(f"{name}\nPSI {r.psi:.3f}, p_adj {r.p_adjusted:.2g}", fontsize=8,
+                     color="#b00" if r.flag else "black")
+        ax.tick_params(labelsize=7)
+    axes.ravel()[0].legend(fontsize=7)
+    return _png(fig)
+
+
+def drift_timeseries(history: pd.DataFrame) -> bytes:
+    """Each drift statistic's value per run date (validation value dashed); flagged nights in red."""
+    names = list(dict.fromkeys(history["statistic"]))
+    cols = 4
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.ravel(), names):
+        part = history[history["statistic"] == name].sort_values("run_date")
+        x = np.arange(len(part))
+        ax.plot(x, part["value"], "o-", ms=3, color="#1f77b4")
+        flagged = part["flag"].to_numpy(bool)
+        ax.plot(x[flagged], part["value"].to_numpy()[flagged], "o", color="#b00", ms=6)
+        ax.axhline(part["reference"].iloc[0], ls="--", color="grey", lw=1)
+        ax.set_xticks(x, [d[5:] for d in part["run_date"]], fontsize=6, rotation=45)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    return _png(fig)

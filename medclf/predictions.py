@@ -9,6 +9,7 @@ import pandas as pd
 
 from medclf import storage
 from medclf.models import prob_column
+from medclf.reference import EMB_COLUMNS, STAT_COLUMNS
 
 # Output schema of the predictions Parquet (per-class `prob_<class>` columns follow `status`).
 PREDICTION_COLUMNS = {
@@ -33,7 +34,12 @@ PREDICTION_COLUMNS = {
     "error": "what went wrong with this file, or why it was skipped or out of scope (null when fine)",
     "error_kind": "permanent (corrupt or unsupported content) or transient (access error, out of memory, decoder "
                   "missing: the next run retries the file); null when fine",
+    **{name: f"{text} (medclf.reference; null when not decoded, or in files written before drift)"
+       for name, text in STAT_COLUMNS.items()},
+    **{name: f"projection of the penultimate-layer features on principal component {k + 1} of the validation "
+             "features (the model's drift reference); null without one" for k, name in enumerate(EMB_COLUMNS)},
 }
+
 def prediction_schema(classes: list[str]):
     """The Arrow schema of a predictions file for a model with these classes."""
     import pyarrow as pa
@@ -46,6 +52,7 @@ def prediction_schema(classes: list[str]):
         ("threshold", pa.float64()), ("ood_score", pa.float64()), ("model_id", pa.string()), ("model_version", pa.string()),
         ("run_id", pa.string()), ("scored_at", pa.string()), ("status", pa.string()), ("error", pa.string()),
         ("error_kind", pa.string()),
+        *[(name, pa.float64()) for name in (*STAT_COLUMNS, *EMB_COLUMNS)],
     ]
     return pa.schema(fields)
 

@@ -29,6 +29,7 @@ from medclf.lease import Lease, verify
 from medclf.predictions import prediction_schema, predictions_dataset
 from medclf.models import class_probabilities, load_artifact, load_card, penultimate, prob_column
 from medclf.ood import input_gate, load_domain, score_reason
+from medclf.reference import EMB_COLUMNS, STAT_COLUMNS, load_reference
 from medclf.preprocess import to_model_input
 from medclf.privacy import check_uid_policy, uid_key
 
@@ -90,6 +91,7 @@ class Predictor:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model, self.card = load_artifact(model_path, self.device)
         self.domain = load_domain(model_path, self.card)  # None: an artifact from before the guard
+        self.reference = load_reference(model_path, self.card)  # None: an artifact from before drift
         # NHWC lets oneDNN/cuDNN pick faster convolution kernels (ResNet18 on CPU: +24%, same outputs).
         self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = self.device == "cuda"
@@ -120,11 +122,14 @@ class Predictor:
         n = len(statuses)
         probs = np.full((n, len(self.card.classes)), np.nan, np.float32)
         ood_scores = np.full(n, np.nan)
+        emb = np.full((n, len(EMB_COLUMNS)), np.nan)
         if ok.any():
             logits, features = self.logits_and_features(batch["pixels"][ok] if not ok.all() else batch["pixels"])
             probs[ok] = class_probabilities(torch.from_numpy(logits), self.card.temperature).numpy()
             if self.domain is not None:
                 ood_scores[ok] = self.domain.scores(features, logits)
+            if self.reference is not None:  # the embedding summary drift compares (medclf.drift)
+                emb[ok] = self.reference.project(features)
         # Out of scope by the feature score only with ood.action=out_of_scope: probabilities kept (audit), no
         # label, the reason in `error`. The default (flag) writes ood_score and leaves the answer standing.
         beyond = ok & (ood_scores > self.domain.record.threshold) if self.domain is not None else np.zeros(n, bool)
@@ -141,7 +146,11 @@ class Predictor:
         for key in ("checksum", "error_kind", *META_KEYS):
             out[key] = text_or_none(batch[key])
         out["error"] = errors
-        out["ood_score"] = pa.array(ood_scores, pa.float64(), mask=np.isnan(ood_scores))
+        out["ood_score"] = _nullable(ood_scores)
+        for name in STAT_COLUMNS:
+            out[name] = _nullable(np.asarray(batch[name], np.float64) if name in batch else np.full(n, np.nan))
+        for k, name in enumerate(EMB_COLUMNS):
+            out[name] = _nullable(emb[:, k])
         out["predicted_label"] = [lab if good else None for lab, good in zip(labels, ok)]
         for j, col in enumerate(self.prob_columns):
             out[col] = probs[:, j]
@@ -157,6 +166,12 @@ class Predictor:
         out["frame"] = pa.array(frame, pa.int32(), mask=frame < 0)
         table = pa.table({name: out[name] for name in self.schema.names}, schema=self.schema)
         return table.append_column("first_row", pa.array(np.asarray(batch["first_row"], bool)))
+
+
+def _nullable(values: np.ndarray):
+    import pyarrow as pa
+
+    return pa.array(values, pa.float64(), mask=np.isnan(values))
 
 
 def _onnx_session(model, card, threads: int | None):

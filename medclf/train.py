@@ -40,6 +40,7 @@ from medclf import model_card, storage
 from medclf.config import Config, ConfigError, TrainConfig
 from medclf.metrics import choose_threshold, classification_metrics
 from medclf.ood import fit_domain
+from medclf.reference import fit_reference
 from medclf.augment import augment_batch
 from medclf.preprocess import to_model_input
 from medclf.calibration import softmax_with_temperature
@@ -758,11 +759,16 @@ def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, v
         provenance=model_card.provenance(cfg, pd.concat([inputs.train, inputs.val]), inputs.classes),
         failure_modes=model_card.failure_modes(list(inputs.val["path"][select]), y[select], val_probs[select],
                                                inputs.classes, threshold, inputs.positive_index, cfg.report.show_paths))
-    domain = fit_domain(model.eval(), cfg.model.arch, cfg, val_pixels(np.ones(len(y), bool)), y,
+    val_all = val_pixels(np.ones(len(y), bool))
+    domain = fit_domain(model.eval(), cfg.model.arch, cfg, val_all, y,
                         list(inputs.val["path"]))  # the out-of-scope guard (medclf.ood)
     card.domain = domain and domain.record.model_dump()
+    reference = fit_reference(model.eval(), card, val_all, y, list(inputs.val["path"]),
+                              domain, cfg.run.seed)  # for medclf.drift
+    card.reference = reference.record.model_dump()
+    files = {reference.record.file: reference.to_bytes(), **({domain.record.file: domain.to_bytes()} if domain else {})}
     model_path = storage.join(run_dir, "model")
-    card = save_artifact(model, card, model_path, domain and {domain.record.file: domain.to_bytes()})
+    card = save_artifact(model, card, model_path, files)
     model_card.write(card, model_path)
     write_history(history, run_dir)
     for part in val_metrics:

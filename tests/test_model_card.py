@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 
 from medclf.config import Config
-from medclf.model_card import CARD_MARKDOWN, config_sha256, render
+from medclf.model_card import CARD_MARKDOWN, REQUIRED_SECTIONS, config_sha256, render
 from medclf.models import load_card
 
 
@@ -27,9 +27,10 @@ def test_trained_artifact_has_a_card_people_can_read(trained_model):
 
     text = open(os.path.join(trained_model.model_path, CARD_MARKDOWN)).read()
     assert text == render(card)
-    for heading in ("## Intended use", "## Out-of-scope use", "## Training data", "## Validation results",
-                    "## Calibration and threshold", "## Software"):
-        assert heading in text
+    positions = [text.index(heading) for heading in REQUIRED_SECTIONS]  # every one, in order
+    assert positions == sorted(positions)
+    assert f"Training config sha256: `{prov['config_sha256']}`" in text and f"torch {torch.__version__}" in text
+    assert f"Measured on {card.reference['n']} validation images" in text  # the drift reference
     v = card.metrics["validation_patient"]
     assert f"| roc_auc | {v['roc_auc']:.4f} | {v['roc_auc_ci_low']:.3f}-{v['roc_auc_ci_high']:.3f} |" in text
     assert f"Temperature {card.temperature:.3f}" in text and card.threshold_rule in text

@@ -23,5 +23,7 @@ def test_walkthrough_notebook_executes():
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "model id:" in text and "second run: 0 scored" in text and "accuracy" in text
+    night3 = next(line for line in text.splitlines() if line.startswith("night-3 flags:"))
+    assert "img_mean" in night3  # the brightened night flags its intensity statistics
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 5  # sample images, curves, ROC, confusion, gallery, Grad-CAM
+    assert len(images) >= 6  # sample images, curves, ROC, confusion, gallery, Grad-CAM, drift histograms

@@ -138,7 +138,7 @@ def test_artifact_without_a_domain_still_scores(guarded, tmp_path):
     shutil.copytree(guarded, old)
     os.remove(os.path.join(old, DOMAIN_FILE))
     card = json.load(open(os.path.join(old, CARD_FILE)))
-    del card["domain"], card["files"]  # a card written before the guard existed
+    del card["domain"], card["files"], card["reference"]  # a card written before the guard existed
     json.dump(card, open(os.path.join(old, CARD_FILE), "w"))
     ct = get_testdata_file("CT_small.dcm")
     rows = score_rows(old, [ct])

@@ -1,0 +1,222 @@
+"""The drift reference: what the validation images looked like, stored in the model artifact.
+
+A nightly archive has no labels, so drift is judged by comparing tonight's inputs and outputs with
+the validation images the model's figures come from (medclf.drift). Training fits this record at
+the end (`fit_reference`, beside the out-of-scope guard's domain record):
+
+  * per-image input statistics (`image_stats`, the ONE rule: scoring computes the same numbers in
+    its decode stage, medclf.images): intensity mean, sd, 5th/50th/95th percentile of the decoded
+    image in [0, 1] before resizing and normalisation, height, width and aspect (width / height);
+  * the format mix (png/jpeg/dicom) and the DICOM modality mix (`none` for JPEG/PNG);
+  * the calibrated class probabilities and the true labels (the score distribution per class),
+    the predicted-positive rate at the stored threshold and the prevalence;
+  * the ood_score of each validation image when the model has a domain record: out-of-fold scores
+    (in-sample ones would look falsely familiar), over `OOD_FOLDS` folds;
+  * the first `EMB_PCS` principal components of the penultimate-layer features: the basis and the
+    validation images' projections (at most `MAX_ROWS`, a seeded sample).
+
+The small fields go into model.json (`card.reference`, a `ReferenceRecord`), the arrays into
+`reference.npz`, whose sha256 the card records like domain.npz's.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from medclf.models import ModelCard, ModelError, class_probabilities, read_artifact_file
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference.npz"
+EMB_PCS = 4
+MAX_ROWS = 2000
+# Per-image statistics: predictions columns and reference arrays share these names.
+STAT_COLUMNS = {
+    "img_mean": "mean intensity of the decoded image in [0, 1] (before resizing and normalisation)",
+    "img_sd": "intensity standard deviation, same image",
+    "img_p5": "5th percentile of intensity",
+    "img_p50": "median intensity",
+    "img_p95": "95th percentile of intensity",
+    "img_height": "decoded height in px",
+    "img_width": "decoded width in px",
+    "img_aspect": "width / height",
+}
+EMB_COLUMNS = [f"emb_pc{k + 1}" for k in range(EMB_PCS)]
+# Percentiles on at most this many pixels (a strided subsample): a 3000x3000 film costs no more than 512x512.
+_STAT_PIXELS = 512 * 512
+
+
+def image_stats(image: np.ndarray) -> dict[str, float]:
+    """The per-image input statistics of a decoded HxW image in [0, 1] (medclf.decode)."""
+    height, width = image.shape
+    step = max(1, int(np.ceil(np.sqrt(image.size / _STAT_PIXELS))))
+    pixels = np.asarray(image[::step, ::step], np.float32).ravel()
+    p5, p50, p95 = np.percentile(pixels, [5, 50, 95])
+    return {"img_mean": float(pixels.mean()), "img_sd": float(pixels.std()), "img_p5": float(p5),
+            "img_p50": float(p50), "img_p95": float(p95), "img_height": float(height), "img_width": float(width),
+            "img_aspect": float(width / height)}
+
+
+class ReferenceRecord(BaseModel):
+    """The small part of the drift reference, stored in model.json as `reference`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int
+    """Validation images the reference was measured on."""
+    positive_class: Optional[str]
+    prevalence: Optional[float]
+    """Share of validation images of the positive class."""
+    predicted_positive_rate: Optional[float]
+    """Share of validation images at or above the stored threshold."""
+    format_mix: dict[str, int]
+    modality_mix: dict[str, int]
+    """DICOM modality counts; `none` for files without one (JPEG/PNG)."""
+    has_ood_scores: bool
+    emb_pcs: int
+    emb_variance_explained: list[float]
+    n_emb: int
+    file: str = REFERENCE_FILE
+
+
+@dataclass
+class Reference:
+    """The record and its arrays: one per STAT_COLUMNS name, `probs` (n, classes), `labels`,
+    `ood_scores` (may be empty), `emb_center`, `emb_basis` (features x EMB_PCS), `emb` (projections)."""
+
+    record: ReferenceRecord
+    arrays: dict
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """Penultimate features (n, d) -> their first principal components (n, EMB_PCS), NaN-padded."""
+        z = (np.asarray(features, np.float64) - self.arrays["emb_center"]) @ self.arrays["emb_basis"]
+        out = np.full((len(z), EMB_PCS), np.nan)
+        out[:, :z.shape[1]] = z
+        return out
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, **self.arrays)
+        return buf.getvalue()
+
+
+# ood_score reference: out-of-fold over this many folds. The guard's threshold uses 2, but a Gaussian
+# fitted on half the images shrinks more and scores lower than the one fitted on all, which scores
+# tonight's images: on phantoms 2 folds put the same-distribution ood_score 20% below new images and
+# every same-distribution batch flagged; 10 folds came within 2%.
+OOD_FOLDS = 10
+
+
+def fit_reference(model, card: ModelCard, val_x: np.ndarray, val_y: np.ndarray, val_paths: list[str],
+                  domain=None, seed: int = 0) -> Reference:
+    """The drift reference of a trained model from its validation images: preprocessed `val_x`
+    (for the features and scores), labels `val_y`, and the files (decoded again here, for the
+    input statistics as scoring measures them). `domain`: the model's domain record (medclf.ood),
+    for the reference ood scores; None: none."""
+    import torch
+
+    from medclf.ood import features_and_logits, out_of_fold_scores
+
+    if len(val_y) < EMB_PCS + 1:
+        raise ModelError(f"the drift reference needs at least {EMB_PCS + 1} validation images, got {len(val_y)}")
+    features, logits = features_and_logits(model, card.arch, val_x)
+    probs = class_probabilities(torch.from_numpy(logits), card.temperature).numpy()
+    ood_scores = None if domain is None else out_of_fold_scores(
+        domain.record.score, features, logits, np.asarray(val_y), domain.record.pca_dim, seed,
+        min(OOD_FOLDS, len(val_y) // 2))
+    facts = [_file_stats(p) for p in val_paths]
+    arrays = {name: np.array([f["stats"][name] for f in facts]) for name in STAT_COLUMNS}
+    center = features.mean(axis=0).astype(np.float64)
+    _, sing, vt = np.linalg.svd(features - center, full_matrices=False)
+    k = min(EMB_PCS, vt.shape[0])
+    basis = vt[:k].T
+    keep = np.sort(np.random.default_rng(seed).permutation(len(features))[:MAX_ROWS])
+    arrays.update(probs=probs.astype(np.float32), labels=np.asarray(val_y, np.int64), emb_center=center,
+                  emb_basis=basis, emb=(features[keep] - center) @ basis,
+                  ood_scores=np.zeros(0) if ood_scores is None else np.asarray(ood_scores, np.float64))
+    pos = card.positive_index
+    variance = sing ** 2 / max(float((sing ** 2).sum()), 1e-12)
+    record = ReferenceRecord(
+        n=len(val_y), positive_class=card.positive_class,
+        prevalence=None if pos is None else float((np.asarray(val_y) == pos).mean()),
+        predicted_positive_rate=None if pos is None or card.threshold is None
+        else float((probs[:, pos] >= card.threshold).mean()),
+        format_mix=_counts(f["format"] for f in facts), modality_mix=_counts(f["modality"] for f in facts),
+        has_ood_scores=ood_scores is not None, emb_pcs=k,
+        emb_variance_explained=[float(v) for v in variance[:k]], n_emb=len(keep))
+    log.info("drift reference: %d validation images, %d embedding components (%.0f%% of variance)",
+             record.n, k, 100 * sum(record.emb_variance_explained))
+    return Reference(record, arrays)
+
+
+def _file_stats(path: str) -> dict:
+    """A validation file decoded as scoring decodes it (one image: the middle frame)."""
+    from medclf import storage
+    from medclf.decode import open_images
+
+    images = open_images(storage.read_bytes(path), path, "middle")
+    frame = images.frames[0]
+    return {"stats": image_stats(images.image(frame).image), "format": images.meta.get("format") or "unknown",
+            "modality": images.meta.get("modality") or "none"}
+
+
+def _counts(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items()))
+
+
+def add_reference(artifact: str, dest: str, paths: list[str], labels: list[str], seed: int = 0) -> Reference:
+    """A copy of `artifact` at `dest` with a drift reference measured on these labelled images
+    (same weights, same model id): for models trained before the reference existed, or to measure
+    it on a larger labelled set than the validation split. Uses the domain record's ood scores
+    (out-of-fold scores of these images) when the artifact has one; its other files are kept."""
+    from medclf import storage
+    from medclf.decode import decode
+    from medclf.models import load_artifact, republish_with_files
+    from medclf.ood import load_domain
+    from medclf.preprocess import preprocess_gray
+
+    model, card = load_artifact(artifact)
+    x = np.stack([preprocess_gray(decode(storage.read_bytes(p), p).image, card.preprocess_spec) for p in paths])
+    y = np.array([card.classes.index(label) for label in labels])
+    reference = fit_reference(model, card, x, y, paths, load_domain(artifact, card), seed)
+    card.reference = reference.record.model_dump()
+    republish_with_files(artifact, dest, card, {reference.record.file: reference.to_bytes()})
+    return reference
+
+
+def check_reference_record(raw, files: dict) -> Optional[str]:
+    """What is wrong with a card's `reference` entry, or None (medclf.models.validate_card)."""
+    try:
+        record = ReferenceRecord.model_validate(raw)
+    except ValidationError as exc:
+        return f"is not a valid drift reference ({exc.error_count()} problem(s): {exc.errors()[0]['msg']})"
+    if record.file not in files:
+        return f"names {record.file!r}, which the card's `files` does not list with its sha256"
+    return None
+
+
+def load_reference(path: str, card: ModelCard) -> Optional[Reference]:
+    """The artifact's drift reference with its arrays (sha256 checked); None for older artifacts."""
+    if card.reference is None:
+        return None
+    record = ReferenceRecord.model_validate(card.reference)
+    where = f"{path}/{record.file}"
+    try:
+        with np.load(io.BytesIO(read_artifact_file(path, card, record.file)), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"{where}: not a readable .npz ({type(exc).__name__})") from None
+    missing = [k for k in (*STAT_COLUMNS, "probs", "labels", "emb_center", "emb_basis", "emb", "ood_scores")
+               if k not in arrays]
+    if missing:
+        raise ModelError(f"{where}: lacks the arrays {missing}")
+    return Reference(record, arrays)
