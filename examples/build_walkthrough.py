@@ -25,7 +25,7 @@ opacities ("lesions") in the `POSITIVE` class. Because we made them, we know exa
 lesion is, which lets us check what the model looks at. If the real Kermany chest X-rays are in
 `../shared/data`, a last section trains on a small real subset too."""),
 code("""import os, tempfile, glob
-import numpy as np, pandas as pd
+import pandas as pd
 import matplotlib.pyplot as plt
 from IPython.display import Image, Markdown, display
 
