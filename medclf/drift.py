@@ -217,8 +217,8 @@ def compare(rows: pd.DataFrame, reference, domain, card, dc: DriftConfig) -> pd.
         scored = decoded["ood_score"].astype(float) if "ood_score" in decoded else pd.Series(np.nan, decoded.index)
         beyond = (decoded["status"] == "out_of_scope") | (scored > domain.record.threshold)
         k = int(beyond.sum())
-        # The validation rate from the reference's own out-of-fold scores when it has them (medclf.reference,
-        # OOD_FOLDS: the domain record's 2-fold rate runs low against new images).
+        # The validation rate from the reference's own out-of-fold scores when it has them (medclf.reference);
+        # artifacts from before it carry only the domain record's rate.
         p0, n0 = ((float((ref["ood_scores"] > domain.record.threshold).mean()), len(ref["ood_scores"]))
                   if len(ref["ood_scores"]) else (domain.record.validation_flag_rate, domain.record.n_fit))
         z, p = two_proportions(k, len(decoded), p0, n0, "greater")

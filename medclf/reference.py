@@ -11,7 +11,7 @@ the end (`fit_reference`, beside the out-of-scope guard's domain record):
   * the calibrated class probabilities and the true labels (the score distribution per class),
     the predicted-positive rate at the stored threshold and the prevalence;
   * the ood_score of each validation image when the model has a domain record: out-of-fold scores
-    (in-sample ones would look falsely familiar), over `OOD_FOLDS` folds;
+    (in-sample ones would look falsely familiar), over `medclf.ood.OUT_OF_FOLD_FOLDS` folds;
   * the first `EMB_PCS` principal components of the penultimate-layer features: the basis and the
     validation images' projections (at most `MAX_ROWS`, a seeded sample).
 
@@ -106,11 +106,9 @@ class Reference:
         return buf.getvalue()
 
 
-# ood_score reference: out-of-fold over this many folds. The guard's threshold uses 2, but a Gaussian
-# fitted on half the images shrinks more and scores lower than the one fitted on all, which scores
-# tonight's images: on phantoms 2 folds put the same-distribution ood_score 20% below new images and
-# every same-distribution batch flagged; 10 folds came within 2%.
-OOD_FOLDS = 10
+# ood_score reference: out-of-fold, as the guard's threshold (medclf.ood.OUT_OF_FOLD_FOLDS). On
+# phantoms 2 folds put the same-distribution ood_score 20% below new images and every
+# same-distribution batch flagged; 10 folds came within 2%.
 
 
 def fit_reference(model, card: ModelCard, val_x: np.ndarray, val_y: np.ndarray, val_paths: list[str],
@@ -128,8 +126,7 @@ def fit_reference(model, card: ModelCard, val_x: np.ndarray, val_y: np.ndarray, 
     features, logits = features_and_logits(model, card.arch, val_x)
     probs = class_probabilities(torch.from_numpy(logits), card.temperature).numpy()
     ood_scores = None if domain is None else out_of_fold_scores(
-        domain.record.score, features, logits, np.asarray(val_y), domain.record.pca_dim, seed,
-        min(OOD_FOLDS, len(val_y) // 2))
+        domain.record.score, features, logits, np.asarray(val_y), domain.record.pca_dim, seed)
     facts = [_file_stats(p) for p in val_paths]
     arrays = {name: np.array([f["stats"][name] for f in facts]) for name in STAT_COLUMNS}
     center = features.mean(axis=0).astype(np.float64)
