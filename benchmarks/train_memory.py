@@ -90,6 +90,7 @@ def throughput_runs(out: str, root: str, n: int, size: int, epochs: int, cpus: i
         rows.append({"path": data_path, "images": len(pd.read_parquet(manifest)), "image_size": size, "seconds": time.time() - t0,
                      "images_per_s_by_epoch": [round(v, 1) for v in result.history.images_per_s],
                      "images_per_s": float(result.history.images_per_s.median()),
+                     "data_wait_by_epoch": [round(v, 3) for v in result.history.data_wait_fraction],
                      "cache_built": result.caches["train"].built})
     return rows
 

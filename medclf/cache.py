@@ -178,11 +178,30 @@ def torch_batch(batch: dict, spec: PreprocessConfig, second: str = "label"):
     return torch.from_numpy(to_model_scale(batch["pixels"], spec)), torch.from_numpy(batch[second])
 
 
-def shard_config(preserve_order: bool = True):
+START_EPOCH_FILE = "stream_start_epoch.json"
+
+
+def announce_start_epoch(run_dir: str, epoch: int) -> None:
+    """Rank 0, before it asks for its shard: the epoch this worker group starts at (0, or the one
+    after the checkpoint it resumes from), read by shard_config's configure for the block order."""
+    storage.write_bytes(storage.join(run_dir, START_EPOCH_FILE), json.dumps({"epoch": epoch}).encode())
+
+
+def _start_epoch(run_dir: Optional[str]) -> int:
+    path = run_dir and storage.join(run_dir, START_EPOCH_FILE)
+    return json.loads(storage.read_bytes(path))["epoch"] if path and storage.exists(path) else 0
+
+
+def shard_config(run_dir: Optional[str] = None, preserve_order: bool = True):
     """Ray Train's DataConfig for the cache datasets: `train` split equally (DDP needs the same number
     of steps on every worker; up to world_size - 1 rows of an epoch are left out for that), `val`
     split unequally (every row once, for the gathered metrics). Order preserved: the same seed gives
-    every worker the same rows in the same order (on one node; across nodes, locality picks)."""
+    every worker the same rows in the same order (on one node; across nodes, locality picks).
+
+    Block order: Ray Data reseeds randomize_block_order from the seed and its execution counter,
+    which counts the executions of this worker group only (one per epoch) and restarts with a new
+    group (a restarted worker, a resumed run). The counter is set to the group's first epoch
+    (announce_start_epoch in `run_dir`), so epoch e always gets the order seeded by (seed, e)."""
     import ray.train
 
     class ShardConfig(ray.train.DataConfig):
@@ -190,10 +209,11 @@ def shard_config(preserve_order: bool = True):
             output = [{} for _ in range(world_size)]
             hints = worker_node_ids if self._enable_shard_locality else None
             for name, ds in datasets.items():
-                ds = ds.copy(ds)
+                ds = ds.copy(ds, _deep_copy=True)
                 ds.set_name(name)
                 ds.context.execution_options = self._resolve_execution_options(name)
                 ds.context.execution_options.preserve_order = preserve_order
+                ds.context._execution_idx = _start_epoch(run_dir) if name == "train" else 0
                 for i, split in enumerate(ds.streaming_split(world_size, equal=name == "train", locality_hints=hints)):
                     output[i][name] = split
             return output

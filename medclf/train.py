@@ -70,6 +70,7 @@ HISTORY_COLUMNS = {
     "val_patient_roc_auc": "ROC AUC on the patient-level part of validation (the training archive's own patients)",
     "lr": "learning rate used in the epoch",
     "images_per_s": "training images per second, all workers together",
+    "data_wait_fraction": "share of the training time a worker waited for its next batch (mean over workers)",
     "epoch_seconds": "wall time of the epoch (train + validation)",
 }
 
@@ -295,7 +296,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(job.cfg.run.seed + rank)
     device = ray.train.torch.get_device()
-    data = worker_data(job, loop_config, rank, world)
     parts = TrainingParts.build(job, device, wrap=ray.train.torch.prepare_model)
     if rank == 0:
         mc = job.cfg.model
@@ -304,15 +304,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     workers = _gather([{"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "device": str(device)}])
     state, gen = resume(parts, ray.train.get_checkpoint(), rank)
     start_epoch, run_start = state.next_epoch, time.time()
+    data = worker_data(job, loop_config, rank, world, start_epoch)
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.time()
-        loss_sum, correct, seen = train_one_epoch(parts, data.train_batches(epoch), gen)
+        loss_sum, correct, seen, waited = train_one_epoch(parts, data.train_batches(epoch), gen)
         train_seconds = time.time() - t0
         lr = parts.optimizer.param_groups[0]["lr"]
         parts.scheduler.step()
         val_log_probs = validate(parts, data.val_batches())
         # elapsed time travels with the totals so every worker takes the same time-box decision
-        totals = _gather([(loss_sum, correct, seen, time.time() - run_start)])
+        totals = _gather([(loss_sum, correct, seen, time.time() - run_start, waited)])
         row = epoch_row(epoch, totals, val_log_probs, job, lr, train_seconds, time.time() - t0)
         improved = state.record(row, parts.eval_model, val_log_probs, tc.select_by)
         stop = stop_reason(state, start_epoch, max(t[3] for t in totals), tc)
@@ -365,10 +366,12 @@ class MemoryData(WorkerData):
 class ShardData(WorkerData):
     """This worker's shards of the cached datasets (Ray Data), streamed: a seeded shuffle per epoch."""
 
-    def __init__(self, job: LoopConfig, rank: int, world: int):
+    def __init__(self, job: LoopConfig, rank: int, world: int, run_dir: Optional[str] = None, start_epoch: int = 0):
         import ray.train
 
         self.job, self.rank, self.world = job, rank, world
+        if rank == 0 and run_dir:  # before the shards are made: their block order starts at this epoch
+            cache_mod.announce_start_epoch(run_dir, start_epoch)
         self.train, self.val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
     def train_batches(self, epoch: int, second: str = "label") -> Iterable:
@@ -391,10 +394,10 @@ def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1009 + rank) % 2**32
 
 
-def worker_data(job: LoopConfig, loop_config: dict, rank: int, world: int) -> WorkerData:
+def worker_data(job: LoopConfig, loop_config: dict, rank: int, world: int, start_epoch: int = 0) -> WorkerData:
     if job.cfg.train.data_path == "memory":
         return MemoryData(job, loop_config["data_ref"], world)
-    return ShardData(job, rank, world)
+    return ShardData(job, rank, world, loop_config["run_dir"], start_epoch)
 
 
 @dataclass
@@ -459,16 +462,20 @@ def resume(parts: TrainingParts, ckpt, rank: int) -> tuple[LoopState, torch.Gene
     return state, gen
 
 
-def train_one_epoch(parts: TrainingParts, batches: Iterable, gen: torch.Generator) -> tuple[float, int, int]:
-    """One pass over this worker's batches; returns (summed loss, correct, images) of this worker."""
+def train_one_epoch(parts: TrainingParts, batches: Iterable, gen: torch.Generator) -> tuple[float, int, int, float]:
+    """One pass over this worker's batches; returns (summed loss, correct, images, seconds spent
+    waiting for batches) of this worker."""
     set_train_mode(parts.model, parts.frozen)
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, waited = 0.0, 0, 0, 0.0
+    batches, asked = iter(batches), time.perf_counter()
     for x, y in batches:
+        waited += time.perf_counter() - asked
         loss, logits = parts.step(x, y, gen)
         loss_sum += float(loss) * len(y)
         correct += int((logits.argmax(1).cpu() == y.cpu()).sum())
         seen += len(y)
-    return loss_sum, correct, seen
+        asked = time.perf_counter()
+    return loss_sum, correct, seen, waited
 
 
 def validate(parts: TrainingParts, batches: Iterable) -> np.ndarray:
@@ -485,7 +492,8 @@ def validate(parts: TrainingParts, batches: Iterable) -> np.ndarray:
 
 def epoch_row(epoch: int, totals: list, val_log_probs: np.ndarray, job: LoopConfig, lr: float,
               train_seconds: float, epoch_seconds: float) -> dict:
-    """The epoch's history row (HISTORY_COLUMNS) from every worker's (loss sum, correct, seen, elapsed)."""
+    """The epoch's history row (HISTORY_COLUMNS) from every worker's (loss sum, correct, seen, elapsed,
+    seconds waited for batches)."""
     vm = _validation_metrics(val_log_probs, job)
     n_seen = sum(t[2] for t in totals)
     return {
@@ -498,6 +506,7 @@ def epoch_row(epoch: int, totals: list, val_log_probs: np.ndarray, job: LoopConf
         "val_patient_roc_auc": vm["patient_roc_auc"],
         "lr": lr,
         "images_per_s": n_seen / max(train_seconds, 1e-9),
+        "data_wait_fraction": sum(t[4] for t in totals) / len(totals) / max(train_seconds, 1e-9),
         "epoch_seconds": epoch_seconds,
     }
 
@@ -517,7 +526,8 @@ def progress_line(row: dict, tc: TrainConfig, stop: str, improved: bool, seconds
     left = seconds_per_epoch * (tc.epochs - row["epoch"])
     return (f"epoch {row['epoch']}/{tc.epochs} train_loss {row['train_loss']:.4f} "
             f"val_loss {row['val_loss']:.4f} val_auc {row['val_roc_auc']:.4f} val_acc {row['val_accuracy']:.3f} "
-            f"| {row['images_per_s']:.0f} img/s | {row['epoch_seconds']:.1f}s"
+            f"| {row['images_per_s']:.0f} img/s, {row['data_wait_fraction']:.0%} waiting for data "
+            f"| {row['epoch_seconds']:.1f}s"
             + ("" if stop else f", ~{left:.0f}s left") + (" *" if improved else "")
             + (f" | {stop}" if stop else ""))
 
@@ -681,7 +691,7 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
     caches = {name: cache_mod.ensure_cache(name, part, y, inputs.classes, cfg, root) for name, part, y in
               (("train", inputs.train, inputs.train_y), ("val", inputs.val, inputs.val_y))}
     cfg = resolve_data_path(cfg, caches)
-    loop_config, data_kwargs, val_x = feed(cfg, inputs, caches)
+    loop_config, data_kwargs, val_x = feed(cfg, inputs, caches, run_dir)
     try:
         result = make_trainer(cfg, run_dir, loop_config, callbacks=tracker.callbacks(), **data_kwargs).fit()
     except BaseException:
@@ -715,7 +725,7 @@ def resolve_data_path(cfg: Config, caches: dict) -> Config:
     return resolved
 
 
-def feed(cfg: Config, inputs: TrainingInputs, caches: dict) -> tuple[dict, dict, Callable[[], np.ndarray]]:
+def feed(cfg: Config, inputs: TrainingInputs, caches: dict, run_dir: str) -> tuple[dict, dict, Callable[[], np.ndarray]]:
     """How the workers get the cached images (train.data_path): their shards of the cache streamed
     (Ray Data datasets), or the whole cache as arrays in the object store. Returns the loop config,
     the trainer's data arguments and a reader of the validation images for the driver."""
@@ -727,7 +737,7 @@ def feed(cfg: Config, inputs: TrainingInputs, caches: dict) -> tuple[dict, dict,
                   "val_x": cache_mod.read_pixels(caches["val"], cfg.preprocess)}
         return {**job, "data_ref": ray.put(arrays)}, {}, lambda: arrays["val_x"]
     datasets = {"train": cache_mod.dataset(caches["train"], seed=cfg.run.seed), "val": cache_mod.dataset(caches["val"])}
-    return job, {"datasets": datasets, "dataset_config": cache_mod.shard_config()}, \
+    return {**job, "run_dir": run_dir}, {"datasets": datasets, "dataset_config": cache_mod.shard_config(run_dir)}, \
         lambda: cache_mod.read_pixels(caches["val"], cfg.preprocess)
 
 

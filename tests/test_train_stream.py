@@ -49,21 +49,22 @@ def test_cache_is_reused_when_nothing_changed_and_rebuilt_when_a_file_did(ray_cl
 
 def record_shards(loop_config):
     """A Train loop that only streams, as train_loop_per_worker does: each rank writes, per epoch,
-    the split rows of its batches in the order it got them."""
+    the split rows of its batches in the order it got them (from `start_epoch`, as a resumed run)."""
     import ray.train
 
     from medclf.train import LoopConfig
 
     job = LoopConfig.model_validate(loop_config["job"])
     ctx = ray.train.get_context()
-    data = ShardData(job, ctx.get_world_rank(), ctx.get_world_size())
+    start = loop_config["start_epoch"]
+    data = ShardData(job, ctx.get_world_rank(), ctx.get_world_size(), loop_config["run_dir"], start)
     seen = {epoch: [r for _, rows in data.train_batches(epoch, second="row") for r in rows.tolist()]
-            for epoch in range(2)}
+            for epoch in range(start, 2)}
     with open(os.path.join(loop_config["out"], f"rank{ctx.get_world_rank()}.json"), "w") as f:
         json.dump(seen, f)
 
 
-def stream_once(cfg, inputs, caches, out):
+def stream_once(cfg, inputs, caches, out, start_epoch=0):
     import sys
 
     import ray.cloudpickle
@@ -72,8 +73,9 @@ def stream_once(cfg, inputs, caches, out):
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
     os.makedirs(out)
-    loop_config, data_kwargs, _ = feed(cfg, inputs, caches)
-    make_trainer(cfg, out, {**loop_config, "out": out}, loop=record_shards, **data_kwargs).fit()
+    loop_config, data_kwargs, _ = feed(cfg, inputs, caches, out)
+    make_trainer(cfg, out, {**loop_config, "out": out, "start_epoch": start_epoch}, loop=record_shards,
+                 **data_kwargs).fit()
     return [{int(k): v for k, v in json.load(open(os.path.join(out, f"rank{r}.json"))).items()} for r in (0, 1)]
 
 
@@ -93,6 +95,9 @@ def test_each_worker_streams_a_disjoint_shard_in_a_seeded_order(ray_cluster, pha
         assert set(a) | set(b) <= set(range(n))
     assert first[0][0] != first[0][1]  # another order every epoch
     assert stream_once(cfg, inputs, caches, str(tmp_path / "b")) == first  # the same seed: the same order
+    # A run resumed at epoch 1 (new workers, new shards) gets epoch 1's order, not epoch 0's again.
+    resumed = stream_once(cfg, inputs, caches, str(tmp_path / "c"), start_epoch=1)
+    assert [r[1] for r in resumed] == [r[1] for r in first]
 
 
 def test_training_from_an_s3_prefix(ray_cluster, phantom_root, s3_bucket, tmp_path):
