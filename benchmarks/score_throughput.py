@@ -89,26 +89,35 @@ def plain_loop(files: list[str], model_path: str, threads: int, batch_size: int,
 
 
 class TreeRSS:
-    """Peak of the summed RSS of this process and all its descendants (the local Ray cluster)."""
+    """Peak of the summed RSS of this process and all its descendants (the local Ray cluster); with
+    `pss`, also the peak of their summed PSS. RSS counts a shared page (Ray's object store is shared
+    memory mapped by every worker) once per process that touched it; PSS splits it among them, so the
+    PSS sum is the memory the processes take together."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, pss: bool = False):
         import psutil
 
         self.root, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
+        self.pss, self.peak_pss = pss, 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
-        total = 0
+    def _sample(self) -> tuple[int, int]:
+        rss = pss = 0
         for p in [self.root, *self.root.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                if self.pss:
+                    info = p.memory_full_info()
+                    rss, pss = rss + info.rss, pss + info.pss
+                else:
+                    rss += p.memory_info().rss
             except Exception:
                 pass  # a worker that just exited
-        return total
+        return rss, pss
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            rss, pss = self._sample()
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             time.sleep(self.interval)
 
     def __enter__(self):

@@ -59,10 +59,11 @@ def memory_run(out: str, n: int, size: int, epochs: int, data_path: str, cpus: i
                                       f"preprocess.image_size={size}",
                                       f"train.epochs={epochs}", f"train.data_path={data_path}"])
     run_dir = os.path.join(out, f"mem-{data_path}-{n}-{time.time_ns()}")
-    with TreeRSS(interval=0.5) as rss:
+    with TreeRSS(interval=0.5, pss=True) as rss:
         t0 = time.time()
         result = with_ray(cpus, lambda: run_training(cfg, run_dir))
-    return {"n": n, "path": data_path, "peak_rss_mb": rss.peak / 2**20, "seconds": time.time() - t0,
+    return {"n": n, "path": data_path, "peak_rss_mb": rss.peak / 2**20,
+            "peak_pss_mb": rss.peak_pss / 2**20, "seconds": time.time() - t0,
             "images_per_s": float(result.history.images_per_s.median())}
 
 
@@ -116,10 +117,11 @@ def main() -> None:
         report["memory"] = [memory_run(args.out, n, args.size, args.epochs, p, args.cpus)
                             for p in args.memory_paths for n in args.n]
         for p in args.memory_paths:
-            small, large = (r["peak_rss_mb"] for r in report["memory"] if r["path"] == p)
-            report[f"rss_ratio_{p}"] = large / small
-            print(f"{p}: peak RSS {small:.0f} MB ({args.n[0]}) vs {large:.0f} MB ({args.n[1]}): "
-                  f"ratio {large / small:.2f}", flush=True)
+            for kind in ("rss", "pss"):
+                small, large = (r[f"peak_{kind}_mb"] for r in report["memory"] if r["path"] == p)
+                report[f"{kind}_ratio_{p}"] = large / small
+                print(f"{p}: peak {kind.upper()} {small:.0f} MB ({args.n[0]}) vs {large:.0f} MB ({args.n[1]}): "
+                      f"ratio {large / small:.2f}", flush=True)
     if "throughput" not in args.skip:
         report["throughput"] = throughput_runs(args.out, args.kermany, args.kermany_n, args.kermany_size,
                                                args.kermany_epochs, args.cpus)
