@@ -2,7 +2,7 @@
 of in-domain held-in validation films vs each out-of-domain set, and the share of each set flagged
 at the stored threshold, for several scores (Mahalanobis full / PCA, energy, 1 - max softmax).
 
-    python benchmarks/ood_auroc.py [--artifact /work/exp/e1-lite0-224-ff9/model] [--splits SPLITS]
+    python benchmarks/ood_auroc.py --artifact RUN/model [--splits SPLITS]
         [--out /tmp/ood_bench] [--n 300] [--fit-group family] [--modalities CR DX]
 
 The domain record is fitted with medclf.ood.add_domain on the `--fit-group` part of the run's
@@ -90,7 +90,7 @@ def preprocess_files(paths: list[str], spec) -> tuple[np.ndarray, list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--artifact", default="/work/exp/e1-lite0-224-ff9/model")
+    ap.add_argument("--artifact", required=True, help="a trained model artifact folder (e.g. runs/<id>/model)")
     ap.add_argument("--splits", default=None, help="the run's splits.parquet (default: beside the artifact)")
     ap.add_argument("--out", default="/tmp/ood_bench")
     ap.add_argument("--n", type=int, default=300, help="images per set")
