@@ -182,9 +182,10 @@ START_EPOCH_FILE = "stream_start_epoch.json"
 
 
 def announce_start_epoch(run_dir: str, epoch: int) -> None:
-    """Rank 0, before it asks for its shard: the epoch this worker group starts at (0, or the one
-    after the checkpoint it resumes from), read by shard_config's configure for the block order."""
-    storage.write_bytes(storage.join(run_dir, START_EPOCH_FILE), json.dumps({"epoch": epoch}).encode())
+    """Every rank, before it asks for its shard: the epoch this worker group starts at (0, or the one
+    after the checkpoint it resumes from), read by shard_config's configure for the block order.
+    Atomic: a rank never reads another's half-written file."""
+    storage.write_atomic(storage.join(run_dir, START_EPOCH_FILE), json.dumps({"epoch": epoch}).encode())
 
 
 def _start_epoch(run_dir: Optional[str]) -> int:

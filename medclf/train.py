@@ -370,7 +370,9 @@ class ShardData(WorkerData):
         import ray.train
 
         self.job, self.rank, self.world = job, rank, world
-        if rank == 0 and run_dir:  # before the shards are made: their block order starts at this epoch
+        # Before the shards are made (by whichever rank asks first): their block order starts at this
+        # epoch. Every rank writes the same value, so the first to ask has always written it.
+        if run_dir:
             cache_mod.announce_start_epoch(run_dir, start_epoch)
         self.train, self.val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
