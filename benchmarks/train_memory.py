@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from medclf.config import load_config  # noqa: E402
-from medclf.phantoms import PATIENT_REGEX, generate  # noqa: E402
+from medclf.phantoms import PATIENT_REGEX  # noqa: E402
 from medclf.train import run_training  # noqa: E402
 from score_throughput import TreeRSS  # noqa: E402
 
@@ -51,13 +51,29 @@ def with_ray(cpus: int, fn):
 
 
 def memory_run(out: str, n: int, size: int, epochs: int, data_path: str, cpus: int) -> dict:
+    """One size's training run in a fresh process, after the phantoms were written by another one:
+    the measured tree is that run's alone (a driver that generated 20,000 images, or trained before,
+    keeps that memory in its allocator and would be counted)."""
+    import subprocess
+
     data = os.path.join(out, f"phantoms-{n}-{size}")
     if not os.path.exists(os.path.join(data, "manifest.parquet")):
-        generate(data, n_train=n, n_test=2, image_size=size, formats=("png",), seed=0)
+        subprocess.run([sys.executable, "-c", "import sys; from medclf.phantoms import generate; "
+                        f"generate({data!r}, n_train={n}, n_test=2, image_size={size}, formats=('png',), seed=0)"],
+                       check=True, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
+    result = os.path.join(out, f"memory-{data_path}-{n}.json")
+    subprocess.run([sys.executable, __file__, "--one-run", data, str(size), str(epochs), data_path, str(cpus),
+                    result, "--out", out], check=True)
+    with open(result) as f:
+        return json.load(f)
+
+
+def one_memory_run(data: str, size: int, epochs: int, data_path: str, cpus: int, out: str) -> dict:
     cfg = load_config(None, COMMON + [f"data.root={os.path.join(data, 'train')}", "data.classes=[NORMAL, POSITIVE]",
                                       "data.extensions=[.png]", f"data.patient_regex='{PATIENT_REGEX}'",
                                       f"preprocess.image_size={size}",
                                       f"train.epochs={epochs}", f"train.data_path={data_path}"])
+    n = len(pd.read_parquet(os.path.join(data, "manifest.parquet")).query("split == 'train'"))
     run_dir = os.path.join(out, f"mem-{data_path}-{n}-{time.time_ns()}")
     with TreeRSS(interval=0.5, pss=True) as rss:
         t0 = time.time()
@@ -109,7 +125,14 @@ def main() -> None:
     ap.add_argument("--kermany-epochs", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--skip", nargs="*", default=[], choices=["memory", "throughput"])
+    ap.add_argument("--one-run", nargs=6, metavar=("DATA", "SIZE", "EPOCHS", "PATH", "CPUS", "RESULT"),
+                    help=argparse.SUPPRESS)  # internal: one memory run, in the process memory_run starts
     args = ap.parse_args()
+    if args.one_run:
+        data, size, epochs, data_path, cpus, result = args.one_run
+        with open(result, "w") as f:
+            json.dump(one_memory_run(data, int(size), int(epochs), data_path, int(cpus), args.out), f)
+        return
     os.makedirs(args.out, exist_ok=True)
     report = {"command": " ".join(sys.argv), "machine": f"{platform.node()} {os.cpu_count()} CPUs",
               "load_before": os.getloadavg()}
