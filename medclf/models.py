@@ -452,18 +452,15 @@ def validate_card(raw, card_path: str) -> ModelCard:
                                             and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
                                             for k, v in files.items())):
         raise bad("files", "must map plain file names to sha256 hex digests")
-    if raw.get("domain") is not None:
-        from medclf.ood import check_domain_record
+    from medclf.ood import DomainRecord
+    from medclf.reference import ReferenceRecord
 
-        problem = check_domain_record(raw["domain"], files)
-        if problem:
-            raise bad("domain", problem)
-    if raw.get("reference") is not None:
-        from medclf.reference import check_reference_record
-
-        problem = check_reference_record(raw["reference"], files)
-        if problem:
-            raise bad("reference", problem)
+    for name, record_type, what in (("domain", DomainRecord, "domain record"),
+                                    ("reference", ReferenceRecord, "drift reference")):
+        if raw.get(name) is not None:
+            problem = _record_problem(record_type, raw[name], files, what)
+            if problem:
+                raise bad(name, problem)
     for name, kind in (("preprocess", dict), ("metrics", dict), ("config", dict), ("intended_use", dict),
                        ("provenance", dict), ("failure_modes", list)):
         if name in raw and not isinstance(raw[name], kind):
@@ -517,6 +514,37 @@ def load_artifact(path: str, device: str = "cpu") -> tuple[nn.Module, ModelCard]
     model = build_model(card.arch, len(card.classes), "none", dropout=dropout)
     model.load_state_dict(state)
     return model.to(device).eval(), card
+
+
+def _record_problem(record_type, raw, files: dict, what: str) -> Optional[str]:
+    """What is wrong with a card's record of one of its other files (domain, drift reference), or None."""
+    from pydantic import ValidationError
+
+    try:
+        record = record_type.model_validate(raw)
+    except ValidationError as exc:
+        return f"is not a valid {what} ({exc.error_count()} problem(s): {exc.errors()[0]['msg']})"
+    if record.file not in files:
+        return f"names {record.file!r}, which the card's `files` does not list with its sha256"
+    return None
+
+
+def read_artifact_arrays(path: str, card: ModelCard, name: str, needed: list[str]) -> dict:
+    """The arrays of one of the artifact's .npz files (sha256 checked), every one of `needed` present."""
+    import io
+
+    import numpy as np
+
+    where = f"{path}/{name}"
+    try:
+        with np.load(io.BytesIO(read_artifact_file(path, card, name)), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"{where}: not a readable .npz ({type(exc).__name__})") from None
+    missing = [k for k in needed if k not in arrays]
+    if missing:
+        raise ModelError(f"{where}: lacks the arrays {missing}")
+    return arrays
 
 
 def read_artifact_file(path: str, card: ModelCard, name: str) -> bytes:

@@ -39,9 +39,9 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from medclf.models import ModelCard, ModelError, penultimate, read_artifact_file
+from medclf.models import ModelCard, ModelError, penultimate, read_artifact_arrays
 from medclf.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
@@ -261,34 +261,14 @@ def _image_facts(path: str) -> dict:
 # ---------------------------------------------------------------- the artifact
 
 
-def check_domain_record(raw, files: dict) -> Optional[str]:
-    """What is wrong with a card's `domain` entry, or None (medclf.models.validate_card)."""
-    try:
-        record = DomainRecord.model_validate(raw)
-    except ValidationError as exc:
-        return f"is not a valid domain record ({exc.error_count()} problem(s): {exc.errors()[0]['msg']})"
-    if record.file not in files:
-        return f"names {record.file!r}, which the card's `files` does not list with its sha256"
-    return None
-
-
 def load_domain(path: str, card: ModelCard) -> Optional[Domain]:
     """The artifact's domain record with its arrays (sha256 checked); None for older artifacts."""
     if card.domain is None:
         return None
     record = DomainRecord.model_validate(card.domain)
-    where = f"{path}/{record.file}"
-    try:
-        with np.load(io.BytesIO(read_artifact_file(path, card, record.file)), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError) as exc:
-        raise ModelError(f"{where}: not a readable .npz ({type(exc).__name__})") from None
     needed = ["validation_scores"] + (["center", "components", "means", "precision"]
                                       if record.score == "mahalanobis" else [])
-    missing = [k for k in needed if k not in arrays]
-    if missing:
-        raise ModelError(f"{where}: lacks the arrays {missing}")
-    return Domain(record, arrays)
+    return Domain(record, read_artifact_arrays(path, card, record.file, needed))
 
 
 def input_gate(card: ModelCard) -> Optional[dict]:

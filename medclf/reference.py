@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from medclf.models import ModelCard, ModelError, class_probabilities, read_artifact_file
+from medclf.models import ModelCard, ModelError, class_probabilities, read_artifact_arrays
 
 log = logging.getLogger(__name__)
 
@@ -190,30 +190,10 @@ def add_reference(artifact: str, dest: str, paths: list[str], labels: list[str],
     return reference
 
 
-def check_reference_record(raw, files: dict) -> Optional[str]:
-    """What is wrong with a card's `reference` entry, or None (medclf.models.validate_card)."""
-    try:
-        record = ReferenceRecord.model_validate(raw)
-    except ValidationError as exc:
-        return f"is not a valid drift reference ({exc.error_count()} problem(s): {exc.errors()[0]['msg']})"
-    if record.file not in files:
-        return f"names {record.file!r}, which the card's `files` does not list with its sha256"
-    return None
-
-
 def load_reference(path: str, card: ModelCard) -> Optional[Reference]:
     """The artifact's drift reference with its arrays (sha256 checked); None for older artifacts."""
     if card.reference is None:
         return None
     record = ReferenceRecord.model_validate(card.reference)
-    where = f"{path}/{record.file}"
-    try:
-        with np.load(io.BytesIO(read_artifact_file(path, card, record.file)), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError) as exc:
-        raise ModelError(f"{where}: not a readable .npz ({type(exc).__name__})") from None
-    missing = [k for k in (*STAT_COLUMNS, "probs", "labels", "emb_center", "emb_basis", "emb", "ood_scores")
-               if k not in arrays]
-    if missing:
-        raise ModelError(f"{where}: lacks the arrays {missing}")
-    return Reference(record, arrays)
+    needed = [*STAT_COLUMNS, "probs", "labels", "emb_center", "emb_basis", "emb", "ood_scores"]
+    return Reference(record, read_artifact_arrays(path, card, record.file, needed))
