@@ -21,6 +21,16 @@ from medclf.config import Config, ConfigError, dump_config
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**30), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
 
 
+# A local Ray started here has no dashboard, so no state API. Ray Train's PlacementGroupCleaner asks that
+# API whether the run's controller is alive, and without an address asks whichever Ray started last on
+# this machine (/tmp/ray/ray_current_cluster). If that is another Ray with a dashboard (a `ray start`, a
+# second job's Ray), it does not find our controller there, takes it for dead and removes our workers'
+# placement group mid-run (seen: a benchmark's workers killed after epoch 2 when another process
+# started Ray). Pointed at no server, it keeps watching and never removes anything; a local cluster's
+# placement groups end with the cluster anyway.
+LOCAL_RAY_ENV = {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}
+
+
 def init_ray(cfg: Config) -> None:
     """Join the cluster in ray.address / RAY_ADDRESS, or start Ray in this process."""
     import ray
@@ -36,6 +46,7 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
+        runtime_env["env_vars"].update({k: os.environ.get(k, v) for k, v in LOCAL_RAY_ENV.items()})  # workers only
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
 
 

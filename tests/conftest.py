@@ -82,7 +82,10 @@ def ray_cluster(s3_server):
 
     if ray.is_initialized():  # a test that started Ray by itself must not break the session
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from medclf.runs import LOCAL_RAY_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": LOCAL_RAY_ENV})  # another Ray on the machine must not reap our workers
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
