@@ -92,13 +92,15 @@ class TreeRSS:
     """Peak of the summed RSS of this process and all its descendants (the local Ray cluster); with
     `pss`, also the peak of their summed PSS. RSS counts a shared page (Ray's object store is shared
     memory mapped by every worker) once per process that touched it; PSS splits it among them, so the
-    PSS sum is the memory the processes take together."""
+    PSS sum is the memory the processes take together. Setting `phase` while it runs also keeps the
+    peaks of each phase (`by_phase`: phase -> (peak RSS, peak PSS))."""
 
     def __init__(self, interval: float = 0.2, pss: bool = False):
         import psutil
 
         self.root, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
         self.pss, self.peak_pss = pss, 0
+        self.phase, self.by_phase = None, {}
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> tuple[int, int]:
@@ -118,6 +120,9 @@ class TreeRSS:
         while not self._stop.is_set():
             rss, pss = self._sample()
             self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+            if self.phase:
+                old_rss, old_pss = self.by_phase.get(self.phase, (0, 0))
+                self.by_phase[self.phase] = (max(old_rss, rss), max(old_pss, pss))
             time.sleep(self.interval)
 
     def __enter__(self):

@@ -31,6 +31,7 @@ sys.path.insert(0, HERE)
 
 from medclf.config import load_config  # noqa: E402
 from medclf.phantoms import PATIENT_REGEX  # noqa: E402
+from medclf.runs import LOCAL_RAY_ENV  # noqa: E402
 from medclf.train import run_training  # noqa: E402
 from score_throughput import TreeRSS  # noqa: E402
 
@@ -42,7 +43,7 @@ COMMON = ["model.arch=small_cnn", "train.num_workers=2", "train.cpus_per_worker=
 def with_ray(cpus: int, fn):
     import ray
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": LOCAL_RAY_ENV})
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         return fn()
@@ -68,6 +69,23 @@ def memory_run(out: str, n: int, size: int, epochs: int, data_path: str, cpus: i
         return json.load(f)
 
 
+def mark_phases(rss: TreeRSS) -> None:
+    """Name the part of run_training that is running, for the per-phase peaks: the cache build, the
+    workers' feed, Ray Train's fit and the driver's finish step, by wrapping the library's own
+    functions (this process runs one training and exits)."""
+    import medclf.train as train_mod
+
+    def marked(phase, fn):
+        def run(*args, **kwargs):
+            rss.phase = phase
+            return fn(*args, **kwargs)
+        return run
+
+    train_mod.cache_mod.ensure_cache = marked("cache", train_mod.cache_mod.ensure_cache)
+    for phase, name in (("feed", "feed"), ("train", "make_trainer"), ("finish", "finish_run")):
+        setattr(train_mod, name, marked(phase, getattr(train_mod, name)))
+
+
 def one_memory_run(data: str, size: int, epochs: int, data_path: str, cpus: int, out: str) -> dict:
     cfg = load_config(None, COMMON + [f"data.root={os.path.join(data, 'train')}", "data.classes=[NORMAL, POSITIVE]",
                                       "data.extensions=[.png]", f"data.patient_regex='{PATIENT_REGEX}'",
@@ -76,11 +94,14 @@ def one_memory_run(data: str, size: int, epochs: int, data_path: str, cpus: int,
     n = len(pd.read_parquet(os.path.join(data, "manifest.parquet")).query("split == 'train'"))
     run_dir = os.path.join(out, f"mem-{data_path}-{n}-{time.time_ns()}")
     with TreeRSS(interval=0.5, pss=True) as rss:
+        rss.phase = "start"
+        mark_phases(rss)
         t0 = time.time()
         result = with_ray(cpus, lambda: run_training(cfg, run_dir))
     return {"n": n, "path": data_path, "peak_rss_mb": rss.peak / 2**20,
             "peak_pss_mb": rss.peak_pss / 2**20, "seconds": time.time() - t0,
-            "images_per_s": float(result.history.images_per_s.median())}
+            "images_per_s": float(result.history.images_per_s.median()),
+            "by_phase_mb": {k: [round(v / 2**20) for v in peaks] for k, peaks in rss.by_phase.items()}}
 
 
 def kermany_manifest(out: str, root: str, n: int) -> str:
@@ -145,6 +166,8 @@ def main() -> None:
                 report[f"{kind}_ratio_{p}"] = large / small
                 print(f"{p}: peak {kind.upper()} {small:.0f} MB ({args.n[0]}) vs {large:.0f} MB ({args.n[1]}): "
                       f"ratio {large / small:.2f}", flush=True)
+        for r in report["memory"]:
+            print(f"{r['path']} {r['n']}: peak RSS / PSS MB by phase {r['by_phase_mb']}", flush=True)
     if "throughput" not in args.skip:
         report["throughput"] = throughput_runs(args.out, args.kermany, args.kermany_n, args.kermany_size,
                                                args.kermany_epochs, args.cpus)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -103,7 +103,7 @@ def build(path: str, part: pd.DataFrame, labels: np.ndarray, cfg: Config) -> Non
         fs.rm(p, recursive=True)  # an unfinished build: its part files must not mix with the new ones
     paths = list(part["path"])
     ds = images_dataset(paths, cfg.preprocess, cfg.score.decode_batch_size)
-    ds = ds.map_batches(
+    ds = bounded(ds, cfg.train.stream_buffer_mb).map_batches(
         _cache_rows, fn_kwargs={"index": {q: i for i, q in enumerate(paths)}, "labels": labels,
                                 "spec": cfg.preprocess.model_dump()},
         batch_format="numpy", num_cpus=0.5, memory=DECODE_TASK_MEMORY)  # same resources: fused with decoding
@@ -140,9 +140,10 @@ def _check_build(path: str, expected: int) -> None:
         raise CacheError(f"{path}: {expected - rows} of {expected} images missing after decoding (tasks failed)")
 
 
-def dataset(cache: SplitCache, seed: Optional[int] = None):
+def dataset(cache: SplitCache, seed: Optional[int] = None, buffer_mb: Optional[float] = None):
     """The cache as a Ray Dataset (row, label, pixels); with `seed`, in a block order that is
-    reshuffled every epoch (execution), reproducibly from the seed."""
+    reshuffled every epoch (execution), reproducibly from the seed; `buffer_mb`: at most this much
+    read ahead into the object store (bounded)."""
     import ray.data
     from ray.data import RandomSeedConfig
 
@@ -151,6 +152,13 @@ def dataset(cache: SplitCache, seed: Optional[int] = None):
                                file_extensions=["parquet"])
     if seed is not None:
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return ds if buffer_mb is None else bounded(ds, buffer_mb)
+
+
+def bounded(ds, buffer_mb: float):
+    """`ds` with Ray Data's object-store budget capped at `buffer_mb` (train.stream_buffer_mb)."""
+    options = ds.context.execution_options
+    options.resource_limits = options.resource_limits.copy(object_store_memory=buffer_mb * 2**20)
     return ds
 
 
@@ -163,11 +171,19 @@ def to_model_scale(pixels: np.ndarray, spec: PreprocessConfig) -> np.ndarray:
     return x
 
 
+def iter_pixels(cache: SplitCache, spec: PreprocessConfig, batch_size: int = 64,
+                buffer_mb: Optional[float] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The split batch by batch as (row indices, float32 (B, 1, S, S)), in no particular row order:
+    for work on a whole split that need not hold it (the finish step's validation features)."""
+    for batch in dataset(cache, buffer_mb=buffer_mb).iter_batches(batch_size=batch_size, batch_format="numpy"):
+        yield batch["row"], to_model_scale(batch["pixels"], spec)
+
+
 def read_pixels(cache: SplitCache, spec: PreprocessConfig) -> np.ndarray:
-    """The whole split as float32 (N, 1, S, S) in row order (the in-memory path; shifted thresholds)."""
+    """The whole split as float32 (N, 1, S, S) in row order (the in-memory path)."""
     out = np.zeros((cache.rows, 1, spec.image_size, spec.image_size), np.float32)
-    for batch in dataset(cache).iter_batches(batch_size=512, batch_format="numpy"):
-        out[batch["row"]] = to_model_scale(batch["pixels"], spec)
+    for rows, x in iter_pixels(cache, spec, batch_size=512):
+        out[rows] = x
     return out
 
 
@@ -212,7 +228,9 @@ def shard_config(run_dir: Optional[str] = None, preserve_order: bool = True):
             for name, ds in datasets.items():
                 ds = ds.copy(ds, _deep_copy=True)
                 ds.set_name(name)
+                limits = ds.context.execution_options.resource_limits  # the read-ahead cap (dataset)
                 ds.context.execution_options = self._resolve_execution_options(name)
+                ds.context.execution_options.resource_limits = limits
                 ds.context.execution_options.preserve_order = preserve_order
                 ds.context._execution_idx = _start_epoch(run_dir) if name == "train" else 0
                 for i, split in enumerate(ds.streaming_split(world_size, equal=name == "train", locality_hints=hints)):

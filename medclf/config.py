@@ -254,6 +254,10 @@ class TrainConfig(_Section):
     cache_root: Optional[str] = None
     """Folder or s3:// prefix of the preprocessed cache (medclf.cache); None: `<run folder>/cache`.
     Set it to share one cache between runs of the same files and preprocessing."""
+    stream_buffer_mb: float = Field(256.0, gt=0)
+    """Object-store memory Ray Data may fill ahead of the consumer on the stream path (the workers'
+    shards, the driver's validation pass, the cache build). Ray's default is half the object store,
+    which holds a whole data set of a few GB: the cap keeps memory flat in the data set's size."""
     shuffle_buffer: int = Field(512, ge=0)
     """Rows per worker in the local shuffle buffer of the stream path (on top of a per-epoch block order)."""
 

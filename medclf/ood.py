@@ -35,7 +35,7 @@ import io
 import logging
 import re
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -162,33 +162,63 @@ def out_of_fold_scores(kind: str, features: np.ndarray, logits: np.ndarray, labe
     return out
 
 
+@dataclass
+class Embedding:
+    """A trained model's view of a set of preprocessed images, one row per image: penultimate
+    features, logits, and the mean and sd of the model's input (all that fit_domain and
+    medclf.reference.fit_reference need, so the images are run through the model once)."""
+
+    features: np.ndarray
+    logits: np.ndarray
+    input_means: np.ndarray
+    input_sds: np.ndarray
+
+
+def embed(model: torch.nn.Module, arch: str, batches: Iterable[tuple[np.ndarray, np.ndarray]], n: int) -> Embedding:
+    """`batches`: (row indices, preprocessed images (B, 1, S, S)) covering rows 0..n-1 in any order,
+    e.g. a cache streamed by Ray Data: the set is never held whole, so memory does not grow with it."""
+    features = logits = None
+    means, sds, seen = np.empty(n, np.float32), np.empty(n, np.float32), np.zeros(n, bool)
+    model.eval()
+    with torch.inference_mode():
+        for rows, x in batches:
+            out, f = penultimate(model, arch, to_model_input(torch.from_numpy(np.ascontiguousarray(x))))
+            if features is None:
+                features, logits = np.empty((n, f.shape[1]), np.float32), np.empty((n, out.shape[1]), np.float32)
+            features[rows], logits[rows] = f.float().numpy(), out.float().numpy()
+            means[rows], sds[rows] = x.mean(axis=(1, 2, 3)), x.std(axis=(1, 2, 3))
+            seen[rows] = True
+    if not seen.all():
+        raise ModelError(f"{int((~seen).sum())} of {n} images never came out of the batches to embed")
+    return Embedding(features, logits, means, sds)
+
+
+def in_batches(x: np.ndarray, batch: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """An in-memory array as embed's (rows, images) batches."""
+    for i in range(0, len(x), batch):
+        yield np.arange(i, min(i + batch, len(x))), x[i:i + batch]
+
+
 def features_and_logits(model: torch.nn.Module, arch: str, x: np.ndarray,
                         batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Penultimate features and logits of preprocessed images x (N, 1, S, S), in eval mode."""
-    feats, logits = [], []
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, len(x), batch):
-            out, f = penultimate(model, arch, to_model_input(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))))
-            feats.append(f.float().numpy())
-            logits.append(out.float().numpy())
-    return np.concatenate(feats), np.concatenate(logits)
+    embedding = embed(model, arch, in_batches(x, batch), len(x))
+    return embedding.features, embedding.logits
 
 
 # ---------------------------------------------------------------- fitting (training)
 
 
-def fit_domain(model: torch.nn.Module, arch: str, cfg, val_x: np.ndarray, val_y: np.ndarray,
-               val_paths: list[str]) -> Optional[Domain]:
-    """The domain record of a trained model, from its validation images (preprocessed `val_x`,
-    labels `val_y`, and their files for sizes and headers). None when `ood.enabled` is off."""
+def fit_domain(cfg, embedding: Embedding, val_y: np.ndarray, val_paths: list[str]) -> Optional[Domain]:
+    """The domain record of a trained model, from its validation images: their `embedding`,
+    labels `val_y`, and their files for sizes and headers. None when `ood.enabled` is off."""
     oc = cfg.ood
     if not oc.enabled:
         return None
     if len(val_y) < 4:
         raise ModelError(f"the out-of-scope guard needs at least 4 validation images, got {len(val_y)} "
                          "(or set ood.enabled=false)")
-    features, logits = features_and_logits(model, arch, val_x)
+    features, logits = embedding.features, embedding.logits
     val_y = np.asarray(val_y)
     val_scores = out_of_fold_scores(oc.score, features, logits, val_y, oc.pca_dim, cfg.run.seed)
     threshold = float(np.quantile(val_scores, oc.quantile))
@@ -196,7 +226,7 @@ def fit_domain(model: torch.nn.Module, arch: str, cfg, val_x: np.ndarray, val_y:
     arrays["validation_scores"] = val_scores
     facts = [_image_facts(p) for p in val_paths]
     smallest = min(min(f["width"], f["height"]) for f in facts)
-    means, sds = val_x.mean(axis=(1, 2, 3)), val_x.std(axis=(1, 2, 3))
+    means, sds = embedding.input_means.astype(np.float64), embedding.input_sds.astype(np.float64)
     record = DomainRecord(
         score=oc.score, threshold=threshold, quantile=oc.quantile,
         validation_flag_rate=float((val_scores > threshold).mean()),
@@ -225,7 +255,7 @@ def add_domain(artifact: str, dest: str, cfg, paths: list[str], labels: list[str
     model, card = load_artifact(artifact)
     x = np.stack([preprocess_gray(decode(storage.read_bytes(p), p).image, card.preprocess_spec) for p in paths])
     y = np.array([card.classes.index(label) for label in labels])
-    domain = fit_domain(model, card.arch, cfg, x, y, paths)
+    domain = fit_domain(cfg, embed(model, card.arch, in_batches(x), len(x)), y, paths)
     if domain is None:
         raise ModelError("ood.enabled is false: no domain record to add")
     card.domain = domain.record.model_dump()

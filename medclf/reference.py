@@ -111,19 +111,19 @@ class Reference:
 # same-distribution batch flagged; 10 folds came within 2%.
 
 
-def fit_reference(model, card: ModelCard, val_x: np.ndarray, val_y: np.ndarray, val_paths: list[str],
+def fit_reference(card: ModelCard, embedding, val_y: np.ndarray, val_paths: list[str],
                   domain=None, seed: int = 0) -> Reference:
-    """The drift reference of a trained model from its validation images: preprocessed `val_x`
-    (for the features and scores), labels `val_y`, and the files (decoded again here, for the
-    input statistics as scoring measures them). `domain`: the model's domain record (medclf.ood),
-    for the reference ood scores; None: none."""
+    """The drift reference of a trained model from its validation images: their `embedding`
+    (medclf.ood.embed: features and logits), labels `val_y`, and the files (decoded again here, for
+    the input statistics as scoring measures them). `domain`: the model's domain record
+    (medclf.ood), for the reference ood scores; None: none."""
     import torch
 
-    from medclf.ood import features_and_logits, out_of_fold_scores
+    from medclf.ood import out_of_fold_scores
 
     if len(val_y) < EMB_PCS + 1:
         raise ModelError(f"the drift reference needs at least {EMB_PCS + 1} validation images, got {len(val_y)}")
-    features, logits = features_and_logits(model, card.arch, val_x)
+    features, logits = embedding.features, embedding.logits
     probs = class_probabilities(torch.from_numpy(logits), card.temperature).numpy()
     ood_scores = None if domain is None else out_of_fold_scores(
         domain.record.score, features, logits, np.asarray(val_y), domain.record.pca_dim, seed)
@@ -178,13 +178,14 @@ def add_reference(artifact: str, dest: str, paths: list[str], labels: list[str],
     from medclf import storage
     from medclf.decode import decode
     from medclf.models import load_artifact, republish_with_files
-    from medclf.ood import load_domain
+    from medclf.ood import embed, in_batches, load_domain
     from medclf.preprocess import preprocess_gray
 
     model, card = load_artifact(artifact)
     x = np.stack([preprocess_gray(decode(storage.read_bytes(p), p).image, card.preprocess_spec) for p in paths])
     y = np.array([card.classes.index(label) for label in labels])
-    reference = fit_reference(model, card, x, y, paths, load_domain(artifact, card), seed)
+    reference = fit_reference(card, embed(model, card.arch, in_batches(x), len(x)), y, paths,
+                              load_domain(artifact, card), seed)
     card.reference = reference.record.model_dump()
     republish_with_files(artifact, dest, card, {reference.record.file: reference.to_bytes()})
     return reference

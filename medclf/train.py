@@ -39,7 +39,7 @@ from medclf import data as data_mod
 from medclf import model_card, storage
 from medclf.config import Config, ConfigError, TrainConfig
 from medclf.metrics import choose_threshold, classification_metrics
-from medclf.ood import fit_domain
+from medclf.ood import embed, fit_domain, in_batches
 from medclf.reference import fit_reference
 from medclf.augment import augment_batch
 from medclf.preprocess import to_model_input
@@ -693,7 +693,7 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
     caches = {name: cache_mod.ensure_cache(name, part, y, inputs.classes, cfg, root) for name, part, y in
               (("train", inputs.train, inputs.train_y), ("val", inputs.val, inputs.val_y))}
     cfg = resolve_data_path(cfg, caches)
-    loop_config, data_kwargs, val_x = feed(cfg, inputs, caches, run_dir)
+    loop_config, data_kwargs, val_batches = feed(cfg, inputs, caches, run_dir)
     try:
         result = make_trainer(cfg, run_dir, loop_config, callbacks=tracker.callbacks(), **data_kwargs).fit()
     except BaseException:
@@ -703,7 +703,7 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
         raise TrainingError(f"training produced no checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    trained = finish_run(cfg, run_dir, inputs, state, lambda rows: val_x()[rows])
+    trained = finish_run(cfg, run_dir, inputs, state, val_batches)
     trained.caches = caches
     tracker.log(metrics={**numeric_metrics(trained.card.metrics["validation"], "validation."),
                          **numeric_metrics(trained.card.calibration, "calibration.")},
@@ -727,25 +727,29 @@ def resolve_data_path(cfg: Config, caches: dict) -> Config:
     return resolved
 
 
-def feed(cfg: Config, inputs: TrainingInputs, caches: dict, run_dir: str) -> tuple[dict, dict, Callable[[], np.ndarray]]:
+def feed(cfg: Config, inputs: TrainingInputs, caches: dict, run_dir: str) -> tuple[dict, dict, Callable[[], Iterable]]:
     """How the workers get the cached images (train.data_path): their shards of the cache streamed
     (Ray Data datasets), or the whole cache as arrays in the object store. Returns the loop config,
-    the trainer's data arguments and a reader of the validation images for the driver."""
+    the trainer's data arguments and, for the driver's finish step, a reader of the validation
+    images as (rows, images) batches (streamed from the cache on the stream path: never held whole)."""
     import ray
 
     job = {"job": inputs.job(cfg).model_dump(mode="json")}
     if cfg.train.data_path == "memory":
         arrays = {"train_x": cache_mod.read_pixels(caches["train"], cfg.preprocess), "train_y": inputs.train_y,
                   "val_x": cache_mod.read_pixels(caches["val"], cfg.preprocess)}
-        return {**job, "data_ref": ray.put(arrays)}, {}, lambda: arrays["val_x"]
-    datasets = {"train": cache_mod.dataset(caches["train"], seed=cfg.run.seed), "val": cache_mod.dataset(caches["val"])}
+        return {**job, "data_ref": ray.put(arrays)}, {}, lambda: in_batches(arrays["val_x"])
+    buffer_mb = cfg.train.stream_buffer_mb
+    datasets = {"train": cache_mod.dataset(caches["train"], seed=cfg.run.seed, buffer_mb=buffer_mb),
+                "val": cache_mod.dataset(caches["val"], buffer_mb=buffer_mb)}
     return {**job, "run_dir": run_dir}, {"datasets": datasets, "dataset_config": cache_mod.shard_config(run_dir)}, \
-        lambda: cache_mod.read_pixels(caches["val"], cfg.preprocess)
+        lambda: cache_mod.iter_pixels(caches["val"], cfg.preprocess, buffer_mb=buffer_mb)
 
 
-def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, val_pixels) -> TrainResult:
+def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, val_batches) -> TrainResult:
     """From the best epoch's weights and validation scores: calibration, threshold, metrics with CIs,
-    the model artifact, history, curves and validation reports. `val_pixels(rows)`: validation images."""
+    the model artifact, history, curves and validation reports. `val_batches()`: the validation
+    images as (rows, images) batches (feed)."""
     best, history, group = state["best"], pd.DataFrame(state["history"]), inputs.select_group
     model = build_model(cfg.model.arch, len(inputs.classes), "none", cfg.model.dropout)
     model.load_state_dict(best["state"])
@@ -753,7 +757,8 @@ def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, v
     temperature, calibration = fit_calibration(log_probs[select], y[select], inputs.positive_index,
                                                f"{group} validation")
     val_probs = softmax_with_temperature(log_probs, temperature).astype(np.float32)
-    threshold, rule = decision_threshold(cfg, model.eval(), temperature, val_probs[select], lambda: val_pixels(select),
+    threshold, rule = decision_threshold(cfg, model.eval(), temperature, val_probs[select],
+                                         lambda: gather_rows(val_batches(), select),
                                          y[select], inputs.positive_index, group)
     val_metrics = {}
     for part in dict.fromkeys([group, "patient"]):  # the selection part first
@@ -771,12 +776,10 @@ def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, v
         provenance=model_card.provenance(cfg, pd.concat([inputs.train, inputs.val]), inputs.classes),
         failure_modes=model_card.failure_modes(list(inputs.val["path"][select]), y[select], val_probs[select],
                                                inputs.classes, threshold, inputs.positive_index, cfg.report.show_paths))
-    val_all = val_pixels(np.ones(len(y), bool))
-    domain = fit_domain(model.eval(), cfg.model.arch, cfg, val_all, y,
-                        list(inputs.val["path"]))  # the out-of-scope guard (medclf.ood)
+    embedding = embed(model.eval(), cfg.model.arch, val_batches(), len(y))  # one pass, batch by batch
+    domain = fit_domain(cfg, embedding, y, list(inputs.val["path"]))  # the out-of-scope guard (medclf.ood)
     card.domain = domain and domain.record.model_dump()
-    reference = fit_reference(model.eval(), card, val_all, y, list(inputs.val["path"]),
-                              domain, cfg.run.seed)  # for medclf.drift
+    reference = fit_reference(card, embedding, y, list(inputs.val["path"]), domain, cfg.run.seed)  # medclf.drift
     card.reference = reference.record.model_dump()
     files = {reference.record.file: reference.to_bytes(), **({domain.record.file: domain.to_bytes()} if domain else {})}
     model_path = storage.join(run_dir, "model")
@@ -790,6 +793,18 @@ def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, v
                                 storage.join(run_dir, folder), f"{part}-level validation split")
     storage.write_bytes(storage.join(run_dir, "workers.json"), json.dumps(state["workers"], indent=2).encode())
     return TrainResult(model_path, history, card)
+
+
+def gather_rows(batches: Iterable, rows: np.ndarray) -> np.ndarray:
+    """The images of the rows selected by the mask `rows`, in row order, from (rows, images) batches."""
+    position = np.cumsum(rows) - 1
+    out = None
+    for index, x in batches:
+        keep = rows[index]
+        if out is None:
+            out = np.empty((int(rows.sum()), *x.shape[1:]), x.dtype)
+        out[position[index[keep]]] = x[keep]
+    return out
 
 
 def validation_groups(val: pd.DataFrame) -> np.ndarray:

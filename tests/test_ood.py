@@ -190,6 +190,35 @@ def test_penultimate_features_come_from_the_same_forward_pass(arch):
         assert torch.allclose(head(features), logits, atol=1e-5)
 
 
+def test_embedding_from_batches_in_any_order_matches_the_whole_array():
+    """The finish step embeds validation streamed from the cache in whatever order Ray Data yields
+    it; rows must land where they belong, and a missing row must fail, not leave garbage."""
+    from medclf.ood import embed, features_and_logits
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 2).eval()
+    x = np.random.default_rng(0).normal(size=(37, 1, 32, 32)).astype(np.float32)
+    order = np.random.default_rng(1).permutation(37)
+    batches = [(order[i:i + 8], x[order[i:i + 8]]) for i in range(0, 37, 8)]
+    embedding = embed(model, "small_cnn", iter(batches), 37)
+    features, logits = features_and_logits(model, "small_cnn", x)
+    np.testing.assert_allclose(embedding.features, features, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(embedding.logits, logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(embedding.input_sds, x.std(axis=(1, 2, 3)), rtol=1e-5)
+    with pytest.raises(ModelError, match="5 of 37 images"):
+        embed(model, "small_cnn", iter(batches[:-1]), 37)
+
+
+def test_gather_rows_returns_the_selected_images_in_row_order():
+    from medclf.train import gather_rows
+
+    x = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((10, 1, 2, 2), np.float32)
+    rows = np.array([1, 0, 1, 1, 0, 0, 1, 0, 0, 1], bool)
+    order = np.array([9, 3, 0, 5, 2, 8, 1, 7, 6, 4])
+    out = gather_rows(((order[i:i + 3], x[order[i:i + 3]]) for i in range(0, 10, 3)), rows)
+    assert out[:, 0, 0, 0].tolist() == [0, 2, 3, 6, 9]
+
+
 def test_old_predictions_without_ood_score_still_read(tmp_path):
     from medclf.predictions import prediction_schema, read_predictions
 

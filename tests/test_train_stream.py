@@ -74,6 +74,8 @@ def stream_once(cfg, inputs, caches, out, start_epoch=0):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
     os.makedirs(out)
     loop_config, data_kwargs, _ = feed(cfg, inputs, caches, out)
+    for ds in data_kwargs["datasets"].values():  # read-ahead capped (train.stream_buffer_mb), not half the store
+        assert ds.context.execution_options.resource_limits.object_store_memory == cfg.train.stream_buffer_mb * 2**20
     make_trainer(cfg, out, {**loop_config, "out": out, "start_epoch": start_epoch}, loop=record_shards,
                  **data_kwargs).fit()
     return [{int(k): v for k, v in json.load(open(os.path.join(out, f"rank{r}.json"))).items()} for r in (0, 1)]
