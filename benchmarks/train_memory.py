@@ -101,7 +101,10 @@ def one_memory_run(data: str, size: int, epochs: int, data_path: str, cpus: int,
     return {"n": n, "path": data_path, "peak_rss_mb": rss.peak / 2**20,
             "peak_pss_mb": rss.peak_pss / 2**20, "seconds": time.time() - t0,
             "images_per_s": float(result.history.images_per_s.median()),
-            "by_phase_mb": {k: [round(v / 2**20) for v in peaks] for k, peaks in rss.by_phase.items()}}
+            "by_phase_mb": {k: [round(v / 2**20) for v in peaks] for k, peaks in rss.by_phase.items()},
+            "rss_at_phase_peak_by_process_mb": {k: dict(sorted(((t, round(v / 2**20)) for t, v in who.items()),
+                                                               key=lambda kv: -kv[1]))
+                                                for k, who in rss.who_by_phase.items()}}
 
 
 def kermany_manifest(out: str, root: str, n: int) -> str:

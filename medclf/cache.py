@@ -88,9 +88,17 @@ def _caches_of(root: str, name: str) -> list[str]:
     return [e for e in fs.ls(p, detail=False) if e.rstrip("/").rsplit("/", 1)[-1].startswith(f"{name}-")]
 
 
-def rows_per_file(n: int) -> int:
-    """Enough files for a block-order shuffle and for every worker to get several, not thousands."""
-    return int(min(1024, max(16, n // 32)))
+MAX_FILE_MB = 4
+"""Largest cache file (= Ray Data block). Every process that reads, writes or streams the cache holds
+a few blocks and keeps that peak afterwards (pooled Ray workers do not give it back): with files
+sized by row count only, 20,000 phantoms made 16 MB blocks against 1.6 MB at 2,000, and ~2 GB more
+RSS in those processes (docs/benchmarks.md, peaks by process)."""
+
+
+def rows_per_file(n: int, row_bytes: int) -> int:
+    """Enough files for a block-order shuffle and for every worker to get several, not thousands;
+    at most MAX_FILE_MB each, so a block does not grow with the data set."""
+    return int(max(16, min(1024, n // 32, MAX_FILE_MB * 2**20 // row_bytes)))
 
 
 def build(path: str, part: pd.DataFrame, labels: np.ndarray, cfg: Config) -> None:
@@ -108,7 +116,7 @@ def build(path: str, part: pd.DataFrame, labels: np.ndarray, cfg: Config) -> Non
                                 "spec": cfg.preprocess.model_dump()},
         batch_format="numpy", num_cpus=0.5, memory=DECODE_TASK_MEMORY)  # same resources: fused with decoding
     arrow_fs, arrow_path = storage.arrow_filesystem(path)
-    n = rows_per_file(len(paths))
+    n = rows_per_file(len(paths), row_bytes=2 * cfg.preprocess.image_size ** 2)  # uint16 pixels
     ds.write_parquet(arrow_path, filesystem=arrow_fs, min_rows_per_file=n, max_rows_per_file=n)
     _check_build(path, len(paths))
 
