@@ -89,10 +89,10 @@ def _caches_of(root: str, name: str) -> list[str]:
 
 
 MAX_FILE_MB = 4
-"""Largest cache file (= Ray Data block). Every process that reads, writes or streams the cache holds
-a few blocks and keeps that peak afterwards (pooled Ray workers do not give it back): with files
-sized by row count only, 20,000 phantoms made 16 MB blocks against 1.6 MB at 2,000, and ~2 GB more
-RSS in those processes (docs/benchmarks.md, peaks by process)."""
+"""Largest cache file (= Ray Data block). Every process that writes, reads or streams the cache holds
+a few blocks, and pooled Ray workers keep their peak. Sized by row count alone (up to 1,024 rows), a
+file of 224 px images would reach 100 MB. At 128 px phantoms (16 MB files at 20,000) the cap made no
+measurable difference to peak memory (docs/benchmarks.md)."""
 
 
 def rows_per_file(n: int, row_bytes: int) -> int:
