@@ -64,10 +64,18 @@ def record_shards(loop_config):
         json.dump(seen, f)
 
 
+def source_operator(ds) -> str:
+    op = ds._logical_plan.dag
+    while op.input_dependencies:
+        op = op.input_dependencies[0]
+    return op.name
+
+
 def stream_once(cfg, inputs, caches, out, start_epoch=0):
     import sys
 
     import ray.cloudpickle
+    import ray.data
 
     from medclf.train import feed
 
@@ -76,6 +84,8 @@ def stream_once(cfg, inputs, caches, out, start_epoch=0):
     loop_config, data_kwargs, _ = feed(cfg, inputs, caches, out)
     for ds in data_kwargs["datasets"].values():  # read-ahead capped (train.stream_buffer_mb), not half the store
         assert ds.context.execution_options.resource_limits.object_store_memory == cfg.train.stream_buffer_mb * 2**20
+        assert source_operator(ds) == "ReadParquet"  # the first reader: no FooterReader pool (cache.READER_NOTE)
+    assert ray.data.DataContext.get_current().use_datasource_v2  # ... chosen for the cache only
     make_trainer(cfg, out, {**loop_config, "out": out, "start_epoch": start_epoch}, loop=record_shards,
                  **data_kwargs).fit()
     return [{int(k): v for k, v in json.load(open(os.path.join(out, f"rank{r}.json"))).items()} for r in (0, 1)]
