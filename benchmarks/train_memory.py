@@ -31,7 +31,7 @@ sys.path.insert(0, HERE)
 
 from medclf.config import load_config  # noqa: E402
 from medclf.phantoms import PATIENT_REGEX  # noqa: E402
-from medclf.runs import LOCAL_RAY_ENV  # noqa: E402
+from medclf.runs import init_ray  # noqa: E402
 from medclf.train import run_training  # noqa: E402
 from score_throughput import TreeRSS  # noqa: E402
 
@@ -40,10 +40,12 @@ COMMON = ["model.arch=small_cnn", "train.num_workers=2", "train.cpus_per_worker=
           "train.early_stopping_patience=99", "score.decode_batch_size=16", "evaluate.bootstrap_resamples=0"]
 
 
-def with_ray(cpus: int, fn):
+def with_ray(cfg, fn):
+    """`fn()` on a local Ray started as the jobs start it (medclf.runs.init_ray: ray.num_cpus, the
+    allocator settings, LOCAL_RAY_ENV), shut down after."""
     import ray
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": LOCAL_RAY_ENV})
+    init_ray(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         return fn()
@@ -90,21 +92,23 @@ def one_memory_run(data: str, size: int, epochs: int, data_path: str, cpus: int,
     cfg = load_config(None, COMMON + [f"data.root={os.path.join(data, 'train')}", "data.classes=[NORMAL, POSITIVE]",
                                       "data.extensions=[.png]", f"data.patient_regex='{PATIENT_REGEX}'",
                                       f"preprocess.image_size={size}",
-                                      f"train.epochs={epochs}", f"train.data_path={data_path}"])
+                                      f"train.epochs={epochs}", f"train.data_path={data_path}", f"ray.num_cpus={cpus}"])
     n = len(pd.read_parquet(os.path.join(data, "manifest.parquet")).query("split == 'train'"))
     run_dir = os.path.join(out, f"mem-{data_path}-{n}-{time.time_ns()}")
     with TreeRSS(interval=0.5, pss=True) as rss:
         rss.phase = "start"
         mark_phases(rss)
         t0 = time.time()
-        result = with_ray(cpus, lambda: run_training(cfg, run_dir))
+        result = with_ray(cfg, lambda: run_training(cfg, run_dir))
     return {"n": n, "path": data_path, "peak_rss_mb": rss.peak / 2**20,
             "peak_pss_mb": rss.peak_pss / 2**20, "seconds": time.time() - t0,
             "images_per_s": float(result.history.images_per_s.median()),
             "by_phase_mb": {k: [round(v / 2**20) for v in peaks] for k, peaks in rss.by_phase.items()},
             "rss_at_phase_peak_by_process_mb": {k: dict(sorted(((t, round(v / 2**20)) for t, v in who.items()),
                                                                key=lambda kv: -kv[1]))
-                                                for k, who in rss.who_by_phase.items()}}
+                                                for k, who in rss.who_by_phase.items()},
+            "shared_at_phase_peak_by_process_mb": {k: {t: round(v / 2**20) for t, v in shared.items() if v > 2**24}
+                                                   for k, shared in rss.shared_by_phase.items()}}
 
 
 def kermany_manifest(out: str, root: str, n: int) -> str:
@@ -125,9 +129,9 @@ def throughput_runs(out: str, root: str, n: int, size: int, epochs: int, cpus: i
             f"data.manifest={manifest}", "data.classes=[NORMAL, PNEUMONIA]", "data.positive_class=PNEUMONIA",
             "data.patient_regex='^((?:NORMAL2-)?IM-\\d+|person\\d+)'", "data.val_fraction=0.1",
             f"preprocess.image_size={size}", f"train.epochs={epochs}", f"train.data_path={data_path}",
-            f"train.cache_root={os.path.join(out, 'kermany-cache')}"])  # one cache: decoded once for both
+            f"train.cache_root={os.path.join(out, 'kermany-cache')}", f"ray.num_cpus={cpus}"])  # one cache: decoded once for both
         t0 = time.time()
-        result = with_ray(cpus, lambda: run_training(cfg, os.path.join(out, f"kermany-{data_path}-{time.time_ns()}")))
+        result = with_ray(cfg, lambda: run_training(cfg, os.path.join(out, f"kermany-{data_path}-{time.time_ns()}")))
         rows.append({"path": data_path, "images": len(pd.read_parquet(manifest)), "image_size": size, "seconds": time.time() - t0,
                      "images_per_s_by_epoch": [round(v, 1) for v in result.history.images_per_s],
                      "images_per_s": float(result.history.images_per_s.median()),
