@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("cache", help="a cache folder: <run>/cache/train-<key>")
     ap.add_argument("--reader", choices=["medclf", "v2"], default="medclf")
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--object-store-mb", type=int, default=0, help="Ray's object store size (0: Ray's default)")
     ap.add_argument("--pause", type=float, default=0.02, help="seconds per batch in each consumer")
     args = ap.parse_args()
 
@@ -80,7 +81,8 @@ def main() -> None:
 
     from medclf import cache as cache_mod
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=args.cpus, object_store_memory=args.object_store_mb * 2**20 or None,
+             include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": LOCAL_RAY_ENV})
     ray.data.DataContext.get_current().enable_progress_bars = False
 
