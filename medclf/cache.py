@@ -104,7 +104,7 @@ def rows_per_file(n: int, row_bytes: int) -> int:
 def build(path: str, part: pd.DataFrame, labels: np.ndarray, cfg: Config) -> None:
     """Decode + preprocess every file of the split with Ray Data tasks, straight to Parquet shards;
     unreadable files fail the build, naming them."""
-    from medclf.images import DECODE_TASK_MEMORY, images_dataset
+    from medclf.images import DECODE_RETRIES, DECODE_TASK_MEMORY, images_dataset
 
     fs, p = storage.filesystem(path)
     if fs.exists(p):
@@ -114,7 +114,8 @@ def build(path: str, part: pd.DataFrame, labels: np.ndarray, cfg: Config) -> Non
     ds = bounded(ds, cfg.train.stream_buffer_mb).map_batches(
         _cache_rows, fn_kwargs={"index": {q: i for i, q in enumerate(paths)}, "labels": labels,
                                 "spec": cfg.preprocess.model_dump()},
-        batch_format="numpy", num_cpus=0.5, memory=DECODE_TASK_MEMORY)  # same resources: fused with decoding
+        batch_format="numpy", num_cpus=0.5, memory=DECODE_TASK_MEMORY,
+        max_retries=DECODE_RETRIES)  # the decode step's resources and retries: fused into its tasks
     arrow_fs, arrow_path = storage.arrow_filesystem(path)
     n = rows_per_file(len(paths), row_bytes=2 * cfg.preprocess.image_size ** 2)  # uint16 pixels
     ds.write_parquet(arrow_path, filesystem=arrow_fs, min_rows_per_file=n, max_rows_per_file=n)

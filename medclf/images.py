@@ -208,11 +208,14 @@ def list_inputs(source: str, extensions: Iterable[str]) -> list[str]:
 # inference actors (it fuses only ops with identical resource requests), so decode runs in
 # its own tasks, overlapping inference, instead of serially inside each actor.
 DECODE_TASK_MEMORY = 640 * 1024**2
+# Retries of a decode task whose worker died. A map step that follows decoding in the same tasks
+# (the training cache's uint16 conversion) must ask for the same, or Ray Data will not fuse them.
+DECODE_RETRIES = 2
 
 
 def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: int = 16,
                    skip_keys: np.ndarray | None = None, frames: str = "middle", max_file_mb: Optional[float] = None,
-                   retries: int = 2, uids: tuple = ("keep", None), gate: Optional[dict] = None):
+                   retries: int = DECODE_RETRIES, uids: tuple = ("keep", None), gate: Optional[dict] = None):
     """Ray Dataset of decoded, preprocessed images (the stage training reuses).
 
     `frames` defaults to one image per file (what training, with one label per file, wants);
