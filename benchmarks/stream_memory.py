@@ -17,29 +17,27 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 from medclf.runs import LOCAL_RAY_ENV  # noqa: E402
+from score_throughput import TreeRSS  # noqa: E402
 
 
-class PeaksByProcess:
-    """Per process (pid): peak RSS, its title then, peak shared; and the peak of the summed RSS."""
+class PeaksByProcess(TreeRSS):
+    """Per process (pid): peak RSS, its title then, peak shared; `peak`: of the summed RSS."""
 
     def __init__(self, interval: float = 0.3):
-        self.interval, self.by_pid, self.total, self._stop = interval, {}, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval)
+        self.by_pid: dict = {}
 
     def _run(self):
-        import psutil
-
-        root = psutil.Process()
         while not self._stop.is_set():
             total = 0
-            for p in [root, *root.children(recursive=True)]:
+            for p in [self.root, *self.root.children(recursive=True)]:
                 try:
                     info, title = p.memory_info(), (p.cmdline() or [p.name()])[0].rsplit("/", 1)[-1][:40]
                 except Exception:
@@ -48,16 +46,8 @@ class PeaksByProcess:
                 old_title, old_rss, old_shared = self.by_pid.get(p.pid, ("", 0, 0))
                 self.by_pid[p.pid] = (title if info.rss >= old_rss else old_title, max(old_rss, info.rss),
                                       max(old_shared, info.shared))
-            self.total = max(self.total, total)
+            self.peak = max(self.peak, total)
             time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
     def table(self) -> dict:
         rows: dict = {}
@@ -115,7 +105,7 @@ def main() -> None:
         time.sleep(1)
     ray.shutdown()
     print(f"reader {args.reader}: {sum(rows)} rows in {seconds:.0f} s; peak RSS summed over the processes "
-          f"{peaks.total / 2**20:.0f} MB")
+          f"{peaks.peak / 2**20:.0f} MB")
     print(f"{'process title':40s} {'count':>5s} {'peak RSS MB':>11s} {'shared MB':>9s}")
     for title, (n, rss, shared) in sorted(peaks.table().items(), key=lambda kv: -kv[1][1]):
         if rss > 150 * 2**20:
