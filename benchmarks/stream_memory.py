@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from medclf.runs import LOCAL_RAY_ENV  # noqa: E402
-from score_throughput import TreeRSS  # noqa: E402
+from treerss import TreeRSS  # noqa: E402
 
 
 class PeaksByProcess(TreeRSS):

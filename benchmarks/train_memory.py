@@ -33,7 +33,7 @@ from medclf.config import load_config  # noqa: E402
 from medclf.phantoms import PATIENT_REGEX  # noqa: E402
 from medclf.runs import init_ray  # noqa: E402
 from medclf.train import run_training  # noqa: E402
-from score_throughput import TreeRSS  # noqa: E402
+from treerss import TreeRSS  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(HERE), "..", "shared")
 COMMON = ["model.arch=small_cnn", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=32",
