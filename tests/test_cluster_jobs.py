@@ -103,7 +103,9 @@ def test_train_score_evaluate_submitted_to_a_two_node_cluster(cluster, phantom_r
     pred = read_predictions(f"{s3_bucket}/predictions")
     n_test = sum(len(fs) for _, _, fs in os.walk(os.path.join(phantom_root, "test")))
     assert len(pred) == n_test == pred.path.nunique()
-    tasks = ray_list(cluster, "tasks", "name=MapBatches(load_images)")
+    # Decode tasks of both jobs: scoring's, and the training cache's build, where the uint16 step fuses
+    # into them ("MapBatches(load_images)->MapBatches(_cache_rows)").
+    tasks = [t for t in ray_list(cluster, "tasks") if t.get("name", "").startswith("MapBatches(load_images)")]
     decode_nodes = {t["node_id"] for t in tasks if t.get("node_id")}
     assert len(decode_nodes) == 2, decode_nodes  # reading and decoding spread over both nodes
 
