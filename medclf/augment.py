@@ -74,9 +74,11 @@ def acquisition_shift(x: torch.Tensor, kind: str, mean: float, std: float) -> to
     if kind not in ACQUISITION_SHIFTS:
         raise ValueError(f"unknown shift '{kind}'; known: {', '.join(ACQUISITION_SHIFTS)}")
     if kind.startswith("zoom"):
-        scale = float(kind.split()[1])
-        return torch.stack([TF.affine(im, angle=0.0, translate=[0, 0], scale=scale, shear=[0.0], fill=float(im.min()))
-                            for im in x])
+        # One call for the whole batch (per-image calls cost ~40x more); each image's uncovered border
+        # takes its own darkest value: shift to 0, zoom with fill 0 (nearest: values are copied), shift back.
+        floor = x.amin(dim=(1, 2, 3), keepdim=True)
+        zoomed = TF.affine(x - floor, angle=0.0, translate=[0, 0], scale=float(kind.split()[1]), shear=[0.0], fill=0.0)
+        return zoomed + floor
     v = (x * std + mean).clamp(0, 1)
     if kind.startswith("gamma"):
         v = v.clamp_min(1e-6) ** float(kind.split()[1])
