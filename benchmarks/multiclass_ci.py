@@ -3,6 +3,10 @@ bootstrap CIs (1,000 resamples, seed 0): each run's model (with its temperature)
 validation split (`splits.parquet`) through the shared decode + preprocessing path.
 
     python benchmarks/multiclass_ci.py runs/lung-320-lr3e4 runs/breast-320
+    python benchmarks/multiclass_ci.py --ensemble runs/lung-l1-224-lr3e4 runs/lung-320-lr3e4
+
+`--ensemble` also reports the mean of the runs' calibrated probabilities (each model at its own input
+size), for runs that share one validation split; it refuses runs whose validation rows or classes differ.
 """
 
 from __future__ import annotations
@@ -28,26 +32,48 @@ def with_ci(metric, y: np.ndarray, pred: np.ndarray, resamples: list) -> str:
     return f"{metric(y, pred):.3f} ({np.percentile(values, 2.5):.3f}-{np.percentile(values, 97.5):.3f})"
 
 
+def validation_probs(run: str) -> tuple[pd.DataFrame, np.ndarray, list]:
+    """The run's validation rows (sorted by real path, so runs of one split line up), its calibrated
+    class probabilities for them, and its classes."""
+    model, card = load_artifact(os.path.join(run, "model"))
+    splits = pd.read_parquet(os.path.join(run, "splits.parquet"))
+    val = splits[splits.split == "val"]
+    val = val.assign(key=[os.path.realpath(p) for p in val.path]).sort_values("key").reset_index(drop=True)
+    x = np.stack([preprocess_gray(decode(open(p, "rb").read(), p).image, card.preprocess_spec) for p in val.path])
+    with torch.inference_mode():
+        probs = class_probabilities(model.eval()(to_model_input(torch.from_numpy(x))), card.temperature).numpy()
+    return val, probs, list(card.classes)
+
+
+def report(name: str, y: np.ndarray, probs: np.ndarray, classes: list, n_resamples: int) -> None:
+    pred = probs.argmax(1)
+    rng = np.random.default_rng(0)
+    resamples = [rng.choice(len(y), len(y)) for _ in range(n_resamples)]
+    print(f"{name}: n={len(y)} accuracy {with_ci(accuracy_score, y, pred, resamples)} "
+          f"macro-F1 {with_ci(lambda a, b: f1_score(a, b, average='macro'), y, pred, resamples)}")
+    for k, cls in enumerate(classes):
+        recall = with_ci(lambda a, b, k=k: recall_score(a == k, b == k), y, pred, resamples)
+        print(f"  recall {cls} (n={int((y == k).sum())}): {recall}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folders (with model/ and splits.parquet)")
     ap.add_argument("--resamples", type=int, default=1000)
+    ap.add_argument("--ensemble", action="store_true", help="also report the runs' mean probabilities")
     args = ap.parse_args()
-    for run in args.runs:
-        model, card = load_artifact(os.path.join(run, "model"))
-        splits = pd.read_parquet(os.path.join(run, "splits.parquet"))
-        val = splits[splits.split == "val"]
-        x = np.stack([preprocess_gray(decode(open(p, "rb").read(), p).image, card.preprocess_spec) for p in val.path])
-        with torch.inference_mode():
-            probs = class_probabilities(model.eval()(to_model_input(torch.from_numpy(x))), card.temperature).numpy()
-        y, pred = val.label.map(card.classes.index).to_numpy(), probs.argmax(1)
-        rng = np.random.default_rng(0)
-        resamples = [rng.choice(len(y), len(y)) for _ in range(args.resamples)]
-        print(f"{run}: n={len(y)} accuracy {with_ci(accuracy_score, y, pred, resamples)} "
-              f"macro-F1 {with_ci(lambda a, b: f1_score(a, b, average='macro'), y, pred, resamples)}")
-        for k, name in enumerate(card.classes):
-            recall = with_ci(lambda a, b, k=k: recall_score(a == k, b == k), y, pred, resamples)
-            print(f"  recall {name} (n={int((y == k).sum())}): {recall}")
+    scored = {run: validation_probs(run) for run in args.runs}
+    for run, (val, probs, classes) in scored.items():
+        report(run, val.label.map(classes.index).to_numpy(), probs, classes, args.resamples)
+    if args.ensemble:
+        val, _, classes = scored[args.runs[0]]
+        for run, (v, _, c) in scored.items():
+            if list(v.key) != list(val.key) or c != classes:
+                raise SystemExit(f"{run}: validation rows or classes differ from {args.runs[0]}'s; "
+                                 "an ensemble needs one split")
+        mean = np.mean([probs for _, probs, _ in scored.values()], axis=0)
+        report("mean of " + " + ".join(args.runs), val.label.map(classes.index).to_numpy(), mean, classes,
+               args.resamples)
 
 
 if __name__ == "__main__":
