@@ -93,6 +93,9 @@ class DataConfig(_Section):
     test_split: str = "test"
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """When no validation split exists, this fraction of patients is held out for validation."""
+    split_seed: Optional[int] = None
+    """Seed of the carved-out validation split; None: `run.seed`. Fix it to keep one validation set
+    across runs that differ in `run.seed` (seed ensembles, recipe comparisons on the same images)."""
     patient_regex: Optional[str] = None
     """Regex with one group pulling the patient id out of a file name; None: the file stem."""
     val_scheme: Literal["patient", "family"] = "patient"

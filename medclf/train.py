@@ -577,7 +577,8 @@ def prepare_data(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
     """Discover + split + validate; raises before any heavy work on bad data."""
     df = data_mod.discover(cfg.data)
     classes = data_mod.class_names(df, cfg.data)
-    df = data_mod.assign_validation(df, cfg.data, cfg.run.seed)
+    split_seed = cfg.run.seed if cfg.data.split_seed is None else cfg.data.split_seed
+    df = data_mod.assign_validation(df, cfg.data, split_seed)
     source = cfg.data.manifest or cfg.data.root or "data"
     data_mod.check_nonempty(df, classes, [cfg.data.train_split, cfg.data.val_split], source)
     if cfg.data.positive_class and len(classes) != 2:
