@@ -273,6 +273,21 @@ class TrainingParts:
             self.ema.update_parameters(self.unwrapped)
         return loss.detach(), logits.detach()
 
+    def share_norm_statistics(self) -> None:
+        """Average the kept model's BatchNorm running statistics over the workers (timm's
+        distribute_bn). DDP leaves each worker's updated by its own last batch; every worker scores a
+        shard of validation, and all of it must be scored by the one model that is saved."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() < 2:
+            return
+        for buffer in self.eval_model.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)  # a sum: gloo has no average
+                buffer.div_(dist.get_world_size())
+            else:
+                dist.broadcast(buffer, src=0)  # counters (num_batches_tracked)
+
     def log_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Validation forward pass of the kept model: log-probabilities on the CPU."""
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
@@ -482,6 +497,7 @@ def train_one_epoch(parts: TrainingParts, batches: Iterable, gen: torch.Generato
 
 def validate(parts: TrainingParts, batches: Iterable) -> np.ndarray:
     """Validation log-probabilities of every validation row, gathered from all workers, in row order."""
+    parts.share_norm_statistics()
     parts.eval_model.eval()
     rows, log_probs = [], []
     with torch.inference_mode():
