@@ -61,10 +61,14 @@ def mean_log_loss(y: np.ndarray, probs: np.ndarray) -> float:
 
 
 def report(name: str, y: np.ndarray, probs: np.ndarray, classes: list, n_resamples: int) -> None:
-    pred = probs.argmax(1)
+    report_predictions(name, y, probs.argmax(1), classes, n_resamples, f" log loss {mean_log_loss(y, probs):.4f}")
+
+
+def report_predictions(name: str, y: np.ndarray, pred: np.ndarray, classes: list, n_resamples: int,
+                       extra: str = "") -> None:
     resamples = image_resamples(len(y), n_resamples)
     print(f"{name}: n={len(y)} accuracy {with_ci(accuracy_score, y, pred, resamples)} "
-          f"macro-F1 {with_ci(macro_f1, y, pred, resamples)} log loss {mean_log_loss(y, probs):.4f}")
+          f"macro-F1 {with_ci(macro_f1, y, pred, resamples)}{extra}")
     for k, cls in enumerate(classes):
         recall = with_ci(lambda a, b, k=k: recall_score(a == k, b == k), y, pred, resamples)
         print(f"  recall {cls} (n={int((y == k).sum())}): {recall}")
