@@ -15,8 +15,10 @@ bootstrap CIs (1,000 resamples, seed 0).
 It also tests a decision rule argmax does not give: additive biases on the classes' log
 probabilities, cross-fitted (for fold k, chosen to maximise macro-F1 on the other folds'
 out-of-fold predictions, then applied to fold k), reported against argmax as a paired bootstrap
-difference. Like the shipped configs' split, folds are by image: lung and breast file names carry
-no patient id, so slices of one patient can fall in two folds and every figure is optimistic.
+difference. `--baseline PREFIX` compares with another recipe's folds (the same manifests: same
+seed, folds and data), paired on the same images. Like the shipped configs' split, folds are by
+image: lung and breast file names carry no patient id, so slices of one patient can fall in two
+folds and every figure is optimistic.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", help="run id prefix [config file name + '-cv']")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resamples", type=int, default=1000)
+    p.add_argument("--baseline", metavar="PREFIX",
+                   help="run id prefix of another recipe's folds (same --folds and data): paired difference")
     args = p.parse_args(argv)
     prefix = args.prefix or os.path.splitext(os.path.basename(args.config))[0] + "-cv"
     manifests = fold_manifests(args.config, args.overrides, args.folds,
@@ -109,6 +113,32 @@ def main(argv=None) -> int:
     for manifest, run in zip(manifests, runs):
         train_fold(args.config, args.overrides, manifest, args.run_root, os.path.basename(run))
 
+    keys, y, probs, fold, classes = out_of_fold(runs, args.resamples)
+    fold_f1 = [macro_f1(y[fold == k], probs[fold == k].argmax(1)) for k in range(args.folds)]
+    print(f"macro-F1 per fold: {', '.join(f'{f:.3f}' for f in fold_f1)} "
+          f"(mean {np.mean(fold_f1):.3f}, sd {np.std(fold_f1, ddof=1):.3f})")
+    report(f"all {args.folds} folds pooled (out-of-fold)", y, probs, classes, args.resamples)
+    if args.baseline:
+        base_runs = [os.path.join(args.run_root, f"{args.baseline}{k}") for k in range(args.folds)]
+        base_keys, _, base_probs, _, _ = out_of_fold(base_runs, args.resamples, quiet=True)
+        if list(base_keys) != list(keys):
+            raise SystemExit(f"{args.baseline}: its folds hold other images than {prefix}'s")
+        report(f"baseline {args.baseline}, pooled", y, base_probs, classes, args.resamples)
+        paired_difference(f"{prefix} minus {args.baseline}", y, probs.argmax(1), base_probs.argmax(1),
+                          args.resamples)
+
+    log_probs = np.log(np.clip(probs, 1e-12, 1.0))
+    biased, chosen = cross_fitted_predictions(y, log_probs, fold)
+    print("cross-fitted log-probability offsets per fold (" + ", ".join(classes) + "): "
+          + "; ".join(" ".join(f"{b:+.2f}" for b in biases) for biases in chosen))
+    report_predictions("pooled, cross-fitted offsets", y, biased, classes, args.resamples)
+    paired_difference("cross-fitted offsets minus argmax", y, biased, probs.argmax(1), args.resamples)
+    return 0
+
+
+def out_of_fold(runs: list[str], n_resamples: int, quiet: bool = False):
+    """Each fold's model on its own validation fold, pooled: (image keys, labels, calibrated
+    probabilities, fold of each image, classes), in fold then path order."""
     parts, classes = [], None
     for k, run in enumerate(runs):
         val, probs, run_classes = validation_probs(run)
@@ -116,24 +146,18 @@ def main(argv=None) -> int:
             raise SystemExit(f"{run}: classes {run_classes} differ from the other folds' {classes}")
         classes = run_classes
         y = val.label.map(classes.index).to_numpy()
-        report(f"fold {k} ({run})", y, probs, classes, args.resamples)
-        parts.append((y, probs, np.full(len(y), k)))
-    y, probs, fold = (np.concatenate(a) for a in zip(*parts))
-    fold_f1 = [macro_f1(y[fold == k], probs[fold == k].argmax(1)) for k in range(args.folds)]
-    print(f"macro-F1 per fold: {', '.join(f'{f:.3f}' for f in fold_f1)} "
-          f"(mean {np.mean(fold_f1):.3f}, sd {np.std(fold_f1, ddof=1):.3f})")
-    report(f"all {args.folds} folds pooled (out-of-fold)", y, probs, classes, args.resamples)
+        if not quiet:
+            report(f"fold {k} ({run})", y, probs, classes, n_resamples)
+        parts.append((val.key.to_numpy(), y, probs, np.full(len(y), k)))
+    keys, y, probs, fold = (np.concatenate(a) for a in zip(*parts))
+    return keys, y, probs, fold, classes
 
-    log_probs = np.log(np.clip(probs, 1e-12, 1.0))
-    biased, chosen = cross_fitted_predictions(y, log_probs, fold)
-    print("cross-fitted log-probability offsets per fold (" + ", ".join(classes) + "): "
-          + "; ".join(" ".join(f"{b:+.2f}" for b in biases) for biases in chosen))
-    report_predictions("pooled, cross-fitted offsets", y, biased, classes, args.resamples)
-    argmax = probs.argmax(1)
-    diffs = [macro_f1(y[r], biased[r]) - macro_f1(y[r], argmax[r]) for r in image_resamples(len(y), args.resamples)]
-    print(f"cross-fitted offsets minus argmax: macro-F1 {macro_f1(y, biased) - macro_f1(y, argmax):+.3f} "
+
+def paired_difference(name: str, y: np.ndarray, pred: np.ndarray, other: np.ndarray, n_resamples: int) -> None:
+    """Macro-F1 of `pred` minus that of `other` on the same images, with a paired bootstrap CI."""
+    diffs = [macro_f1(y[r], pred[r]) - macro_f1(y[r], other[r]) for r in image_resamples(len(y), n_resamples)]
+    print(f"{name}: macro-F1 {macro_f1(y, pred) - macro_f1(y, other):+.3f} "
           f"({np.percentile(diffs, 2.5):+.3f} to {np.percentile(diffs, 97.5):+.3f})")
-    return 0
 
 
 if __name__ == "__main__":
