@@ -213,6 +213,17 @@ DECODE_TASK_MEMORY = 640 * 1024**2
 DECODE_RETRIES = 2
 
 
+def decode_blocks(n_files: int, decode_batch_size: int) -> int:
+    """How many blocks (one decode task each) the path list is cut into: about 64 files each, so a
+    large archive does not pay per-task overhead thousands of times, but for a small one at least one
+    block per CPU of the cluster (each still a full decode batch), so a 100-file night on a
+    multi-node cluster is decoded on every node instead of by one task on one."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    return max(1, min(200, max(n_files // 64, min(n_files // decode_batch_size, cpus))))
+
+
 def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: int = 16,
                    skip_keys: np.ndarray | None = None, frames: str = "middle", max_file_mb: Optional[float] = None,
                    retries: int = DECODE_RETRIES, uids: tuple = ("keep", None), gate: Optional[dict] = None):
@@ -225,7 +236,8 @@ def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: 
     """
     import ray.data
 
-    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths) // 64, 200)))
+    ds = ray.data.from_items([{"path": p} for p in paths],
+                             override_num_blocks=decode_blocks(len(paths), decode_batch_size))
     max_file_bytes = None if max_file_mb is None else int(max_file_mb * 2**20)
     return ds.map_batches(
         load_images,

@@ -107,7 +107,8 @@ def test_train_score_evaluate_submitted_to_a_two_node_cluster(cluster, phantom_r
     # into them ("MapBatches(load_images)->MapBatches(_cache_rows)").
     tasks = [t for t in ray_list(cluster, "tasks") if t.get("name", "").startswith("MapBatches(load_images)")]
     decode_nodes = {t["node_id"] for t in tasks if t.get("node_id")}
-    assert len(decode_nodes) == 2, decode_nodes  # reading and decoding spread over both nodes
+    placed = sorted((t["name"], t.get("node_id", "")[:8]) for t in tasks)
+    assert len(decode_nodes) == 2, placed  # reading and decoding spread over both nodes
 
     evaluate = submit(cluster, "evaluate", "--predictions", f"{s3_bucket}/predictions", "--model", model,
                       "--labels", os.path.join(phantom_root, "manifest.parquet"), "--run-root", runs,

@@ -107,3 +107,14 @@ def test_unreadable_training_image_fails_before_training(ray_cluster, phantom_ro
     with pytest.raises(DatasetError, match=r"(?s)1 unreadable image\(s\) in the (train|val) split.*P99999_0.png: corrupt or truncated PNG"):
         run_training(cfg, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "ray_train")  # no training was started
+
+
+def test_small_archives_are_cut_into_a_decode_task_per_cpu(ray_cluster):
+    from medclf.images import decode_blocks
+
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    assert cpus == 2
+    assert decode_blocks(48, 16) == 2  # a small night: both CPUs (on a cluster, both nodes) decode
+    assert decode_blocks(20, 16) == 1  # never a block smaller than one decode batch
+    assert decode_blocks(1000, 16) == 15  # large archives: ~64 files a task, whatever the CPU count
+    assert decode_blocks(10**6, 16) == 200
