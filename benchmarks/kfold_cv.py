@@ -18,7 +18,8 @@ out-of-fold predictions, then applied to fold k), reported against argmax as a p
 difference. `--baseline PREFIX` compares with another recipe's folds (the same manifests: same
 seed, folds and data), paired on the same images. Like the shipped configs' split, folds are by
 image: lung and breast file names carry no patient id, so slices of one patient can fall in two
-folds and every figure is optimistic.
+folds and every figure is optimistic. `--set data.patient_block=20` draws lung folds by runs of
+20 consecutive file numbers instead (a stand-in for patients: see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -43,15 +44,19 @@ BIAS_GRID = np.round(np.arange(-1.5, 1.51, 0.25), 2)  # log-probability offsets 
 
 
 def fold_manifests(config: str, overrides: list[str], folds: int, out_dir: str) -> list[str]:
-    """One manifest per fold (absolute paths, label, split, patient_id), stratified by label."""
+    """One manifest per fold (absolute paths, label, split, patient_id), stratified by label. Folds
+    are drawn by patient id (all of a patient's images in one fold; with data.patient_block, runs of
+    consecutive slices); where every image is its own patient this is the image-level draw."""
     cfg = load_config(config, overrides)
     df = discover(cfg.data)
     df = df[df["split"] == cfg.data.train_split].reset_index(drop=True)
     rng = np.random.default_rng(0)
-    fold = np.empty(len(df), dtype=int)
-    for _, rows in df.groupby("label").groups.items():
-        rows = rng.permutation(np.asarray(rows))
-        fold[rows] = np.arange(len(rows)) % folds
+    patient_label = df.groupby("patient_id", sort=False)["label"].agg(lambda s: s.value_counts().index[0])
+    fold_of = {}
+    for label in sorted(patient_label.unique()):
+        patients = rng.permutation(np.asarray(patient_label.index[patient_label == label]))
+        fold_of.update(zip(patients, np.arange(len(patients)) % folds))
+    fold = df["patient_id"].map(fold_of).to_numpy()
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for k in range(folds):
@@ -104,7 +109,10 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--baseline", metavar="PREFIX",
-                   help="run id prefix of another recipe's folds (same --folds and data): paired difference")
+                   help="run id prefix of another recipe's folds (same data): paired difference, image by image")
+    p.add_argument("--baseline-folds", type=int, metavar="K",
+                   help="the baseline's number of folds [--folds]: 10 folds against 5 measures training on "
+                        "90%% of the archive (and validating on 10%%) against 80%%")
     args = p.parse_args(argv)
     prefix = args.prefix or os.path.splitext(os.path.basename(args.config))[0] + "-cv"
     manifests = fold_manifests(args.config, args.overrides, args.folds,
@@ -119,10 +127,13 @@ def main(argv=None) -> int:
           f"(mean {np.mean(fold_f1):.3f}, sd {np.std(fold_f1, ddof=1):.3f})")
     report(f"all {args.folds} folds pooled (out-of-fold)", y, probs, classes, args.resamples)
     if args.baseline:
-        base_runs = [os.path.join(args.run_root, f"{args.baseline}{k}") for k in range(args.folds)]
+        base_runs = [os.path.join(args.run_root, f"{args.baseline}{k}")
+                     for k in range(args.baseline_folds or args.folds)]
         base_keys, _, base_probs, _, _ = out_of_fold(base_runs, args.resamples, quiet=True)
-        if list(base_keys) != list(keys):
+        if sorted(base_keys) != sorted(keys):
             raise SystemExit(f"{args.baseline}: its folds hold other images than {prefix}'s")
+        position = {key: i for i, key in enumerate(base_keys)}
+        base_probs = base_probs[[position[key] for key in keys]]  # paired image by image
         report(f"baseline {args.baseline}, pooled", y, base_probs, classes, args.resamples)
         paired_difference(f"{prefix} minus {args.baseline}", y, probs.argmax(1), base_probs.argmax(1),
                           args.resamples)

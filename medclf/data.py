@@ -69,6 +69,15 @@ def patient_id_of(path: str, regex: Optional[str]) -> str:
     return name.rsplit(".", 1)[0]
 
 
+def numbered_block(patient_id: str, label: str, block: int, path: str) -> str:
+    """`<label>#<k>`: the k-th run of `block` consecutive file numbers of a class (data.patient_block)."""
+    number = _patient_number(patient_id)
+    if number < 0:
+        raise DatasetError(f"{path}: data.patient_block groups files by the number in their name, "
+                           f"and '{patient_id}' has none")
+    return f"{label}#{number // block}"
+
+
 def discover(cfg: DataConfig) -> pd.DataFrame:
     """Find the labelled files per the config; validate classes before any training work."""
     if cfg.manifest:
@@ -119,6 +128,9 @@ def discover(cfg: DataConfig) -> pd.DataFrame:
         raise DatasetError(f"{source}: need at least 2 classes, found {classes}")
     if "patient_id" not in df.columns:
         df["patient_id"] = [patient_id_of(p, cfg.patient_regex) for p in df["path"]]
+        if cfg.patient_block:
+            df["patient_id"] = [numbered_block(pid, label, cfg.patient_block, p)
+                                for pid, label, p in zip(df["patient_id"], df["label"], df["path"])]
     df["patient_id"] = df["patient_id"].astype(str)
     return df.reset_index(drop=True)
 

@@ -69,3 +69,28 @@ def test_manifest_source(phantom_root):
     cfg = load_config(None, [f"data.manifest={os.path.join(phantom_root, 'manifest.parquet')}"]).data
     df = discover(cfg)
     assert df.path.map(os.path.exists).all() and set(df.split) == {"train", "test"}
+
+
+def test_patient_block_keeps_runs_of_numbered_slices_on_one_side(tmp_path):
+    # IQ-OTH/NCCD-style names: no patient id, numbers in acquisition order, so neighbouring numbers
+    # are slices of one scan. data.patient_block=10 makes numbers 0-9, 10-19, ... of a class one patient.
+    for folder in ("Bengin cases", "Malignant cases"):
+        os.makedirs(tmp_path / folder)
+        for n in range(1, 61):
+            (tmp_path / folder / f"{folder[:-1]} ({n}).png").write_bytes(b"")  # discovery does not decode
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.extensions=[.png]", "data.patient_block=10",
+                             "data.class_map={'Bengin cases': benign, 'Malignant cases': malignant}"]).data
+    df = discover(cfg)
+    row = df[df.path.str.endswith("Bengin case (19).png")].iloc[0]
+    assert row.patient_id == "benign#1"
+    assert df.groupby("patient_id").size().max() == 10 and df.patient_id.nunique() == 14  # 0-9, ..., 60
+    out = assign_validation(df, cfg, seed=3)
+    sides = out.groupby("patient_id")["split"].nunique()
+    assert (sides == 1).all() and set(out.split) == {"train", "val"}  # every run wholly on one side
+    by_number = out[out.label == "malignant"].assign(
+        n=lambda d: d.path.str.extract(r"\((\d+)\)", expand=False).astype(int)).sort_values("n")
+    assert (by_number.split != by_number.split.shift()).sum() <= 2 * 6  # contiguous runs, not single slices
+
+    (tmp_path / "Bengin cases" / "scout.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"scout.png: data.patient_block groups files by the number"):
+        discover(cfg)
