@@ -121,35 +121,37 @@ def main(argv=None) -> int:
     for manifest, run in zip(manifests, runs):
         train_fold(args.config, args.overrides, manifest, args.run_root, os.path.basename(run))
 
-    keys, y, probs, fold, classes = out_of_fold(runs, args.resamples)
+    keys, y, probs, fold, classes, patients = out_of_fold(runs, args.resamples)
+    if len(set(patients)) < len(keys):
+        print(f"CIs resample whole patients ({len(set(patients))} of them), not images")
     fold_f1 = [macro_f1(y[fold == k], probs[fold == k].argmax(1)) for k in range(args.folds)]
     print(f"macro-F1 per fold: {', '.join(f'{f:.3f}' for f in fold_f1)} "
           f"(mean {np.mean(fold_f1):.3f}, sd {np.std(fold_f1, ddof=1):.3f})")
-    report(f"all {args.folds} folds pooled (out-of-fold)", y, probs, classes, args.resamples)
+    report(f"all {args.folds} folds pooled (out-of-fold)", y, probs, classes, args.resamples, patients)
     if args.baseline:
         base_runs = [os.path.join(args.run_root, f"{args.baseline}{k}")
                      for k in range(args.baseline_folds or args.folds)]
-        base_keys, _, base_probs, _, _ = out_of_fold(base_runs, args.resamples, quiet=True)
+        base_keys, _, base_probs, _, _, _ = out_of_fold(base_runs, args.resamples, quiet=True)
         if sorted(base_keys) != sorted(keys):
             raise SystemExit(f"{args.baseline}: its folds hold other images than {prefix}'s")
         position = {key: i for i, key in enumerate(base_keys)}
         base_probs = base_probs[[position[key] for key in keys]]  # paired image by image
-        report(f"baseline {args.baseline}, pooled", y, base_probs, classes, args.resamples)
+        report(f"baseline {args.baseline}, pooled", y, base_probs, classes, args.resamples, patients)
         paired_difference(f"{prefix} minus {args.baseline}", y, probs.argmax(1), base_probs.argmax(1),
-                          args.resamples)
+                          args.resamples, patients)
 
     log_probs = np.log(np.clip(probs, 1e-12, 1.0))
     biased, chosen = cross_fitted_predictions(y, log_probs, fold)
     print("cross-fitted log-probability offsets per fold (" + ", ".join(classes) + "): "
           + "; ".join(" ".join(f"{b:+.2f}" for b in biases) for biases in chosen))
-    report_predictions("pooled, cross-fitted offsets", y, biased, classes, args.resamples)
-    paired_difference("cross-fitted offsets minus argmax", y, biased, probs.argmax(1), args.resamples)
+    report_predictions("pooled, cross-fitted offsets", y, biased, classes, args.resamples, groups=patients)
+    paired_difference("cross-fitted offsets minus argmax", y, biased, probs.argmax(1), args.resamples, patients)
     return 0
 
 
 def out_of_fold(runs: list[str], n_resamples: int, quiet: bool = False):
     """Each fold's model on its own validation fold, pooled: (image keys, labels, calibrated
-    probabilities, fold of each image, classes), in fold then path order."""
+    probabilities, fold of each image, classes, patient ids), in fold then path order."""
     parts, classes = [], None
     for k, run in enumerate(runs):
         val, probs, run_classes = validation_probs(run)
@@ -158,15 +160,17 @@ def out_of_fold(runs: list[str], n_resamples: int, quiet: bool = False):
         classes = run_classes
         y = val.label.map(classes.index).to_numpy()
         if not quiet:
-            report(f"fold {k} ({run})", y, probs, classes, n_resamples)
-        parts.append((val.key.to_numpy(), y, probs, np.full(len(y), k)))
-    keys, y, probs, fold = (np.concatenate(a) for a in zip(*parts))
-    return keys, y, probs, fold, classes
+            report(f"fold {k} ({run})", y, probs, classes, n_resamples, val.patient_id.to_numpy())
+        parts.append((val.key.to_numpy(), y, probs, np.full(len(y), k), val.patient_id.to_numpy()))
+    keys, y, probs, fold, patients = (np.concatenate(a) for a in zip(*parts))
+    return keys, y, probs, fold, classes, patients
 
 
-def paired_difference(name: str, y: np.ndarray, pred: np.ndarray, other: np.ndarray, n_resamples: int) -> None:
+def paired_difference(name: str, y: np.ndarray, pred: np.ndarray, other: np.ndarray, n_resamples: int,
+                      groups=None) -> None:
     """Macro-F1 of `pred` minus that of `other` on the same images, with a paired bootstrap CI."""
-    diffs = [macro_f1(y[r], pred[r]) - macro_f1(y[r], other[r]) for r in image_resamples(len(y), n_resamples)]
+    diffs = [macro_f1(y[r], pred[r]) - macro_f1(y[r], other[r])
+             for r in image_resamples(len(y), n_resamples, groups)]
     print(f"{name}: macro-F1 {macro_f1(y, pred) - macro_f1(y, other):+.3f} "
           f"({np.percentile(diffs, 2.5):+.3f} to {np.percentile(diffs, 97.5):+.3f})")
 

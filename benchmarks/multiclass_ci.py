@@ -30,8 +30,8 @@ from medclf.preprocess import preprocess_gray, to_model_input  # noqa: E402
 
 
 def with_ci(metric, y: np.ndarray, pred: np.ndarray, resamples: list) -> str:
-    values = [metric(y[i], pred[i]) for i in resamples]
-    return f"{metric(y, pred):.3f} ({np.percentile(values, 2.5):.3f}-{np.percentile(values, 97.5):.3f})"
+    values = [metric(y[i], pred[i]) for i in resamples]  # nan: a resample without the class (patient bootstrap)
+    return f"{metric(y, pred):.3f} ({np.nanpercentile(values, 2.5):.3f}-{np.nanpercentile(values, 97.5):.3f})"
 
 
 def validation_probs(run: str) -> tuple[pd.DataFrame, np.ndarray, list]:
@@ -47,9 +47,16 @@ def validation_probs(run: str) -> tuple[pd.DataFrame, np.ndarray, list]:
     return val, probs, list(card.classes)
 
 
-def image_resamples(n: int, n_resamples: int) -> list:
+def image_resamples(n: int, n_resamples: int, groups=None) -> list:
+    """Bootstrap resamples of row indices: of images, or with `groups` (a patient id per row, some
+    with several rows) of whole patients, so that correlated images of one patient do not narrow the CI."""
     rng = np.random.default_rng(0)
-    return [rng.choice(n, n) for _ in range(n_resamples)]
+    if groups is None or len(set(groups)) == n:
+        return [rng.choice(n, n) for _ in range(n_resamples)]
+    _, patient = np.unique(np.asarray(groups), return_inverse=True)
+    rows_of = [np.flatnonzero(patient == g) for g in range(patient.max() + 1)]
+    return [np.concatenate([rows_of[g] for g in rng.choice(len(rows_of), len(rows_of))])
+            for _ in range(n_resamples)]
 
 
 def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
@@ -60,17 +67,18 @@ def mean_log_loss(y: np.ndarray, probs: np.ndarray) -> float:
     return log_loss(y, probs, labels=range(probs.shape[1]))
 
 
-def report(name: str, y: np.ndarray, probs: np.ndarray, classes: list, n_resamples: int) -> None:
-    report_predictions(name, y, probs.argmax(1), classes, n_resamples, f" log loss {mean_log_loss(y, probs):.4f}")
+def report(name: str, y: np.ndarray, probs: np.ndarray, classes: list, n_resamples: int, groups=None) -> None:
+    report_predictions(name, y, probs.argmax(1), classes, n_resamples, f" log loss {mean_log_loss(y, probs):.4f}",
+                       groups)
 
 
 def report_predictions(name: str, y: np.ndarray, pred: np.ndarray, classes: list, n_resamples: int,
-                       extra: str = "") -> None:
-    resamples = image_resamples(len(y), n_resamples)
+                       extra: str = "", groups=None) -> None:
+    resamples = image_resamples(len(y), n_resamples, groups)
     print(f"{name}: n={len(y)} accuracy {with_ci(accuracy_score, y, pred, resamples)} "
           f"macro-F1 {with_ci(macro_f1, y, pred, resamples)}{extra}")
     for k, cls in enumerate(classes):
-        recall = with_ci(lambda a, b, k=k: recall_score(a == k, b == k), y, pred, resamples)
+        recall = with_ci(lambda a, b, k=k: recall_score(a == k, b == k, zero_division=np.nan), y, pred, resamples)
         print(f"  recall {cls} (n={int((y == k).sum())}): {recall}")
 
 
