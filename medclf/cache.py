@@ -28,7 +28,7 @@ import pandas as pd
 from medclf import storage
 from medclf.config import Config, PreprocessConfig
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each row keeps its file's SHA-256 (duplicate_audit)
 MARKER = "_cache.json"
 SCALE = 65535  # uint16 full scale = 1.0 on the [0, 1] image
 
@@ -129,6 +129,7 @@ def _cache_rows(batch: dict, index: dict, labels: np.ndarray, spec: dict) -> dic
     rows = np.array([index[str(p)] for p in batch["path"]], np.int64)
     x01 = np.clip(batch["pixels"][:, 0] * pre.std + pre.mean, 0.0, 1.0)  # undo the normalisation exactly
     return {"row": rows, "label": labels[rows], "pixels": np.rint(x01 * SCALE).astype(np.uint16),
+            "checksum": np.array([c or "" for c in text_or_none(batch["checksum"])], dtype=object),
             "error": np.array([e or "" for e in text_or_none(batch["error"])], dtype=object)}
 
 
@@ -147,6 +148,37 @@ def _check_build(path: str, expected: int) -> None:
     rows = pq.read_table(arrow_path, columns=["row"], filesystem=arrow_fs).num_rows
     if rows != expected:
         raise CacheError(f"{path}: {expected - rows} of {expected} images missing after decoding (tasks failed)")
+
+
+def duplicate_audit(caches: dict, parts: dict) -> dict:
+    """Byte-identical files among the training data, from the checksums the cache build recorded
+    (no file is read again). `label_conflicts`: copies that carry different labels, so the model is
+    taught both (BUSI has one: `benign (433).png` is `malignant (145).png`). `val_copies_of_train`:
+    validation images identical to a training image, which validation scores as if unseen. Said in
+    the run's log; the run goes on (the split and the labels are the data's, not the trainer's)."""
+    import pyarrow.parquet as pq
+
+    seen: dict = {}  # checksum -> [(split, path, label), ...]
+    for name, cache in caches.items():
+        arrow_fs, arrow_path = storage.arrow_filesystem(cache.path)
+        table = pq.read_table(arrow_path, columns=["row", "checksum"], filesystem=arrow_fs)
+        part = parts[name]
+        for row, checksum in zip(table.column("row").to_pylist(), table.column("checksum").to_pylist()):
+            seen.setdefault(checksum, []).append((name, part["path"].iat[row], part["label"].iat[row]))
+    copies = [sorted(group) for group in seen.values() if len(group) > 1]
+    conflicts = [[{"split": s, "path": p, "label": str(lab)} for s, p, lab in group]
+                 for group in copies if len({lab for _, _, lab in group}) > 1]
+    val_copies = sorted(p for group in copies if any(s == "train" for s, _, _ in group)
+                        for s, p, _ in group if s == "val")
+    audit = {"duplicate_groups": len(copies), "duplicate_files": sum(map(len, copies)),
+             "label_conflicts": conflicts, "val_copies_of_train": val_copies}
+    for group in conflicts:
+        _say("data audit: identical files with different labels: "
+             + "; ".join(f"{c['path']} ({c['label']}, {c['split']})" for c in group))
+    if val_copies:
+        _say(f"data audit: {len(val_copies)} validation image(s) identical to a training image, so validation "
+             f"scores them as seen (first: {val_copies[0]})")
+    return audit
 
 
 # READER_NOTE: the cache is read with Ray Data's first Parquet reader, not Ray 2.60's default (V2).

@@ -709,6 +709,8 @@ def run_training(cfg: Config, run_dir: str, prepared: tuple[pd.DataFrame, list[s
     root = cfg.train.cache_root or storage.join(run_dir, "cache")
     caches = {name: cache_mod.ensure_cache(name, part, y, inputs.classes, cfg, root) for name, part, y in
               (("train", inputs.train, inputs.train_y), ("val", inputs.val, inputs.val_y))}
+    audit = cache_mod.duplicate_audit(caches, {"train": inputs.train, "val": inputs.val})
+    storage.write_bytes(storage.join(run_dir, "data_audit.json"), json.dumps(audit, indent=1).encode())
     cfg = resolve_data_path(cfg, caches)
     loop_config, data_kwargs, val_batches = feed(cfg, inputs, caches, run_dir)
     try:

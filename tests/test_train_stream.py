@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from medclf import storage
-from medclf.cache import ensure_cache
+from medclf.cache import duplicate_audit, ensure_cache
 from medclf.config import load_config
 from medclf.train import ShardData, make_trainer, run_training, start_run
 from tests.conftest import TINY
@@ -129,3 +129,23 @@ def test_training_from_an_s3_prefix(ray_cluster, phantom_root, s3_bucket, tmp_pa
     assert any(p.endswith(".parquet") for p in storage.list_files(train_cache.path))
     pngs = [p for p in s3.find(f"{s3_bucket}/archive") if p.endswith(".png")]  # TINY trains on data.extensions=[.png]
     assert train_cache.rows + result.caches["val"].rows == len(pngs)
+
+
+def test_duplicate_audit_names_label_conflicts_and_validation_copies(ray_cluster, phantom_root, tmp_path, capsys):
+    # A real archive holds byte-identical files (BUSI: one image filed as benign and as malignant):
+    # the cache build's checksums find them without reading any file again.
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(phantom_root, "train"), data / "train")
+    cfg = load_config(None, TINY + [f"data.root={data}", f"run.root={tmp_path}"])
+    inputs = start_run(cfg, str(tmp_path / "run"), None, False)
+    val_path, val_label = inputs.val.path.iat[0], inputs.val.label.iat[0]
+    other = inputs.train[inputs.train.label != val_label].path.iat[0]
+    shutil.copyfile(val_path, other)  # a training file of another class becomes a copy of a validation file
+    caches = {name: ensure_cache(name, part, y, inputs.classes, cfg, str(tmp_path / "cache")) for name, part, y in
+              (("train", inputs.train, inputs.train_y), ("val", inputs.val, inputs.val_y))}
+    audit = duplicate_audit(caches, {"train": inputs.train, "val": inputs.val})
+    assert audit["val_copies_of_train"] == [val_path]
+    conflict = {(c["path"], c["split"]) for c in audit["label_conflicts"][0]}
+    assert conflict == {(val_path, "val"), (other, "train")} and len(audit["label_conflicts"]) == 1
+    out = capsys.readouterr().out
+    assert "identical files with different labels" in out and os.path.basename(other) in out
