@@ -20,6 +20,8 @@ seed, folds and data), paired on the same images. Like the shipped configs' spli
 image: lung and breast file names carry no patient id, so slices of one patient can fall in two
 folds and every figure is optimistic. `--set data.patient_block=20` draws lung folds by runs of
 20 consecutive file numbers instead (a stand-in for patients: see docs/benchmarks.md).
+`--hflip-tta` also scores the same models with test-time augmentation by mirror image
+(`model.test_time_hflip`) and without, paired (and the baseline both ways, with `--baseline`).
 """
 
 from __future__ import annotations
@@ -113,6 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-folds", type=int, metavar="K",
                    help="the baseline's number of folds [--folds]: 10 folds against 5 measures training on "
                         "90%% of the archive (and validating on 10%%) against 80%%")
+    p.add_argument("--hflip-tta", action="store_true",
+                   help="also score each image with its mirror image (mean probabilities) and give the "
+                        "paired difference against the plain scores of the same models")
     args = p.parse_args(argv)
     prefix = args.prefix or os.path.splitext(os.path.basename(args.config))[0] + "-cv"
     manifests = fold_manifests(args.config, args.overrides, args.folds,
@@ -129,16 +134,17 @@ def main(argv=None) -> int:
           f"(mean {np.mean(fold_f1):.3f}, sd {np.std(fold_f1, ddof=1):.3f})")
     report(f"all {args.folds} folds pooled (out-of-fold)", y, probs, classes, args.resamples, patients)
     if args.baseline:
-        base_runs = [os.path.join(args.run_root, f"{args.baseline}{k}")
-                     for k in range(args.baseline_folds or args.folds)]
-        base_keys, _, base_probs, _, _, _ = out_of_fold(base_runs, args.resamples, quiet=True)
-        if sorted(base_keys) != sorted(keys):
-            raise SystemExit(f"{args.baseline}: its folds hold other images than {prefix}'s")
-        position = {key: i for i, key in enumerate(base_keys)}
-        base_probs = base_probs[[position[key] for key in keys]]  # paired image by image
-        report(f"baseline {args.baseline}, pooled", y, base_probs, classes, args.resamples, patients)
-        paired_difference(f"{prefix} minus {args.baseline}", y, probs.argmax(1), base_probs.argmax(1),
-                          args.resamples, patients)
+        compare_with_baseline(args, prefix, keys, y, probs, classes, patients)
+    if args.hflip_tta:
+        # the same models, each image scored as is and as the mean over it and its mirror image
+        plain = out_of_fold(runs, args.resamples, quiet=True, hflip_tta=False)[2]
+        tta_keys, _, tta_probs, _, _, _ = out_of_fold(runs, args.resamples, quiet=True, hflip_tta=True)
+        assert list(tta_keys) == list(keys)
+        report("hflip test-time augmentation, pooled", y, tta_probs, classes, args.resamples, patients)
+        paired_difference("hflip TTA minus plain", y, tta_probs.argmax(1), plain.argmax(1), args.resamples,
+                          patients)
+        if args.baseline:
+            compare_with_baseline(args, prefix, keys, y, tta_probs, classes, patients, hflip_tta=True)
 
     log_probs = np.log(np.clip(probs, 1e-12, 1.0))
     biased, chosen = cross_fitted_predictions(y, log_probs, fold)
@@ -149,12 +155,28 @@ def main(argv=None) -> int:
     return 0
 
 
-def out_of_fold(runs: list[str], n_resamples: int, quiet: bool = False):
+def compare_with_baseline(args, prefix: str, keys: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list,
+                          patients: np.ndarray, hflip_tta=None) -> None:
+    """The baseline recipe's out-of-fold predictions on the same images, and the paired difference."""
+    base_runs = [os.path.join(args.run_root, f"{args.baseline}{k}") for k in range(args.baseline_folds or args.folds)]
+    base_keys, _, base_probs, _, _, _ = out_of_fold(base_runs, args.resamples, quiet=True, hflip_tta=hflip_tta)
+    if sorted(base_keys) != sorted(keys):
+        raise SystemExit(f"{args.baseline}: its folds hold other images than {prefix}'s")
+    position = {key: i for i, key in enumerate(base_keys)}
+    base_probs = base_probs[[position[key] for key in keys]]  # paired image by image
+    both = " (both with hflip TTA)" if hflip_tta else ""
+    report(f"baseline {args.baseline}{both}, pooled", y, base_probs, classes, args.resamples, patients)
+    paired_difference(f"{prefix} minus {args.baseline}{both}", y, probs.argmax(1), base_probs.argmax(1),
+                      args.resamples, patients)
+
+
+def out_of_fold(runs: list[str], n_resamples: int, quiet: bool = False, hflip_tta=None):
     """Each fold's model on its own validation fold, pooled: (image keys, labels, calibrated
-    probabilities, fold of each image, classes, patient ids), in fold then path order."""
+    probabilities, fold of each image, classes, patient ids), in fold then path order. `hflip_tta`:
+    None scores as each model's card says, True/False with/without the mirror-image mean."""
     parts, classes = [], None
     for k, run in enumerate(runs):
-        val, probs, run_classes = validation_probs(run)
+        val, probs, run_classes = validation_probs(run, hflip_tta)
         if classes not in (None, run_classes):
             raise SystemExit(f"{run}: classes {run_classes} differ from the other folds' {classes}")
         classes = run_classes

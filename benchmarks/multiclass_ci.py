@@ -25,7 +25,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, recall_score
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medclf.decode import decode  # noqa: E402
-from medclf.models import class_probabilities, load_artifact  # noqa: E402
+from medclf.models import class_probabilities, load_artifact, plain_model, predicting_model  # noqa: E402
 from medclf.preprocess import preprocess_gray, to_model_input  # noqa: E402
 
 
@@ -34,10 +34,14 @@ def with_ci(metric, y: np.ndarray, pred: np.ndarray, resamples: list) -> str:
     return f"{metric(y, pred):.3f} ({np.nanpercentile(values, 2.5):.3f}-{np.nanpercentile(values, 97.5):.3f})"
 
 
-def validation_probs(run: str) -> tuple[pd.DataFrame, np.ndarray, list]:
+def validation_probs(run: str, hflip_tta=None) -> tuple[pd.DataFrame, np.ndarray, list]:
     """The run's validation rows (sorted by real path, so runs of one split line up), its calibrated
-    class probabilities for them, and its classes."""
+    class probabilities for them, and its classes. `hflip_tta`: None scores as the model card says;
+    True/False as if its `test_time_hflip` were that (mean logits of each image and its mirror image,
+    or the image alone; the card's temperature either way)."""
     model, card = load_artifact(os.path.join(run, "model"))
+    if hflip_tta is not None:
+        model = predicting_model(plain_model(model), hflip_tta)
     splits = pd.read_parquet(os.path.join(run, "splits.parquet"))
     val = splits[splits.split == "val"]
     val = val.assign(key=[os.path.realpath(p) for p in val.path]).sort_values("key").reset_index(drop=True)

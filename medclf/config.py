@@ -169,6 +169,9 @@ class ModelConfig(_Section):
     transfer: str = "finetune"
     """`finetune`, `feature_extractor`, or `freeze_first:N`."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    test_time_hflip: bool = False
+    """Predict from the mean logits of the image and its mirror image (validation, calibration,
+    scoring, Grad-CAM, export): needs `train.augment.hflip`, a model that has seen mirror images."""
 
     @field_validator("arch")
     @classmethod
@@ -514,6 +517,9 @@ class Config(_Section):
                              "(set one of score.use_gpu=false or score.runtime=torch)")
         if self.serve.use_gpu and self.serve.runtime == "onnxruntime":
             raise ValueError("serve.runtime onnxruntime runs on CPU; GPU serving uses serve.runtime torch")
+        if self.model.test_time_hflip and not (self.train.augment.enabled and self.train.augment.hflip):
+            raise ValueError("model.test_time_hflip averages over mirror images, which a model trained "
+                             "without train.augment.hflip has never seen; set train.augment.hflip=true")
         if self.serve.min_replicas > self.serve.max_replicas:
             raise ValueError(f"serve.min_replicas ({self.serve.min_replicas}) is above serve.max_replicas "
                              f"({self.serve.max_replicas})")

@@ -86,9 +86,12 @@ def contract(card: ModelCard, files: dict[str, str]) -> dict:
         "decision": ("positive_class if probabilities[positive index] >= threshold, else the other class"
                      if card.threshold is not None and card.positive_class else "argmax of probabilities"),
         "temperature": card.temperature,
+        "test_time_hflip": card.test_time_hflip,
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 1, spec.image_size, spec.image_size],
                   "layout": "NCHW, one channel (replicated to 3 inside the model)"},
-        "outputs": {"logits": {"dtype": "float32", "shape": ["batch", len(card.classes)]},
+        "outputs": {"logits": {"dtype": "float32", "shape": ["batch", len(card.classes)],
+                               **({"meaning": "mean of the logits of the image and of its left-right mirror image "
+                                              "(test-time augmentation, inside the graph)"} if card.test_time_hflip else {})},
                     "probabilities": {"dtype": "float32", "shape": ["batch", len(card.classes)],
                                       "meaning": "softmax(logits / temperature): calibrated, columns in `classes` order"}},
         "preprocessing": {

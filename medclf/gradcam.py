@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from medclf import storage
-from medclf.models import ModelError, class_probabilities, load_artifact, load_card
+from medclf.models import ModelError, class_probabilities, load_artifact, load_card, plain_model
 from medclf.preprocess import denormalize, to_model_input
 from medclf.privacy import display_name
 from medclf.images import text_or_none
@@ -74,7 +74,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target,
     `temperature`: the model card's (probabilities only; the explained logit is unscaled, and a
     positive scale does not move a Grad-CAM map).
     """
-    modules = dict(model.named_modules())
+    modules = dict(plain_model(model).named_modules())
     if layer not in modules:
         convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)][-3:]
         raise ModelError(f"no layer '{layer}' in the model; e.g. {convs} or a block name like 'layer4'")
@@ -93,6 +93,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target,
     acts = captured[0].detach()
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * acts).sum(dim=1, keepdim=True))
+    if len(cam) == 2 * len(x):  # MirrorMean: add the mirrored half's map, mirrored back
+        cam = cam[:len(x)] + cam[len(x):].flip(-1)
     cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
     return (cam / peak).numpy().astype(np.float32), probs, target.numpy()
@@ -199,7 +201,7 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
         raise ModelError(f"target '{target}' is not one of the model's classes {card.classes} (or 'predicted')")
     if layer is not None:
         probe, _ = load_artifact(model_path)
-        if layer not in dict(probe.named_modules()):
+        if layer not in dict(plain_model(probe).named_modules()):
             raise ModelError(f"no layer '{layer}' in {card.arch}; default for it: '{default_layer(card.arch)}'")
     if not paths:
         raise FileNotFoundError("nothing to explain: no input files")

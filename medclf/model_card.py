@@ -139,7 +139,9 @@ def render(card) -> str:
     lines += ["## Calibration and threshold", "",
               f"Temperature {card.temperature:.3f} ({cal.get('method', 'none')}, fitted on {cal.get('fitted_on', '-')}"
               + (f"; ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}" if "ece_before" in cal else "") + ").",
-              "Probabilities in predictions are calibrated: softmax(logits / temperature).", "",
+              "Probabilities in predictions are calibrated: softmax(logits / temperature)."
+              + (" The logits are the mean over the image and its left-right mirror image (test-time "
+                 "augmentation, `test_time_hflip`), in validation as in scoring." if card.test_time_hflip else ""), "",
               (f"Decision: {card.positive_class} when its probability >= {card.threshold:.4f} ({card.threshold_rule})."
                if card.threshold is not None else "Decision: the most probable class."), ""]
     lines += ["## Known failure modes", ""]

@@ -161,16 +161,43 @@ def head_module(model: nn.Module, arch: str) -> nn.Module:
     return model.classifier
 
 
+class MirrorMean(nn.Module):
+    """Test-time augmentation (card `test_time_hflip`): the logits are the mean of those of the image
+    and of its left-right mirror image, both in one forward pass (rows [:N] as given, [N:] mirrored).
+    Only for a model trained with horizontal flips, where a finding has no side (breast ultrasound).
+    The weights are the plain model's (`inner`): the artifact and its model id do not change."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(torch.cat([x, x.flip(-1)]))
+        return logits.unflatten(0, (2, -1)).mean(0)  # shapes, not Python ints: ONNX export keeps the batch dynamic
+
+
+def predicting_model(model: nn.Module, test_time_hflip: bool) -> nn.Module:
+    """The model as its artifact predicts: with `test_time_hflip`, wrapped in MirrorMean."""
+    return MirrorMean(model) if test_time_hflip else model
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The network itself (its layers and weights), unwrapped from MirrorMean."""
+    return model.inner if isinstance(model, MirrorMean) else model
+
+
 def penultimate(model: nn.Module, arch: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and the penultimate-layer features (what the classifier head reads), from ONE forward
-    pass: a hook on the head's input, so it works for every architecture `head_module` knows."""
+    pass: a hook on the head's input, so it works for every architecture `head_module` knows. Under
+    MirrorMean the features are those of the images as given (the first N rows the head reads)."""
     seen: list = []
-    hook = head_module(model, arch).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    hook = head_module(plain_model(model), arch).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:
         logits = model(x)
     finally:
         hook.remove()
-    return logits, torch.flatten(seen[0], 1)
+    features = seen[0][:seen[0].shape[0] // 2] if isinstance(model, MirrorMean) else seen[0]
+    return logits, torch.flatten(features, 1)
 
 
 def backbone_blocks(model: nn.Module, arch: str) -> list[nn.Module]:
@@ -291,6 +318,8 @@ class ModelCard:
     threshold_rule: str = "argmax"
     temperature: float = 1.0
     """Logits are divided by this before the softmax (medclf.calibration); 1.0: uncalibrated."""
+    test_time_hflip: bool = False
+    """Logits are the mean over the image and its mirror image (MirrorMean; config model.test_time_hflip)."""
     calibration: dict = field(default_factory=dict)
     """How the temperature was fitted: on which data, log loss and ECE before and after."""
     metrics: dict = field(default_factory=dict)
@@ -357,7 +386,7 @@ def save_artifact(model: nn.Module, card: ModelCard, dest: str, files: Optional[
     """
     with tempfile.TemporaryDirectory() as tmp:
         weights_path = os.path.join(tmp, WEIGHTS_FILE)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in plain_model(model).state_dict().items()}
         torch.save(state, weights_path)
         card.model_id = model_id_for(card.arch, _weights_digest(weights_path))
         card.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -447,6 +476,8 @@ def validate_card(raw, card_path: str) -> ModelCard:
     temperature = raw.get("temperature", 1.0)  # calibration; optional in cards written before it existed
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise bad("temperature", f"must be a number > 0, got {temperature!r}")
+    if not isinstance(raw.get("test_time_hflip", False), bool):
+        raise bad("test_time_hflip", f"must be true or false, got {raw['test_time_hflip']!r}")
     files = raw.get("files", {})
     if not (isinstance(files, dict) and all(re.fullmatch(r"[\w.-]+", str(k)) and k not in (WEIGHTS_FILE, CARD_FILE)
                                             and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
@@ -485,7 +516,8 @@ def load_card(path: str) -> ModelCard:
 
 
 def load_artifact(path: str, device: str = "cpu") -> tuple[nn.Module, ModelCard]:
-    """Rebuild the model from an artifact folder (local or s3://), in eval mode.
+    """Rebuild the model from an artifact folder (local or s3://), in eval mode, as it predicts
+    (wrapped in MirrorMean where the card says `test_time_hflip`).
 
     The weights must hash to the card's model_id: a replaced weights.pt under an old card is refused.
     """
@@ -513,7 +545,7 @@ def load_artifact(path: str, device: str = "cpu") -> tuple[nn.Module, ModelCard]
     dropout = float(card.config.get("model", {}).get("dropout", 0.0) or 0.0)
     model = build_model(card.arch, len(card.classes), "none", dropout=dropout)
     model.load_state_dict(state)
-    return model.to(device).eval(), card
+    return predicting_model(model, card.test_time_hflip).to(device).eval(), card
 
 
 def _record_problem(record_type, raw, files: dict, what: str) -> Optional[str]:

@@ -51,6 +51,7 @@ from medclf.models import (
     build_model,
     class_probabilities,
     count_parameters,
+    predicting_model,
     save_artifact,
     set_train_mode,
 )
@@ -291,7 +292,7 @@ class TrainingParts:
     def log_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Validation forward pass of the kept model: log-probabilities on the CPU."""
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            logits = self.eval_model(self._input(x))
+            logits = predicting_model(self.eval_model, self.job.cfg.model.test_time_hflip)(self._input(x))
         return torch.log_softmax(logits.float(), 1).cpu()
 
 
@@ -772,6 +773,7 @@ def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, v
     best, history, group = state["best"], pd.DataFrame(state["history"]), inputs.select_group
     model = build_model(cfg.model.arch, len(inputs.classes), "none", cfg.model.dropout)
     model.load_state_dict(best["state"])
+    model = predicting_model(model, cfg.model.test_time_hflip)  # as validated, and as the artifact predicts
     log_probs, select, y = best["val_log_probs"].numpy(), inputs.val_groups == group, inputs.val_y
     temperature, calibration = fit_calibration(log_probs[select], y[select], inputs.positive_index,
                                                f"{group} validation")
@@ -788,7 +790,7 @@ def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, v
     card = ModelCard(
         arch=cfg.model.arch, classes=inputs.classes, preprocess=cfg.preprocess.model_dump(),
         positive_class=inputs.positive, threshold=threshold, threshold_rule=rule, temperature=temperature,
-        calibration=calibration, config=cfg.model_dump(mode="json"),
+        test_time_hflip=cfg.model.test_time_hflip, calibration=calibration, config=cfg.model_dump(mode="json"),
         metrics={"validation": val_metrics[group], "selected_on": f"{group} validation",
                  **{f"validation_{part}": m for part, m in val_metrics.items()}},
         intended_use=cfg.model_card.model_dump(),
