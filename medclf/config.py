@@ -234,8 +234,10 @@ class TrainConfig(_Section):
     """Cross-entropy label smoothing: softer targets, less over-confident scores."""
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     """Exponential moving average of the weights (0: off); validated and saved instead of the raw weights."""
-    select_by: Literal["val_loss", "val_roc_auc"] = "val_loss"
-    """Which validation figure picks the best epoch (early stopping always watches val_loss)."""
+    select_by: Literal["val_loss", "val_roc_auc", "last"] = "val_loss"
+    """Which validation figure picks the best epoch (early stopping always watches val_loss). `last`:
+    the epoch the schedule ends on, without early stopping; validation then only fits the temperature
+    (and threshold) and draws the curves, so a noisy small `data.val_fraction` picks nothing."""
     class_weighting: Literal["none", "balanced"] = "balanced"
     early_stopping_patience: int = Field(5, ge=1)
     max_minutes: Optional[float] = Field(None, gt=0.0)

@@ -433,7 +433,10 @@ class LoopState:
         """Add an epoch's row; keep its weights if it is the best so far. Returns whether it is."""
         self.history.append(row)
         self.next_epoch = row["epoch"]
-        score = -row["val_loss"] if select_by == "val_loss" else row[select_by]
+        if select_by == "last":  # every epoch replaces the one before: the schedule's end is kept
+            score = row["epoch"]
+        else:
+            score = -row["val_loss"] if select_by == "val_loss" else row[select_by]
         improved = score > self.best["score"] or self.best["epoch"] < 0
         if improved:
             self.best = {"val_loss": row["val_loss"], "score": float(score), "epoch": row["epoch"],
@@ -451,7 +454,7 @@ def stop_reason(state: LoopState, start_epoch: int, elapsed: float, tc: TrainCon
     if done >= tc.epochs:
         return ""
     stale = done - state.lowest_loss["epoch"]
-    if stale >= tc.early_stopping_patience:
+    if stale >= tc.early_stopping_patience and tc.select_by != "last":
         return f"early stop: no val_loss gain for {stale} epochs"
     if tc.max_minutes is not None and elapsed * (1 + 1 / (done - start_epoch)) > tc.max_minutes * 60:
         return f"stop: next epoch would pass train.max_minutes={tc.max_minutes}"
@@ -694,7 +697,7 @@ def make_trainer(cfg: Config, run_dir: str, loop_config: dict, loop=None, callba
             # Ray keeps the latest checkpoint (resume) plus the 2 best by the selection metric; each
             # holds the best-so-far weights too, so the kept model never depends on deleted files.
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=tc.select_by,
+                num_to_keep=2, checkpoint_score_attribute="epoch" if tc.select_by == "last" else tc.select_by,
                 checkpoint_score_order="min" if tc.select_by == "val_loss" else "max")),
         **data_kwargs,
     )
