@@ -7,7 +7,10 @@ instead of the 20 of one validation split) and the spread between folds shows th
 Folds are drawn per label (stratified, seed 0) over the images the config lists, written as
 manifests (`<run-root>/<prefix>-manifests/fold<k>.parquet`: fold k is the `val` split, the rest
 `train`), and each fold is trained with `medclf train --manifest` (the config's recipe unchanged;
-re-running resumes or skips finished folds). Then each fold's model (with its temperature) scores
+re-running resumes or skips finished folds). The held-out fold is the run's validation split, so
+early stopping picks each fold model's epoch on the images it is then scored on: an optimistic bias
+that `--set train.select_by=last` removes (on lung, keeping the last epoch instead scored +0.002,
+-0.014 to +0.021: docs/benchmarks.md, session 17). Then each fold's model (with its temperature) scores
 its own validation fold through the shared decode + preprocessing path (benchmarks/multiclass_ci.py),
 and the pooled out-of-fold predictions give accuracy, macro-F1 and per-class recall with 95% image
 bootstrap CIs (1,000 resamples, seed 0).
