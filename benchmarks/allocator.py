@@ -1,4 +1,4 @@
-"""CPU cost of glibc's malloc settings for CNN training and inference (medclf.runs.ALLOCATOR_ENV).
+"""CPU cost of glibc's malloc settings for CNN training and inference (medclf.ops.runs.ALLOCATOR_ENV).
 
     python benchmarks/allocator.py [--threads 1]
 
@@ -17,7 +17,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from medclf.runs import ALLOCATOR_ENV  # noqa: E402
+from medclf.ops.runs import ALLOCATOR_ENV  # noqa: E402
 
 VARIANTS = {
     "glibc default": {},
@@ -27,7 +27,7 @@ VARIANTS = {
 
 MEASURE = """
 import resource, sys, torch
-from medclf.models import apply_transfer_mode, build_model, set_train_mode
+from medclf.model.artifact import apply_transfer_mode, build_model, set_train_mode
 torch.set_num_threads(int(sys.argv[1]))
 m = build_model("efficientnet_lite0", 2, "none").to(memory_format=torch.channels_last)
 frozen = apply_transfer_mode(m, "efficientnet_lite0", "freeze_first:9")

@@ -1,4 +1,4 @@
-"""Time the stratified bootstrap CIs of medclf.metrics: N predictions, R resamples.
+"""Time the stratified bootstrap CIs of medclf.report.metrics: N predictions, R resamples.
 
     .venv/bin/python benchmarks/bootstrap_ci.py            # N=1000, R=1000, best of 5
 """
@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from medclf.metrics import bootstrap_ci  # noqa: E402
+from medclf.report.metrics import bootstrap_ci  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--n", type=int, default=1000)

@@ -1,6 +1,6 @@
 """Decode throughput per DICOM transfer syntax on the pydicom + pydicom-data corpus.
 
-Decodes every frame of every decodable .dcm file (medclf.decode.open_images, the code scoring
+Decodes every frame of every decodable .dcm file (medclf.imaging.decode.open_images, the code scoring
 runs; no resize, no model) in one process, repeating each file until it has used `--min-seconds`
 of CPU time, and prints a Markdown table: transfer syntax, files, frames, megapixels per frame (median),
 images (frames) per second, megapixels per second (all files of that syntax together). Time is
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pydicom  # noqa: E402
 from pydicom.data import get_testdata_files  # noqa: E402
 
-from medclf.decode import DecodeError, open_images  # noqa: E402
+from medclf.imaging.decode import DecodeError, open_images  # noqa: E402
 
 
 def transfer_syntax(path: str) -> str:

@@ -2,12 +2,12 @@
 
 Statistics-level simulation on phantoms: a small_cnn is trained in-process (2 epochs, 800 phantoms,
 32 px) and given a domain record and drift reference measured on 400 labelled phantom files
-(medclf.ood.add_domain, medclf.reference.add_reference). Each condition is a pool of phantoms
+(medclf.monitor.ood.add_domain, medclf.monitor.reference.add_reference). Each condition is a pool of phantoms
 rendered in memory with the shift applied (gamma u -> u**g; or a positive-class prevalence), from
 which the rows scoring would write are computed with the same functions scoring uses
 (reference.image_stats on the decoded-equivalent image, the model's features, calibrated scores,
 ood_score, embedding projection), without the file round trip. Batches of 200 / 1,000 / 5,000 rows
-are drawn from each pool (with replacement), `repeats` times, and `medclf.drift.compare` decides.
+are drawn from each pool (with replacement), `repeats` times, and `medclf.monitor.drift.compare` decides.
 
     PYTHONPATH=. python benchmarks/drift_power.py --repeats 20 --out /tmp/drift_power
 """
@@ -24,12 +24,12 @@ import pandas as pd
 import torch
 
 from medclf.config import DriftConfig, load_config
-from medclf.drift import compare, run_drift
-from medclf.models import build_model, class_probabilities, load_card, prob_column, save_artifact
-from medclf.ood import add_domain, features_and_logits, load_domain
-from medclf.phantoms import generate, render
-from medclf.preprocess import preprocess_gray, to_model_input
-from medclf.reference import EMB_COLUMNS, add_reference, image_stats, load_reference
+from medclf.monitor.drift import compare, run_drift
+from medclf.model.artifact import build_model, class_probabilities, load_card, prob_column, save_artifact
+from medclf.monitor.ood import add_domain, features_and_logits, load_domain
+from medclf.data.phantoms import generate, render
+from medclf.imaging.preprocess import preprocess_gray, to_model_input
+from medclf.monitor.reference import EMB_COLUMNS, add_reference, image_stats, load_reference
 
 SIZE = 32
 BASE = ["data.classes=[NORMAL, POSITIVE]", "data.positive_class=POSITIVE", f"preprocess.image_size={SIZE}",
@@ -38,7 +38,7 @@ BASE = ["data.classes=[NORMAL, POSITIVE]", "data.positive_class=POSITIVE", f"pre
 
 def build(out: str) -> str:
     """A phantom model with a domain record and a drift reference; returns its artifact path."""
-    from medclf.models import ModelCard
+    from medclf.model.artifact import ModelCard
 
     cfg = load_config(None, BASE)
     spec = cfg.preprocess
@@ -70,7 +70,7 @@ def build(out: str) -> str:
 
 def pool_rows(model_path: str, n: int, seed: int, gamma: float = 1.0, prevalence: float = 0.5) -> pd.DataFrame:
     """The rows scoring would write for `n` phantoms (shift applied to the decoded image)."""
-    from medclf.models import load_artifact
+    from medclf.model.artifact import load_artifact
 
     model, card = load_artifact(model_path)
     domain, reference = load_domain(model_path, card), load_reference(model_path, card)
@@ -119,7 +119,7 @@ def power(model_path: str, repeats: int, dc: DriftConfig) -> pd.DataFrame:
 
 def embedding_tests(model_path: str, repeats: int) -> pd.DataFrame:
     """Power of MMD vs the classifier two-sample test on the embedding alone, batches of 200."""
-    from medclf.drift import classifier_test, mmd_test
+    from medclf.monitor.drift import classifier_test, mmd_test
 
     card = load_card(model_path)
     ref = load_reference(model_path, card).arrays["emb"]
@@ -138,7 +138,7 @@ def time_per_100k(model_path: str, out: str, dc: DriftConfig) -> float:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from medclf.predictions import prediction_schema
+    from medclf.data.predictions import prediction_schema
 
     card = load_card(model_path)
     rows = pool_rows(model_path, 5000, 7).sample(100_000, replace=True, random_state=0).reset_index(drop=True)

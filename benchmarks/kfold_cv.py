@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from medclf.config import load_config  # noqa: E402
-from medclf.data import discover  # noqa: E402
+from medclf.data.labelled import discover  # noqa: E402
 from multiclass_ci import image_resamples, macro_f1, report, report_predictions, validation_probs  # noqa: E402
 
 BIAS_GRID = np.round(np.arange(-1.5, 1.51, 0.25), 2)  # log-probability offsets per non-first class

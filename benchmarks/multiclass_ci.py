@@ -24,9 +24,9 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, recall_score
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from medclf.decode import decode  # noqa: E402
-from medclf.models import class_probabilities, load_artifact, plain_model, predicting_model  # noqa: E402
-from medclf.preprocess import preprocess_gray, to_model_input  # noqa: E402
+from medclf.imaging.decode import decode  # noqa: E402
+from medclf.model.artifact import class_probabilities, load_artifact, plain_model, predicting_model  # noqa: E402
+from medclf.imaging.preprocess import preprocess_gray, to_model_input  # noqa: E402
 
 
 def with_ci(metric, y: np.ndarray, pred: np.ndarray, resamples: list) -> str:

@@ -5,13 +5,13 @@ at the stored threshold, for several scores (Mahalanobis full / PCA, energy, 1 -
     python benchmarks/ood_auroc.py --artifact RUN/model [--splits SPLITS]
         [--out /tmp/ood_bench] [--n 300] [--fit-group family] [--modalities CR DX]
 
-The domain record is fitted with medclf.ood.add_domain on the `--fit-group` part of the run's
+The domain record is fitted with medclf.monitor.ood.add_domain on the `--fit-group` part of the run's
 validation split (a COPY of the artifact, with domain.npz, goes to `--out`/model; the original is
 never touched); in-domain test images are the other validation part, not used for fitting.
 Out-of-domain sets: CT and MR slices of the pydicom + pydicom-data corpus (middle frame of
 multi-frame files), phantom noise images (uniform, gaussian, constant, gradient, checkerboard,
 blurred noise), and other modalities as JPEG/PNG (lung CT and breast ultrasound datasets: no
-DICOM tag helps there). Every image goes through medclf.decode + preprocess_gray, as in scoring.
+DICOM tag helps there). Every image goes through medclf.imaging.decode + preprocess_gray, as in scoring.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from medclf.config import load_config  # noqa: E402
-from medclf.decode import DecodeError, decode  # noqa: E402
-from medclf.metrics import bootstrap_ci  # noqa: E402
-from medclf.models import load_artifact  # noqa: E402
-from medclf.ood import _score, add_domain, features_and_logits, fit_gaussian, out_of_fold_scores  # noqa: E402
-from medclf.preprocess import preprocess_gray  # noqa: E402
+from medclf.imaging.decode import DecodeError, decode  # noqa: E402
+from medclf.report.metrics import bootstrap_ci  # noqa: E402
+from medclf.model.artifact import load_artifact  # noqa: E402
+from medclf.monitor.ood import _score, add_domain, features_and_logits, fit_gaussian, out_of_fold_scores  # noqa: E402
+from medclf.imaging.preprocess import preprocess_gray  # noqa: E402
 
 
 def images_of(folder: str, n: int, rng) -> list[str]:

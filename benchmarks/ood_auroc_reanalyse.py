@@ -1,7 +1,7 @@
 """Re-analysis of benchmarks/ood_auroc.py's saved features (--out /tmp/ood_bench100): AUROC + flag rates at q 0.99 and 0.95, same functions."""
 import numpy as np
-from medclf.metrics import bootstrap_ci
-from medclf.ood import _score, fit_gaussian, out_of_fold_scores
+from medclf.report.metrics import bootstrap_ci
+from medclf.monitor.ood import _score, fit_gaussian, out_of_fold_scores
 names = ["in-domain (held-in validation chest films)", "CT/MR slices, pydicom corpus (28 files)",
          "phantom noise (6 kinds, 512 px)", "lung CT (JPEG)", "breast ultrasound (PNG)"]
 z = np.load("/tmp/ood_bench100/features.npz")

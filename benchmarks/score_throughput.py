@@ -1,7 +1,7 @@
 """Scoring throughput and memory: medclf's Ray Data pipeline against a plain PyTorch loop.
 
 Throughput: N real chest X-ray JPEGs (../shared/data/chest_xray) served by a local S3 server
-(moto, 127.0.0.1) are scored end to end by `medclf.score.run_scoring` (list, read, sha256,
+(moto, 127.0.0.1) are scored end to end by `medclf.score.batch.run_scoring` (list, read, sha256,
 decode, preprocess, ResNet18 at 224 px, atomic Parquet commit) and, in the same run, by a plain
 single-process loop over the same files on local disk doing the same read, hash, decode,
 preprocess and model call in batches, with the same number of torch threads.
@@ -34,10 +34,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medclf.config import load_config  # noqa: E402
-from medclf.decode import decode  # noqa: E402
-from medclf.models import ModelCard, build_model, load_artifact, save_artifact  # noqa: E402
-from medclf.preprocess import preprocess  # noqa: E402
-from medclf.runs import ALLOCATOR_ENV  # noqa: E402
+from medclf.imaging.decode import decode  # noqa: E402
+from medclf.model.artifact import ModelCard, build_model, load_artifact, save_artifact  # noqa: E402
+from medclf.imaging.preprocess import preprocess  # noqa: E402
+from medclf.ops.runs import ALLOCATOR_ENV  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from treerss import TreeRSS  # noqa: E402
@@ -113,9 +113,9 @@ def main() -> None:
     import ray
     import s3fs
 
-    from medclf.devserver import local_s3_server
-    from medclf.phantoms import generate
-    from medclf.score import run_scoring
+    from medclf.ops.devserver import local_s3_server
+    from medclf.data.phantoms import generate
+    from medclf.score.batch import run_scoring
 
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.data) for f in fs if f.lower().endswith(".jpeg"))
     if args.n and len(files) < max(args.n):
@@ -124,7 +124,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="medclf-bench-")
     results = []
     with local_s3_server() as endpoint:
-        os.environ.update({k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()})  # as medclf.runs.init_ray
+        os.environ.update({k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()})  # as medclf.ops.runs.init_ray
         ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         model_path = make_model(tmp, args.arch, args.image_size)

@@ -1,7 +1,7 @@
 """Online endpoint latency and throughput: `medclf serve` on 127.0.0.1 under 1, 8 and 32 concurrent clients.
 
 A model artifact (default: ResNet18 at 224 px with random weights, which cost what trained ones
-cost; or --model a real artifact) is served by medclf.serve in a local Ray (replicas and batching
+cost; or --model a real artifact) is served by medclf.score.serve in a local Ray (replicas and batching
 from --set serve.* overrides). A closed-loop load generator posts real chest X-ray JPEGs from
 ../shared/data/chest_xray, each client sending its next request when the last one returned,
 bounded by --requests per level and --seconds per level. Reports p50/p90/p99 latency, requests/s
@@ -105,8 +105,8 @@ def main(argv=None) -> int:
     from ray import serve
 
     from medclf.config import load_config
-    from medclf.runs import ALLOCATOR_ENV
-    from medclf.serve import run_server
+    from medclf.ops.runs import ALLOCATOR_ENV
+    from medclf.score.serve import run_server
 
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.data) for f in fs if f.lower().endswith(".jpeg"))
     rng = np.random.default_rng(0)

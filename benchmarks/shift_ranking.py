@@ -4,7 +4,7 @@
 
 Every recipe saturates on the training archive's own validation (family and patient parts: ROC AUC
 ~0.999), so those parts cannot rank recipes the way the held-back Kermany test did. This script asks
-whether the same validation images, put through the acquisition shifts of `medclf.augment`
+whether the same validation images, put through the acquisition shifts of `medclf.data.augment`
 (gamma, contrast + blur, zoom), rank them better. Per run and condition: ROC AUC with a 95% stratified
 bootstrap CI, specificity at 95% sensitivity (threshold set on that condition, so it does not depend
 on each recipe's threshold rule), specificity at the run's stored threshold, and the mean calibrated
@@ -25,12 +25,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from medclf.augment import ACQUISITION_SHIFTS, acquisition_shift  # noqa: E402
-from medclf.decode import decode  # noqa: E402
-from medclf.metrics import binary_metrics, bootstrap_ci, choose_threshold  # noqa: E402
-from medclf.models import class_probabilities, load_artifact  # noqa: E402
-from medclf.preprocess import preprocess_gray, to_model_input  # noqa: E402
-from medclf.train import validation_groups  # noqa: E402
+from medclf.data.augment import ACQUISITION_SHIFTS, acquisition_shift  # noqa: E402
+from medclf.imaging.decode import decode  # noqa: E402
+from medclf.report.metrics import binary_metrics, bootstrap_ci, choose_threshold  # noqa: E402
+from medclf.model.artifact import class_probabilities, load_artifact  # noqa: E402
+from medclf.imaging.preprocess import preprocess_gray, to_model_input  # noqa: E402
+from medclf.train.training import validation_groups  # noqa: E402
 
 CONDITIONS = ("as is", *ACQUISITION_SHIFTS)
 

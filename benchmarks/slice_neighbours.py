@@ -28,9 +28,9 @@ sys.path.insert(0, ROOT)
 
 from medclf import storage  # noqa: E402
 from medclf.config import PreprocessConfig, load_config  # noqa: E402
-from medclf.data import _patient_number, discover  # noqa: E402
-from medclf.decode import decode  # noqa: E402
-from medclf.preprocess import preprocess_gray  # noqa: E402
+from medclf.data.labelled import _patient_number, discover  # noqa: E402
+from medclf.imaging.decode import decode  # noqa: E402
+from medclf.imaging.preprocess import preprocess_gray  # noqa: E402
 
 
 def thumbnails(paths: list[str]) -> tuple[np.ndarray, list[str]]:

@@ -1,5 +1,5 @@
 """One epoch of the training stream alone, to see which processes hold memory: a cache folder
-(`<run>/cache/train-<key>`, e.g. from benchmarks/train_memory.py) -> medclf.cache.dataset (seeded
+(`<run>/cache/train-<key>`, e.g. from benchmarks/train_memory.py) -> medclf.data.cache.dataset (seeded
 block order, 256 MB read-ahead) -> streaming_split(2) -> two consumer actors iterating torch batches
 with the local shuffle, as the train workers do (no model). Prints the peak RSS summed over the
 Ray processes and, per process title, the count, peak RSS and its shared part (object store pages,
@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from medclf.runs import LOCAL_RAY_ENV  # noqa: E402
+from medclf.ops.runs import LOCAL_RAY_ENV  # noqa: E402
 from treerss import TreeRSS  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     import ray
     import ray.data
 
-    from medclf import cache as cache_mod
+    from medclf.data import cache as cache_mod
 
     ray.init(num_cpus=args.cpus, object_store_memory=args.object_store_mb * 2**20 or None,
              include_dashboard=False, log_to_driver=False,

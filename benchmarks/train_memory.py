@@ -1,4 +1,4 @@
-"""Training memory and throughput: the streaming data path (medclf.cache + Ray Data shards) against
+"""Training memory and throughput: the streaming data path (medclf.data.cache + Ray Data shards) against
 the in-memory one (train.data_path=memory: the whole cache as arrays in the object store).
 
 Memory: peak RSS summed over every process of the in-process Ray cluster (driver, GCS, raylet,
@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from medclf.config import load_config  # noqa: E402
-from medclf.phantoms import PATIENT_REGEX  # noqa: E402
-from medclf.runs import init_ray  # noqa: E402
-from medclf.train import run_training  # noqa: E402
+from medclf.data.phantoms import PATIENT_REGEX  # noqa: E402
+from medclf.ops.runs import init_ray  # noqa: E402
+from medclf.train.training import run_training  # noqa: E402
 from treerss import TreeRSS  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(HERE), "..", "shared")
@@ -41,7 +41,7 @@ COMMON = ["model.arch=small_cnn", "train.num_workers=2", "train.cpus_per_worker=
 
 
 def with_ray(cfg, fn):
-    """`fn()` on a local Ray started as the jobs start it (medclf.runs.init_ray: ray.num_cpus, the
+    """`fn()` on a local Ray started as the jobs start it (medclf.ops.runs.init_ray: ray.num_cpus, the
     allocator settings, LOCAL_RAY_ENV), shut down after."""
     import ray
 
@@ -61,7 +61,7 @@ def memory_run(out: str, n: int, size: int, epochs: int, data_path: str, cpus: i
 
     data = os.path.join(out, f"phantoms-{n}-{size}")
     if not os.path.exists(os.path.join(data, "manifest.parquet")):
-        subprocess.run([sys.executable, "-c", "import sys; from medclf.phantoms import generate; "
+        subprocess.run([sys.executable, "-c", "import sys; from medclf.data.phantoms import generate; "
                         f"generate({data!r}, n_train={n}, n_test=2, image_size={size}, formats=('png',), seed=0)"],
                        check=True, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     result = os.path.join(out, f"memory-{data_path}-{n}.json")
@@ -75,7 +75,7 @@ def mark_phases(rss: TreeRSS) -> None:
     """Name the part of run_training that is running, for the per-phase peaks: the cache build, the
     workers' feed, Ray Train's fit and the driver's finish step, by wrapping the library's own
     functions (this process runs one training and exits)."""
-    import medclf.train as train_mod
+    import medclf.train.training as train_mod
 
     def marked(phase, fn):
         def run(*args, **kwargs):

@@ -30,13 +30,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from medclf import runs  # noqa: E402
-from medclf.augment import ACQUISITION_SHIFTS, acquisition_shift  # noqa: E402
+from medclf.ops import runs  # noqa: E402
+from medclf.data.augment import ACQUISITION_SHIFTS, acquisition_shift  # noqa: E402
 from medclf.config import load_config  # noqa: E402
-from medclf.metrics import binary_metrics  # noqa: E402
-from medclf.models import class_probabilities, load_artifact  # noqa: E402
-from medclf.preprocess import to_model_input  # noqa: E402
-from medclf.train import (  # noqa: E402
+from medclf.report.metrics import binary_metrics  # noqa: E402
+from medclf.model.artifact import class_probabilities, load_artifact  # noqa: E402
+from medclf.imaging.preprocess import to_model_input  # noqa: E402
+from medclf.train.training import (  # noqa: E402
     TrainingParts,
     preprocess_all,
     prepare_data,

@@ -21,11 +21,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from medclf.data import family_of  # noqa: E402
-from medclf.decode import decode  # noqa: E402
-from medclf.metrics import binary_metrics, bootstrap_ci  # noqa: E402
-from medclf.models import class_probabilities, load_artifact  # noqa: E402
-from medclf.preprocess import preprocess_gray, to_model_input  # noqa: E402
+from medclf.data.labelled import family_of  # noqa: E402
+from medclf.imaging.decode import decode  # noqa: E402
+from medclf.report.metrics import binary_metrics, bootstrap_ci  # noqa: E402
+from medclf.model.artifact import class_probabilities, load_artifact  # noqa: E402
+from medclf.imaging.preprocess import preprocess_gray, to_model_input  # noqa: E402
 
 
 def scores(model, card, paths: list[str], batch: int = 64) -> np.ndarray:

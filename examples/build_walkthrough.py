@@ -30,8 +30,8 @@ import matplotlib.pyplot as plt
 from IPython.display import Image, Markdown, display
 
 from medclf.config import load_config
-from medclf.phantoms import PATIENT_REGEX, generate
-from medclf.runs import init_ray
+from medclf.data.phantoms import PATIENT_REGEX, generate
+from medclf.ops.runs import init_ray
 
 work = tempfile.mkdtemp(prefix="medclf-walkthrough-")
 print("working folder:", work)"""),
@@ -76,7 +76,7 @@ two worker processes, each training on its half of every batch. After each epoch
 validate, and the best epoch is kept. Then the model is **calibrated** (a temperature fitted on
 validation, so a probability of 0.8 means right about 80% of the time) and a decision
 **threshold** is chosen on validation."""),
-code("""from medclf.train import run_training
+code("""from medclf.train.training import run_training
 
 run_dir = os.path.join(work, "runs", "train")
 result = run_training(cfg, run_dir)
@@ -105,8 +105,8 @@ model in a pool of actors (processes that load the model once and keep it), and 
 Parquet row per image with its provenance (path, sha256, model id, run id). A file that cannot be
 decoded becomes a row with `status = error` and the reason; the night goes on. Running it again
 over the same folder scores nothing twice."""),
-code("""from medclf.predictions import read_predictions
-from medclf.score import run_scoring
+code("""from medclf.data.predictions import read_predictions
+from medclf.score.batch import run_scoring
 
 test_folder = os.path.join(root, "test")
 predictions = os.path.join(work, "predictions")
@@ -122,7 +122,7 @@ Evaluation joins the predictions with the true labels (here, the phantom manifes
 accuracy, sensitivity (recall of `POSITIVE`), specificity, ROC and PR AUC, calibration, each with
 a bootstrap 95% confidence interval, plus plots: the ROC curve, the confusion matrix, a
 reliability diagram and a gallery of the most confident mistakes."""),
-code("""from medclf.evaluate import run_evaluation
+code("""from medclf.report.evaluate import run_evaluation
 
 test = manifest[manifest.split == "test"]  # the files scored above
 labels = test.assign(path=[os.path.join(root, p) for p in test.path])[["path", "label"]]
@@ -140,7 +140,7 @@ Grad-CAM highlights the part of the image that pushed the model toward its answe
 phantoms we know where the lesions are, so we can see whether the model looks at them. For a real
 scan, a heatmap on the lung field supports a flag; one on a text marker or the image border is a
 warning sign that the model learned a shortcut."""),
-code("""from medclf.gradcam import run_explain
+code("""from medclf.report.gradcam import run_explain
 
 flagged = pred[(pred.predicted_label == "POSITIVE") & (pred.status == "ok")].path.head(4).tolist()
 index = run_explain(flagged, result.model_path, os.path.join(work, "cam"), target="predicted", cpus_per_actor=0.5)
@@ -162,8 +162,8 @@ First the night we already scored (same kind of images as validation: expect no 
 false alarm), then a night whose images went through a different processing preset: every image
 brightened with a gamma curve (`u -> u**0.6`), as a new detector or export setting might do."""),
 code("""from medclf.config import DriftConfig
-from medclf.drift import run_drift
-from medclf.phantoms import write_shifted
+from medclf.monitor.drift import run_drift
+from medclf.data.phantoms import write_shifted
 
 quiet = run_drift(DriftConfig(), result.model_path, predictions, os.path.join(work, "drift-night-1"), run_id="night-1")
 print("night-1 flags:", quiet.flagged or "none")

@@ -20,8 +20,8 @@ import numpy as np
 
 from medclf.config import Config, ConfigError, load_config
 from medclf.errors import UserError
-from medclf.tracking import log_job
-from medclf.runs import init_ray, new_run_id, run_folder, save_resolved_config, use_shared_root, check_shared_storage
+from medclf.ops.tracking import log_job
+from medclf.ops.runs import init_ray, new_run_id, run_folder, save_resolved_config, use_shared_root, check_shared_storage
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
@@ -187,7 +187,7 @@ def demo_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
-    from medclf.phantoms import generate
+    from medclf.data.phantoms import generate
 
     cfg = load_config(args.config) if args.config else Config()
     pc = cfg.phantoms
@@ -205,7 +205,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from medclf.train import prepare_data, run_training
+    from medclf.train.training import prepare_data, run_training
 
     extra = []
     if args.epochs:
@@ -236,7 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from medclf.score import run_scoring
+    from medclf.score.batch import run_scoring
 
     extra = []
     for opt in ("batch_size", "num_actors"):
@@ -249,7 +249,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     cfg = _config_from(args, extra, {"score.input": "input", "score.model": "model", "score.output": "output"})
     if not cfg.score.input or not cfg.score.model:
         raise ConfigError("score needs an input (--input or score.input) and a model (--model or score.model)")
-    from medclf.models import load_card
+    from medclf.model.artifact import load_card
 
     if cfg.score.explain_flagged and not load_card(cfg.score.model).positive_class:
         raise ConfigError("score.explain_flagged needs a binary model with a positive class; "
@@ -266,7 +266,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     print(summary)
     log_job(cfg, "score", run_id, load_card(cfg.score.model).model_id, dataclasses.asdict(summary))
     if cfg.score.explain_flagged:
-        from medclf.gradcam import flagged_paths
+        from medclf.report.gradcam import flagged_paths
 
         card = load_card(cfg.score.model)
         flagged = flagged_paths(output, card.model_id, card.positive_class, run_id)
@@ -282,14 +282,14 @@ def cmd_score(args: argparse.Namespace) -> int:
         result = drift_report(cfg, cfg.score.model, output, cfg.drift.output or storage.join(run_dir, "drift"),
                               run_id=run_id)
         if result.flagged:
-            from medclf.drift import DRIFT_EXIT
+            from medclf.monitor.drift import DRIFT_EXIT
 
             return DRIFT_EXIT
     return 1 if (summary.failed and args.fail_on_error) else 0
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
-    from medclf.drift import DRIFT_EXIT
+    from medclf.monitor.drift import DRIFT_EXIT
 
     cfg = _config_from(args, None, {"score.output": "predictions", "score.model": "model", "drift.output": "output"})
     if not cfg.score.output or not cfg.score.model:
@@ -304,7 +304,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 
 def drift_report(cfg: Config, model: str, predictions: str, output: str, **selection):
-    from medclf.drift import run_drift
+    from medclf.monitor.drift import run_drift
 
     result = run_drift(cfg.drift, model, predictions, output, **selection)
     flagged = result.table[result.table["flag"]]
@@ -316,8 +316,8 @@ def drift_report(cfg: Config, model: str, predictions: str, output: str, **selec
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from medclf.evaluate import dropped_note
-    from medclf.models import load_card
+    from medclf.report.evaluate import dropped_note
+    from medclf.model.artifact import load_card
 
     cfg = _config_from(args, options={"evaluate.predictions": "predictions", "evaluate.labels": "labels",
                                       "evaluate.output": "output", "score.model": "model",
@@ -351,7 +351,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def evaluation_for(cfg: Config, predictions: str, output: str, classes: list[str], positive: Optional[str],
                    labels: Optional[str], model_id: Optional[str] = None):
-    from medclf.evaluate import run_evaluation
+    from medclf.report.evaluate import run_evaluation
 
     ec = cfg.evaluate
     return run_evaluation(predictions, output, classes, positive, labels, cfg.data.class_map, ec.bootstrap_resamples,
@@ -366,9 +366,9 @@ def print_metrics(metrics) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from medclf.gradcam import flagged_paths
-    from medclf.models import load_card
-    from medclf.images import list_inputs
+    from medclf.report.gradcam import flagged_paths
+    from medclf.model.artifact import load_card
+    from medclf.imaging.stage import list_inputs
 
     cfg = _config_from(args, options={"score.model": "model", "score.input": "input", "explain.output": "output",
                                       "explain.layer": "layer", "explain.target": "target"})
@@ -402,10 +402,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config_from(args, extra, {"serve.model": "model", "serve.host": "host"})
     if not cfg.serve.model:
         raise ConfigError("serve needs a model (--model or serve.model)")
-    from medclf.models import load_card
+    from medclf.model.artifact import load_card
 
     load_card(cfg.serve.model)  # a bad artifact fails here, before Ray starts
-    from medclf.serve import run_server
+    from medclf.score.serve import run_server
 
     init_ray(cfg)
     run_server(cfg, blocking=True)
@@ -413,7 +413,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from medclf.tracking import list_runs, tracking_uri
+    from medclf.ops.tracking import list_runs, tracking_uri
 
     cfg = _config_from(args)
     uri = tracking_uri(cfg)
@@ -433,7 +433,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from medclf.export import export_artifact
+    from medclf.model.export import export_artifact
 
     storage.check_input_url(args.model)
     doc = export_artifact(args.model, args.output, args.format)
@@ -442,7 +442,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def explain_into(cfg: Config, paths: list[str], model: str, output: str):
-    from medclf.gradcam import run_explain
+    from medclf.report.gradcam import run_explain
 
     ec = cfg.explain
     return run_explain(paths, model, output, ec.layer, ec.target, ec.batch_size, ec.num_actors, ec.cpus_per_actor,
@@ -450,9 +450,9 @@ def explain_into(cfg: Config, paths: list[str], model: str, output: str):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from medclf.phantoms import generate
-    from medclf.score import run_scoring
-    from medclf.train import run_training
+    from medclf.data.phantoms import generate
+    from medclf.score.batch import run_scoring
+    from medclf.train.training import run_training
 
     t0 = time.time()
     cfg = _config_from(args)
@@ -509,7 +509,7 @@ def run_command(name: str, argv: list[str], prog: Optional[str] = None) -> int:
     if getattr(args, "verbose", False):
         # Only our own loggers: botocore at DEBUG logs request headers (session token, access key id).
         logging.getLogger("medclf").setLevel(logging.DEBUG)
-    from medclf.lease import LEASE_HELD_EXIT, LeaseHeld
+    from medclf.score.lease import LEASE_HELD_EXIT, LeaseHeld
 
     try:
         return command(args)

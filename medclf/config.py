@@ -86,7 +86,7 @@ class DataConfig(_Section):
     extensions: list[str] = [".png", ".jpg", ".jpeg", ".dcm"]
     modalities: list[str] = Field(default_factory=list)
     """DICOM modalities this model is for (e.g. [CR, DX] for chest films), recorded in the model's
-    domain (medclf.ood): at scoring, a DICOM of another modality is `out_of_scope`. Training images
+    domain (medclf.monitor.ood): at scoring, a DICOM of another modality is `out_of_scope`. Training images
     are often JPEG/PNG without the tag, so it comes from here. Empty: any modality."""
     train_split: str = "train"
     val_split: str = "val"
@@ -111,7 +111,7 @@ class DataConfig(_Section):
     other family of a class those do not cover, a contiguous range of patient numbers
     (`holdout_id_fraction` at the `holdout_id_end` of the numbering); then a random `val_fraction` of the remaining patients as the usual
     patient-level validation. Epoch, threshold and calibration are chosen on the family part
-    (medclf.data.VAL_GROUP_COLUMN), the patient part is reported beside it."""
+    (medclf.data.labelled.VAL_GROUP_COLUMN), the patient part is reported beside it."""
     family_regex: Optional[str] = None
     """Regex with one group pulling the acquisition family out of a file name (family scheme)."""
     holdout_families: list[str] = Field(default_factory=list)
@@ -246,7 +246,7 @@ class TrainConfig(_Section):
     target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)
     threshold_validation: Literal["clean", "shifted"] = "clean"
     """Choose the threshold on the validation images as they are, or pooled with the same images under
-    fixed acquisition shifts (medclf.augment.ACQUISITION_SHIFTS), which a new site's images resemble."""
+    fixed acquisition shifts (medclf.data.augment.ACQUISITION_SHIFTS), which a new site's images resemble."""
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0.0)
     """Keep below the machine's share: Ray hangs when train workers take every CPU."""
@@ -266,7 +266,7 @@ class TrainConfig(_Section):
     memory_limit_mb: float = Field(2048.0, gt=0)
     """Largest data set (train + validation images as float32) `data_path: auto` keeps in memory."""
     cache_root: Optional[str] = None
-    """Folder or s3:// prefix of the preprocessed cache (medclf.cache); None: `<run folder>/cache`.
+    """Folder or s3:// prefix of the preprocessed cache (medclf.data.cache); None: `<run folder>/cache`.
     Set it to share one cache between runs of the same files and preprocessing."""
     stream_buffer_mb: float = Field(256.0, gt=0)
     """Object-store memory Ray Data may fill ahead of the consumer on the stream path (the workers'
@@ -319,7 +319,7 @@ class ScoreConfig(_Section):
     (cpus_per_actor, at least 1)."""
     runtime: Literal["torch", "onnxruntime"] = "torch"
     """What runs the model in the inference actors: eager PyTorch (channels_last; AMP on GPU), or ONNX
-    Runtime's CPU provider on the artifact exported by `medclf.export` (faster on CPU nodes: see
+    Runtime's CPU provider on the artifact exported by `medclf.model.export` (faster on CPU nodes: see
     docs/benchmarks.md). GPU scoring uses torch."""
     uids: Literal["keep", "hash", "drop"] = "hash"
     """DICOM UIDs in the predictions: raw, keyed hash (HMAC-SHA256 with the site key, so the site can
@@ -332,7 +332,7 @@ class ScoreConfig(_Section):
 
     drift_report: bool = False
     """After scoring, compare this run's rows with the model's drift reference (section `drift`,
-    medclf.drift) and write the report under `drift.output` (default `<run folder>/drift`); the
+    medclf.monitor.drift) and write the report under `drift.output` (default `<run folder>/drift`); the
     job then exits 4 when a drift flag trips."""
 
     @field_validator("extensions")
@@ -342,7 +342,7 @@ class ScoreConfig(_Section):
 
 
 class OODConfig(_Section):
-    """The out-of-scope guard (medclf.ood): the domain record training writes into the model."""
+    """The out-of-scope guard (medclf.monitor.ood): the domain record training writes into the model."""
 
     enabled: bool = True
     """Fit a domain record after training (off: scoring writes ood_score null, modality/size unchecked)."""
@@ -370,7 +370,7 @@ class ExplainConfig(_Section):
     """Grad-CAM heatmaps (`medclf explain`, and `score.explain_flagged`)."""
 
     layer: Optional[str] = None
-    """Module name, e.g. `layer4`; None: the architecture's default (medclf.gradcam.DEFAULT_LAYERS)."""
+    """Module name, e.g. `layer4`; None: the architecture's default (medclf.report.gradcam.DEFAULT_LAYERS)."""
     target: str = "predicted"
     """Class whose evidence is shown: `predicted` (the model's decision) or a class name."""
     output: Optional[str] = None
@@ -415,7 +415,7 @@ class ModelCardConfig(_Section):
 
 
 class ServeConfig(_Section):
-    """The online endpoint (medclf.serve, Ray Serve): one answer per request, same decode,
+    """The online endpoint (medclf.score.serve, Ray Serve): one answer per request, same decode,
     preprocessing, model and decision as batch scoring."""
 
     model: Optional[str] = None
@@ -447,7 +447,7 @@ class ServeConfig(_Section):
 
 class TrackingConfig(_Section):
     enabled: bool = True
-    """Log training, scoring and evaluation runs to MLflow (medclf.tracking)."""
+    """Log training, scoring and evaluation runs to MLflow (medclf.ops.tracking)."""
     uri: Optional[str] = None
     """MLflow tracking URI; MLFLOW_TRACKING_URI wins; default: a file store at <run.root>/mlruns."""
     experiment: Optional[str] = None
@@ -462,7 +462,7 @@ class RayConfig(_Section):
 
 
 class DriftConfig(_Section):
-    """Drift reports (medclf.drift): tonight's predictions against the model's validation reference."""
+    """Drift reports (medclf.monitor.drift): tonight's predictions against the model's validation reference."""
 
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
     """Family-wise false-alarm level: every statistic's p-value is Holm-adjusted over the report's tests,

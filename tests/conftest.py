@@ -10,8 +10,8 @@ import os
 import pytest
 
 from medclf.config import load_config
-from medclf.phantoms import PATIENT_REGEX, generate
-from medclf.privacy import UID_KEY_ENV
+from medclf.data.phantoms import PATIENT_REGEX, generate
+from medclf.imaging.privacy import UID_KEY_ENV
 
 # score.uids=hash (the default) needs a site key; set before Ray starts, so workers and jobs see it.
 os.environ.setdefault(UID_KEY_ENV, "test-site-key")
@@ -56,7 +56,7 @@ def tiny_config(phantom_root, tmp_path):
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto, server mode) on 127.0.0.1 for this test session."""
-    from medclf.devserver import local_s3_server
+    from medclf.ops.devserver import local_s3_server
 
     with local_s3_server() as endpoint:
         yield endpoint
@@ -82,7 +82,7 @@ def ray_cluster(s3_server):
 
     if ray.is_initialized():  # a test that started Ray by itself must not break the session
         ray.shutdown()
-    from medclf.runs import LOCAL_RAY_ENV
+    from medclf.ops.runs import LOCAL_RAY_ENV
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": LOCAL_RAY_ENV})  # another Ray on the machine must not reap our workers
@@ -94,7 +94,7 @@ def ray_cluster(s3_server):
 @pytest.fixture(scope="session")
 def trained_model(ray_cluster, phantom_root, tmp_path_factory):
     """A 1-epoch model trained with Ray Train on the tiny phantoms (shared by scoring tests)."""
-    from medclf.train import run_training
+    from medclf.train.training import run_training
 
     run_dir = str(tmp_path_factory.mktemp("train_run"))
     cfg = load_config(None, TINY + [f"data.root={phantom_root}", f"run.root={run_dir}"])

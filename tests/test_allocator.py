@@ -1,4 +1,4 @@
-"""Ray workers started by medclf keep freed memory (medclf.runs.ALLOCATOR_ENV): a worker that allocates
+"""Ray workers started by medclf keep freed memory (medclf.ops.runs.ALLOCATOR_ENV): a worker that allocates
 and frees a 50 MB buffer ten times faults its pages in once, not ten times."""
 
 import os
@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
 import os, resource, numpy as np, ray
-from medclf.runs import ALLOCATOR_ENV, init_ray
+from medclf.ops.runs import ALLOCATOR_ENV, init_ray
 from medclf.config import Config
 cfg = Config(); cfg.ray.num_cpus = 1
 init_ray(cfg)

@@ -1,11 +1,11 @@
-"""medclf.augment.acquisition_shift: the zoom shifts are one batched call that gives every image the
+"""medclf.data.augment.acquisition_shift: the zoom shifts are one batched call that gives every image the
 same result as zooming it alone with its own darkest value as the fill."""
 
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from medclf.augment import ACQUISITION_SHIFTS, acquisition_shift
+from medclf.data.augment import ACQUISITION_SHIFTS, acquisition_shift
 
 pytestmark = pytest.mark.timeout(60)
 

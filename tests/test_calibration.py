@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
-from medclf.calibration import fit_temperature, negative_log_likelihood, softmax_with_temperature
+from medclf.model.calibration import fit_temperature, negative_log_likelihood, softmax_with_temperature
 from medclf.config import PreprocessConfig
-from medclf.data import read_manifest
-from medclf.decode import decode
-from medclf.metrics import expected_calibration_error
-from medclf.models import CARD_FILE, class_probabilities, load_artifact, prob_column
-from medclf.phantoms import generate
-from medclf.preprocess import preprocess_gray, to_model_input
-from medclf.train import STATE_FILE
+from medclf.data.labelled import read_manifest
+from medclf.imaging.decode import decode
+from medclf.report.metrics import expected_calibration_error
+from medclf.model.artifact import CARD_FILE, class_probabilities, load_artifact, prob_column
+from medclf.data.phantoms import generate
+from medclf.imaging.preprocess import preprocess_gray, to_model_input
+from medclf.train.training import STATE_FILE
 
 
 def test_fit_temperature_recovers_a_known_overconfidence():
@@ -71,10 +71,10 @@ def test_calibrated_model_has_lower_ece_on_held_out_phantoms(trained_model, tmp_
 @pytest.mark.timeout(600)
 def test_stored_temperature_is_applied_identically_by_scoring_gradcam_and_evaluation(
         ray_cluster, trained_model, tiny_config, phantom_root, tmp_path):
-    from medclf.evaluate import run_evaluation
-    from medclf.gradcam import run_explain
-    from medclf.predictions import read_predictions
-    from medclf.score import run_scoring
+    from medclf.report.evaluate import run_evaluation
+    from medclf.report.gradcam import run_explain
+    from medclf.data.predictions import read_predictions
+    from medclf.score.batch import run_scoring
 
     artifact = str(tmp_path / "model")
     shutil.copytree(trained_model.model_path, artifact)

@@ -70,11 +70,11 @@ def test_run_id_must_be_one_safe_path_segment(run_id, tmp_path, capsys):
 
 def test_user_errors_share_one_base_class_and_exit_2(tmp_path, capsys):
     from medclf.config import ConfigError
-    from medclf.data import DatasetError
-    from medclf.decode import DecodeError, NotAnImage
+    from medclf.data.labelled import DatasetError
+    from medclf.imaging.decode import DecodeError, NotAnImage
     from medclf.errors import UserError
-    from medclf.evaluate import EvaluationError
-    from medclf.models import ModelError
+    from medclf.report.evaluate import EvaluationError
+    from medclf.model.artifact import ModelError
 
     for cls in (ConfigError, DatasetError, DecodeError, NotAnImage, EvaluationError, ModelError):
         assert issubclass(cls, UserError), cls
@@ -90,7 +90,7 @@ def test_verbose_raises_only_our_loggers(tmp_path):
     try:
         run_command("evaluate", ["-v", "--run-root", str(tmp_path), "--predictions", str(tmp_path / "none"),
                                  "--set", "data.classes=[NORMAL, POSITIVE]"])
-        assert logging.getLogger("medclf.score").getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("medclf.score.batch").getEffectiveLevel() == logging.DEBUG
         assert logging.getLogger("botocore.endpoint").getEffectiveLevel() > logging.DEBUG
         assert logging.getLogger("s3fs").getEffectiveLevel() > logging.DEBUG
     finally:

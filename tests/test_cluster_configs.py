@@ -41,11 +41,11 @@ def test_kuberay_manifests(path):
     doc = load(path)
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in {"RayCluster", "RayJob", "RayCronJob", "RayService"}
     if doc["kind"] == "RayService":  # the Serve application builds from the config it names
-        from medclf.serve import app_builder
+        from medclf.score.serve import app_builder
 
         serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
         for app in serve_config["applications"]:
-            assert app["import_path"] == "medclf.serve:app_builder" and callable(app_builder)
+            assert app["import_path"] == "medclf.score.serve:app_builder" and callable(app_builder)
             cfg = load_config(os.path.join(ROOT, app["args"]["config"]), app["args"].get("set", []))
             assert cfg.serve.max_replicas >= cfg.serve.min_replicas
     spec = doc["spec"]

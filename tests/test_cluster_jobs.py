@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from medclf import storage
-from medclf.devserver import _free_port
-from medclf.predictions import read_predictions
+from medclf.ops.devserver import _free_port
+from medclf.data.predictions import read_predictions
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

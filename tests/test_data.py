@@ -4,8 +4,8 @@ import shutil
 import pytest
 
 from medclf.config import load_config
-from medclf.data import DatasetError, assign_validation, discover
-from medclf.train import prepare_data
+from medclf.data.labelled import DatasetError, assign_validation, discover
+from medclf.train.training import prepare_data
 
 
 def cfg_for(root, *extra):

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from medclf.config import PreprocessConfig
-from medclf.decode import DecodeError, decode
-from medclf.phantoms import generate
-from medclf.preprocess import preprocess
+from medclf.imaging.decode import DecodeError, decode
+from medclf.data.phantoms import generate
+from medclf.imaging.preprocess import preprocess
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_dicom_without_pixels(phantoms):
 def _frames(name: str, frames: str = "all") -> np.ndarray:
     from pydicom.data import get_testdata_file
 
-    from medclf.decode import open_images
+    from medclf.imaging.decode import open_images
 
     images = open_images(open(get_testdata_file(name), "rb").read(), name, frames)
     return np.stack([images.image(f).image for f in images.frames])
@@ -167,7 +167,7 @@ def test_encodings_without_a_twin_decode(name):
 def test_frame_policies():
     from pydicom.data import get_testdata_file
 
-    from medclf.decode import DecodeError, open_images
+    from medclf.imaging.decode import DecodeError, open_images
 
     data = open(get_testdata_file("emri_small.dcm"), "rb").read()
     assert open_images(data, "e.dcm", "all").frames == list(range(1, 11))
@@ -241,7 +241,7 @@ def test_enhanced_multiframe_uses_each_frames_own_window():
 def test_pixel_less_dicom_is_not_an_image_but_a_stripped_image_is_an_error():
     from pydicom.data import get_testdata_file
 
-    from medclf.decode import DecodeError, NotAnImage
+    from medclf.imaging.decode import DecodeError, NotAnImage
 
     for name, modality in [("test-SR.dcm", "SR"), ("rtplan.dcm", "RTPLAN"), ("rtstruct.dcm", "RTSTRUCT"),
                            ("waveform_ecg.dcm", "ECG")]:
@@ -256,7 +256,7 @@ def test_pixel_less_dicom_is_not_an_image_but_a_stripped_image_is_an_error():
 def test_header_claiming_a_huge_image_is_refused_before_decoding():
     import time
 
-    from medclf.decode import DecodeError
+    from medclf.imaging.decode import DecodeError
 
     start = time.time()
     with pytest.raises(DecodeError, match="60000x60000.*decompression-bomb guard"):

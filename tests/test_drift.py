@@ -1,4 +1,4 @@
-"""Drift reports (medclf.drift) on phantoms: the shared 1-epoch model gets a drift reference measured
+"""Drift reports (medclf.monitor.drift) on phantoms: the shared 1-epoch model gets a drift reference measured
 on 400 labelled phantoms (the function training calls, via `add_reference`: no second training);
 batches are scored by the real decode stage and Predictor (no Ray: tests/test_score*.py cover the
 Ray pipeline) and compared with it."""
@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from medclf.config import DriftConfig, load_config
-from medclf.drift import DRIFT_EXIT, compare, holm, psi, wilson
-from medclf.images import load_images
-from medclf.models import ModelError, load_artifact, load_card
-from medclf.ood import input_gate, load_domain
-from medclf.phantoms import generate, write_ct_like, write_shifted
-from medclf.reference import EMB_COLUMNS, REFERENCE_FILE, STAT_COLUMNS, image_stats, load_reference
-from medclf.score import Predictor
+from medclf.monitor.drift import DRIFT_EXIT, compare, holm, psi, wilson
+from medclf.imaging.stage import load_images
+from medclf.model.artifact import ModelError, load_artifact, load_card
+from medclf.monitor.ood import input_gate, load_domain
+from medclf.data.phantoms import generate, write_ct_like, write_shifted
+from medclf.monitor.reference import EMB_COLUMNS, REFERENCE_FILE, STAT_COLUMNS, image_stats, load_reference
+from medclf.score.batch import Predictor
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.timeout(900)
@@ -40,9 +40,9 @@ def tuned(trained_model, dest):
 
     import torch
 
-    from medclf.models import build_model, save_artifact
-    from medclf.phantoms import render
-    from medclf.preprocess import preprocess_gray, to_model_input
+    from medclf.model.artifact import build_model, save_artifact
+    from medclf.data.phantoms import render
+    from medclf.imaging.preprocess import preprocess_gray, to_model_input
 
     card = load_card(trained_model.model_path)
     y = torch.arange(800) % 2
@@ -69,8 +69,8 @@ def tuned(trained_model, dest):
 def drift_model(trained_model, tmp_path_factory):
     """A model with a domain record (chest-film modalities) and a drift reference, both measured on
     400 fresh labelled phantoms (its own validation split has ~16 images)."""
-    from medclf.ood import add_domain
-    from medclf.reference import add_reference
+    from medclf.monitor.ood import add_domain
+    from medclf.monitor.reference import add_reference
 
     base = tmp_path_factory.mktemp("drift_model")
     paths, labels = phantom_files(str(base / "reference"), 400, seed=21)
@@ -121,7 +121,7 @@ def test_reference_is_in_the_artifact_and_scoring_measures_the_same_statistics(d
     assert ref.arrays["probs"].shape == (400, 2) and len(ref.arrays["ood_scores"]) == 400
     assert sum(rec.emb_variance_explained) <= 1.0
     # one rule: the statistics scoring wrote are those of the decoded file
-    from medclf.decode import decode
+    from medclf.imaging.decode import decode
 
     row = pool.iloc[0]
     expected = image_stats(decode(open(row.path, "rb").read(), row.path).image)

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 from pydicom.data import get_testdata_file
 
 from medclf.config import PreprocessConfig
-from medclf.images import load_images, scored_key
-from medclf.predictions import prediction_schema
-from medclf.score import scored_keys
+from medclf.imaging.stage import load_images, scored_key
+from medclf.data.predictions import prediction_schema
+from medclf.score.batch import scored_keys
 
 
 def test_error_kind_of_each_failure(tmp_path, monkeypatch):

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from medclf.evaluate import EvaluationError, run_evaluation
-from medclf.models import prob_column
-from medclf.predictions import prediction_schema
+from medclf.report.evaluate import EvaluationError, run_evaluation
+from medclf.model.artifact import prob_column
+from medclf.data.predictions import prediction_schema
 
 CLASSES = ["NORMAL", "POSITIVE"]
 
@@ -233,7 +233,7 @@ def test_evaluate_command_prints_what_it_left_out(phantom_root, tmp_path, capsys
 
 
 def test_frame_rows_are_evaluated_per_file():
-    from medclf.evaluate import per_file
+    from medclf.report.evaluate import per_file
 
     pred = pd.DataFrame({
         "path": ["cine.dcm"] * 3 + ["cr.dcm", "report.dcm"],

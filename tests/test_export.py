@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from medclf.config import MODEL_ARCHS, load_config
-from medclf.decode import decode
-from medclf.export import CONTRACT_FILE, ONNX_FILE, TORCHSCRIPT_FILE, export_artifact
-from medclf.models import ModelCard, build_model, class_probabilities, load_artifact, prob_column, save_artifact
-from medclf.preprocess import preprocess_gray, to_model_input
+from medclf.imaging.decode import decode
+from medclf.model.export import CONTRACT_FILE, ONNX_FILE, TORCHSCRIPT_FILE, export_artifact
+from medclf.model.artifact import ModelCard, build_model, class_probabilities, load_artifact, prob_column, save_artifact
+from medclf.imaging.preprocess import preprocess_gray, to_model_input
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -93,8 +93,8 @@ def test_onnxruntime_on_gpu_is_a_config_error():
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_scoring_with_onnxruntime_matches_torch(ray_cluster, trained_model, tiny_config, phantom_root, tmp_path):
-    from medclf.predictions import read_predictions
-    from medclf.score import run_scoring
+    from medclf.data.predictions import read_predictions
+    from medclf.score.batch import run_scoring
 
     files = sorted(glob.glob(os.path.join(phantom_root, "test", "*", "*.png")))[:16]
     manifest = str(tmp_path / "inputs.csv")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from medclf.gradcam import grad_cam
-from medclf.models import ModelError
+from medclf.report.gradcam import grad_cam
+from medclf.model.artifact import ModelError
 
 
 class SpotModel(nn.Module):
@@ -47,8 +47,8 @@ def test_grad_cam_points_at_the_evidence():
 def demo_model(ray_cluster, tmp_path_factory):
     """The demo recipe (configs/demo.yaml: small CNN, 64 px phantoms) trained with Ray Train."""
     from medclf.config import load_config
-    from medclf.phantoms import generate
-    from medclf.train import run_training
+    from medclf.data.phantoms import generate
+    from medclf.train.training import run_training
 
     root = tmp_path_factory.mktemp("demo")
     data = str(root / "data")
@@ -61,7 +61,7 @@ def demo_model(ray_cluster, tmp_path_factory):
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_grad_cam_peak_falls_in_the_planted_opacity(demo_model, tmp_path):
-    from medclf.gradcam import run_explain
+    from medclf.report.gradcam import run_explain
 
     trained, data = demo_model
     manifest = pd.read_parquet(os.path.join(data, "manifest.parquet"))

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from medclf import storage
-from medclf.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost, read_lease, verify
-from medclf.predictions import prediction_schema, read_predictions
-from medclf.score import scored_keys
+from medclf.score.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost, read_lease, verify
+from medclf.data.predictions import prediction_schema, read_predictions
+from medclf.score.batch import scored_keys
 
 
 @pytest.fixture(params=["local", "s3"])

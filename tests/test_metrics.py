@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from medclf.metrics import binary_metrics, choose_threshold, classification_metrics, confusion_table
+from medclf.report.metrics import binary_metrics, choose_threshold, classification_metrics, confusion_table
 
 
 def test_binary_metrics_against_hand_count():
@@ -51,7 +51,7 @@ def test_multiclass_and_confusion():
 
 
 def test_calibration_brier_and_ece_by_hand():
-    from medclf.metrics import brier_score, calibration_table, expected_calibration_error
+    from medclf.report.metrics import brier_score, calibration_table, expected_calibration_error
 
     y = np.array([0, 1, 1, 0, 1])
     p = np.array([0.05, 0.15, 0.85, 0.95, 0.95])
@@ -65,7 +65,7 @@ def test_calibration_brier_and_ece_by_hand():
 
 
 def test_bootstrap_ci_contains_estimate_is_seeded_and_matches_sklearn_auc():
-    from medclf.metrics import bootstrap_ci
+    from medclf.report.metrics import bootstrap_ci
 
     rng = np.random.default_rng(0)
     y = (rng.random(1000) < 0.3).astype(int)
@@ -87,7 +87,7 @@ def test_bootstrap_ci_contains_estimate_is_seeded_and_matches_sklearn_auc():
 
 
 def test_pr_points():
-    from medclf.metrics import pr_points
+    from medclf.report.metrics import pr_points
 
     y = np.array([0, 1, 1, 0])
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]])

@@ -8,8 +8,8 @@ import pandas as pd
 import torch
 
 from medclf.config import Config
-from medclf.model_card import CARD_MARKDOWN, REQUIRED_SECTIONS, config_sha256, render
-from medclf.models import load_card
+from medclf.model.card import CARD_MARKDOWN, REQUIRED_SECTIONS, config_sha256, render
+from medclf.model.artifact import load_card
 
 
 def test_trained_artifact_has_a_card_people_can_read(trained_model):

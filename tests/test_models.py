@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from medclf.models import (
+from medclf.model.artifact import (
     ModelCard, ModelError, apply_transfer_mode, build_model, count_parameters, load_artifact, save_artifact,
     set_train_mode,
 )
@@ -151,7 +151,7 @@ def test_replaced_weights_under_an_old_card_are_refused(tmp_path):
     ("preprocess", {"image_size": 3}, "preprocess is not a valid preprocessing spec"),
 ])
 def test_card_is_validated_before_anything_is_built(tmp_path, monkeypatch, field, value, problem):
-    import medclf.models as models
+    import medclf.model.artifact as models
 
     path, _ = _artifact(tmp_path)
     card_file = os.path.join(path, "model.json")

@@ -1,4 +1,4 @@
-"""The out-of-scope guard (medclf.ood): a model trained on phantoms records its domain; scoring
+"""The out-of-scope guard (medclf.monitor.ood): a model trained on phantoms records its domain; scoring
 marks a CT slice, a 1x1 PNG and noise as out_of_scope; the artifact's domain file is checked."""
 
 import json
@@ -15,10 +15,10 @@ from pydicom.data import get_testdata_file
 from sklearn.metrics import roc_auc_score
 
 from medclf.config import load_config
-from medclf.images import load_images
-from medclf.models import CARD_FILE, ModelError, build_model, load_artifact, penultimate
-from medclf.ood import DOMAIN_FILE, load_domain, reason_kind
-from medclf.score import Predictor
+from medclf.imaging.stage import load_images
+from medclf.model.artifact import CARD_FILE, ModelError, build_model, load_artifact, penultimate
+from medclf.monitor.ood import DOMAIN_FILE, load_domain, reason_kind
+from medclf.score.batch import Predictor
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.timeout(600)
@@ -29,7 +29,7 @@ def guarded(trained_model, tmp_path_factory):
     """The shared 1-epoch phantom model with a domain record for chest-film modalities, fitted on its
     own validation images (the function training calls, via `add_domain`: no second training;
     tests/test_training.py checks that training writes the record itself)."""
-    from medclf.ood import add_domain
+    from medclf.monitor.ood import add_domain
 
     run_dir = os.path.dirname(trained_model.model_path)
     val = pd.read_parquet(os.path.join(run_dir, "splits.parquet")).query("split == 'val'")
@@ -42,8 +42,8 @@ def guarded(trained_model, tmp_path_factory):
 
 def score_rows(model_path, paths, ood_action="out_of_scope"):
     """The decode stage and the model stage as plain functions (no Ray), as scoring runs them."""
-    from medclf.models import load_card
-    from medclf.ood import input_gate
+    from medclf.model.artifact import load_card
+    from medclf.monitor.ood import input_gate
 
     card = load_card(model_path)
     predictor = Predictor(model_path, "run", threads=1, ood_action=ood_action)
@@ -146,9 +146,9 @@ def test_artifact_without_a_domain_still_scores(guarded, tmp_path):
 
 
 def test_scoring_and_evaluation_count_out_of_scope(ray_cluster, guarded, phantom_root, tmp_path, caplog):
-    from medclf.evaluate import run_evaluation
-    from medclf.predictions import read_predictions
-    from medclf.score import run_scoring
+    from medclf.report.evaluate import run_evaluation
+    from medclf.data.predictions import read_predictions
+    from medclf.score.batch import run_scoring
 
     src = tmp_path / "archive"
     normal = src / "NORMAL"
@@ -193,7 +193,7 @@ def test_penultimate_features_come_from_the_same_forward_pass(arch):
 def test_embedding_from_batches_in_any_order_matches_the_whole_array():
     """The finish step embeds validation streamed from the cache in whatever order Ray Data yields
     it; rows must land where they belong, and a missing row must fail, not leave garbage."""
-    from medclf.ood import embed, features_and_logits
+    from medclf.monitor.ood import embed, features_and_logits
 
     torch.manual_seed(0)
     model = build_model("small_cnn", 2).eval()
@@ -210,7 +210,7 @@ def test_embedding_from_batches_in_any_order_matches_the_whole_array():
 
 
 def test_gather_rows_returns_the_selected_images_in_row_order():
-    from medclf.train import gather_rows
+    from medclf.train.training import gather_rows
 
     x = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((10, 1, 2, 2), np.float32)
     rows = np.array([1, 0, 1, 1, 0, 0, 1, 0, 0, 1], bool)
@@ -220,7 +220,7 @@ def test_gather_rows_returns_the_selected_images_in_row_order():
 
 
 def test_old_predictions_without_ood_score_still_read(tmp_path):
-    from medclf.predictions import prediction_schema, read_predictions
+    from medclf.data.predictions import prediction_schema, read_predictions
 
     schema = prediction_schema(["NORMAL", "POSITIVE"])
     old = pa.schema([f for f in schema if f.name != "ood_score"])

@@ -3,9 +3,9 @@ import os
 
 import numpy as np
 
-from medclf.decode import decode
-from medclf.phantoms import PATIENT_REGEX, generate
-from medclf.data import patient_id_of
+from medclf.imaging.decode import decode
+from medclf.data.phantoms import PATIENT_REGEX, generate
+from medclf.data.labelled import patient_id_of
 
 
 def digests(root):

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medclf.privacy import PrivacyError, check_uid_policy, display_name, protect_uid
+from medclf.imaging.privacy import PrivacyError, check_uid_policy, display_name, protect_uid
 
 PATIENT = "DOE_JANE_MRN7734921"
 
@@ -40,8 +40,8 @@ def patient_named(phantom_root, tmp_path):
 
 @pytest.mark.parametrize("show_paths", [False, True])
 def test_gallery_captions(patient_named, monkeypatch, show_paths):
-    import medclf.plots as plots
-    from medclf.evaluate import gallery
+    import medclf.report.plots as plots
+    from medclf.report.evaluate import gallery
 
     seen = {}
     monkeypatch.setattr(plots, "gallery_plot", lambda images, captions, wrong, title: seen.update(c=captions) or b"")
@@ -53,9 +53,9 @@ def test_gallery_captions(patient_named, monkeypatch, show_paths):
 
 @pytest.mark.parametrize("show_paths", [False, True])
 def test_grad_cam_names_and_captions(patient_named, tmp_path, monkeypatch, show_paths):
-    import medclf.gradcam as gradcam
-    from medclf.models import ModelCard, build_model, save_artifact
-    from medclf.images import load_images
+    import medclf.report.gradcam as gradcam
+    from medclf.model.artifact import ModelCard, build_model, save_artifact
+    from medclf.imaging.stage import load_images
 
     model_dir = str(tmp_path / "model")
     save_artifact(build_model("small_cnn", 2), ModelCard(arch="small_cnn", classes=["NORMAL", "POSITIVE"],

@@ -18,8 +18,8 @@ import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 
 from medclf.config import load_config
-from medclf.predictions import read_predictions
-from medclf.score import run_scoring
+from medclf.data.predictions import read_predictions
+from medclf.score.batch import run_scoring
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -218,7 +218,7 @@ def test_cli_scores_a_folder_with_a_hash_and_verbose_s3_logs_no_credentials(ray_
 
 
 def test_grad_cam_rows_carry_the_frame(ray_cluster, trained_model, tmp_path):
-    from medclf.gradcam import run_explain
+    from medclf.report.gradcam import run_explain
 
     cine, single = get_testdata_file("emri_small.dcm"), get_testdata_file("MR_small.dcm")
     index = run_explain([cine, single, get_testdata_file("test-SR.dcm")], trained_model.model_path,

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from medclf.decode import decode
-from medclf.predictions import read_predictions
+from medclf.imaging.decode import decode
+from medclf.data.predictions import read_predictions
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +109,7 @@ def test_bad_input_loses_nothing(ray_cluster, trained_model, messy_archive, tmp_
 def test_jpeg2000_without_its_decoder_is_a_clear_error():
     from pydicom.pixels.decoders import JPEG2000LosslessDecoder
 
-    from medclf.decode import DecodeError
+    from medclf.imaging.decode import DecodeError
 
     data = open(get_testdata_file("RG1_J2KR.dcm"), "rb").read()
     plugins = [name for name in ("pillow", "pylibjpeg") if name in JPEG2000LosslessDecoder.available_plugins]
@@ -154,7 +154,7 @@ def ray_session_logs():
 
 
 def test_no_phi_in_outputs_or_logs(ray_cluster, trained_model, phantom_root, tmp_path):
-    from medclf.privacy import UID_KEY_ENV, protect_uid
+    from medclf.imaging.privacy import UID_KEY_ENV, protect_uid
 
     src = tmp_path / "archive"
     src.mkdir()

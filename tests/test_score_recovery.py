@@ -1,6 +1,6 @@
 """Nightly scoring that a kill at any point cannot corrupt, and that two runs cannot write at once.
 
-Faults are injected at named stages (medclf.faults, `MEDCLF_FAULT`), never by timing. Each run is
+Faults are injected at named stages (medclf.ops.faults, `MEDCLF_FAULT`), never by timing. Each run is
 `jobs/score.py` in a subprocess joined to the test session's Ray cluster, as a scheduler runs it.
 """
 
@@ -12,8 +12,8 @@ import time
 import pytest
 
 from medclf import storage
-from medclf.lease import LEASE_HELD_EXIT, read_lease
-from medclf.predictions import read_predictions
+from medclf.score.lease import LEASE_HELD_EXIT, read_lease
+from medclf.data.predictions import read_predictions
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ def score_job(input_dir, model, output, tmp_path, run_id, fault=None, once=None,
 def model(tmp_path_factory):
     """An untrained artifact: recovery is about rows, not about how good the scores are (and it
     spares the tests a Ray Train run)."""
-    from medclf.models import ModelCard, build_model, save_artifact
+    from medclf.model.artifact import ModelCard, build_model, save_artifact
 
     path = str(tmp_path_factory.mktemp("recovery") / "model")
     save_artifact(build_model("small_cnn", 2), ModelCard(arch="small_cnn", classes=["NORMAL", "POSITIVE"],

@@ -11,9 +11,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medclf.models import ModelCard, build_model, save_artifact
-from medclf.images import ALREADY_SCORED, load_images, scored_key
-from medclf.score import Predictor
+from medclf.model.artifact import ModelCard, build_model, save_artifact
+from medclf.imaging.stage import ALREADY_SCORED, load_images, scored_key
+from medclf.score.batch import Predictor
 
 
 @pytest.fixture(scope="module")

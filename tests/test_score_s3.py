@@ -12,8 +12,8 @@ import s3fs
 
 from medclf import storage
 from medclf.config import load_config
-from medclf.predictions import read_predictions
-from medclf.score import run_scoring
+from medclf.data.predictions import read_predictions
+from medclf.score.batch import run_scoring
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -86,7 +86,7 @@ def test_killed_run_restarts_without_loss_or_duplicates(ray_cluster, trained_mod
            "--run-root", str(tmp_path / "runs"), "--set", f"ray.address={address}",
            "--set", "score.rows_per_file=16", "--set", "score.batch_size=8", "--set", "score.decode_batch_size=4",
            "--set", "score.cpus_per_actor=0.5", "--set", "score.lease_seconds=2"]
-    # The driver is SIGKILLed by the write task that commits the first predictions file (medclf.faults,
+    # The driver is SIGKILLed by the write task that commits the first predictions file (medclf.ops.faults,
     # once per run): a kill at a known point mid-run, not one timed against a poll of the bucket, which
     # on a fast machine saw the first file only after the last was committed.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDCLF_FAULT")}

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medclf.models import load_card, prob_column
+from medclf.model.artifact import load_card, prob_column
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -45,7 +45,7 @@ def _get(url: str) -> dict:
 def served_model(trained_model, tmp_path_factory):
     """The shared phantom model with a domain record for chest films (CR, DX), as training writes one."""
     from medclf.config import load_config
-    from medclf.ood import add_domain
+    from medclf.monitor.ood import add_domain
     from tests.conftest import TINY
 
     run_dir = os.path.dirname(trained_model.model_path)
@@ -61,7 +61,7 @@ def endpoint(ray_cluster, served_model, phantom_root):
     from ray import serve
 
     from medclf.config import load_config
-    from medclf.serve import run_server
+    from medclf.score.serve import run_server
 
     port = _free_port()
     cfg = load_config(None, [f"serve.port={port}", "serve.cpus_per_replica=0.5", "serve.max_batch_size=16",
@@ -75,8 +75,8 @@ def test_answers_match_batch_scoring_for_png_jpeg_and_dicom(endpoint, served_mod
                                                             tmp_path):
     from pydicom.data import get_testdata_file
 
-    from medclf.predictions import read_predictions
-    from medclf.score import run_scoring
+    from medclf.data.predictions import read_predictions
+    from medclf.score.batch import run_scoring
 
     card = load_card(served_model)
     pngs = sorted(glob.glob(os.path.join(phantom_root, "test", "*", "*.png")))[:3]

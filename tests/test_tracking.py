@@ -9,7 +9,7 @@ import pytest
 
 from medclf.cli import run_command
 from medclf.config import load_config
-from medclf.tracking import JOB_TAG, MODEL_RUN_TAG, MODEL_TAG, RUN_TAG, _client, flat_params, tracking_uri
+from medclf.ops.tracking import JOB_TAG, MODEL_RUN_TAG, MODEL_TAG, RUN_TAG, _client, flat_params, tracking_uri
 
 
 def _store(model_path: str) -> str:

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from medclf.config import ConfigError, load_config
-from medclf.decode import decode
-from medclf.model_card import CARD_MARKDOWN
-from medclf.models import (MirrorMean, ModelCard, build_model, class_probabilities, head_module, load_artifact,
+from medclf.imaging.decode import decode
+from medclf.model.card import CARD_MARKDOWN
+from medclf.model.artifact import (MirrorMean, ModelCard, build_model, class_probabilities, head_module, load_artifact,
                            penultimate, plain_model, prob_column, save_artifact)
-from medclf.preprocess import preprocess_gray, to_model_input
-from medclf.train import STATE_FILE
+from medclf.imaging.preprocess import preprocess_gray, to_model_input
+from medclf.train.training import STATE_FILE
 
 from tests.conftest import TINY
 
@@ -64,11 +64,11 @@ def test_test_time_hflip_without_training_flips_is_a_config_error():
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_mirror_mean_is_applied_alike_by_validation_scoring_gradcam_and_export(ray_cluster, phantom_root, tmp_path):
-    from medclf.export import ONNX_FILE, export_artifact
-    from medclf.gradcam import run_explain
-    from medclf.predictions import read_predictions
-    from medclf.score import run_scoring
-    from medclf.train import run_training
+    from medclf.model.export import ONNX_FILE, export_artifact
+    from medclf.report.gradcam import run_explain
+    from medclf.data.predictions import read_predictions
+    from medclf.score.batch import run_scoring
+    from medclf.train.training import run_training
 
     ort = pytest.importorskip("onnxruntime")
     cfg = load_config(None, TINY + [f"data.root={phantom_root}", f"run.root={tmp_path / 'runs'}",

@@ -6,7 +6,7 @@ the logits by one number T fitted to minimise the validation log loss: the ranki
 the argmax are unchanged, the probabilities become honest. One parameter cannot overfit a few
 hundred validation images, unlike isotonic regression, and it applies to multi-class models as is.
 
-T is stored in the model artifact (`ModelCard.temperature`); `medclf.models.class_probabilities`
+T is stored in the model artifact (`ModelCard.temperature`); `medclf.model.artifact.class_probabilities`
 is the one function that turns logits into probabilities for scoring, Grad-CAM and validation.
 """
 

@@ -1,6 +1,6 @@
 """The model card: what a model is for, what it learned from, how well it did on what, where it fails.
 
-`model.json` (medclf.models.ModelCard) holds the facts as data: intended and out-of-scope use
+`model.json` (medclf.model.artifact.ModelCard) holds the facts as data: intended and out-of-scope use
 (config section `model_card`), training data (source, images per class and split, the split
 scheme and what its figures mean), validation metrics with 95% CIs per validation scheme,
 calibration, the threshold and its rule, the most confident validation errors, software versions
@@ -77,7 +77,7 @@ def failure_modes(paths: list[str], y: np.ndarray, probs: np.ndarray, classes: l
                   n: int = 8) -> list[dict]:
     """The most confident validation errors (what the report's gallery shows), most confident first.
     Files are named by a short hash unless `show_paths` (names often carry a patient's)."""
-    from medclf.score import predict_labels
+    from medclf.score.batch import predict_labels
 
     predicted = np.array([classes.index(p) for p in predict_labels(probs, classes, positive_index, threshold)])
     wrong = np.flatnonzero(predicted != y)

@@ -220,7 +220,7 @@ def write_ct_like(folder: str, n: int, image_size: int = 64, seed: int = 0, fmt:
 def write_shifted(paths: list[str], folder: str, gamma: float = 1.0, contrast: float = 1.0) -> list[str]:
     """PNG copies of images with a gamma (u -> u**gamma) and a contrast change about mid-grey: what a
     new detector or a changed processing preset does to every image of a night."""
-    from medclf.decode import decode
+    from medclf.imaging.decode import decode
 
     os.makedirs(folder, exist_ok=True)
     out = []

@@ -20,7 +20,7 @@ CHANNELS = 3
 
 
 def preprocess_gray(image: np.ndarray, spec: PreprocessConfig) -> np.ndarray:
-    """HxW float image in [0, 1] (from `medclf.decode`) -> float32 (1, S, S): resized, normalised.
+    """HxW float image in [0, 1] (from `medclf.imaging.decode`) -> float32 (1, S, S): resized, normalised.
 
     This is the form pipelines store and ship (3x smaller); `to_model_input` makes it 3-channel.
     """

@@ -5,7 +5,7 @@
     exit          only the current process dies (in a write task: Ray retries the task)
     wait=<file>   block until <file> exists (holds a run at a known point, no sleeps in tests)
 and `MEDCLF_FAULT_ONCE=<file>` makes the fault fire only for the first process that creates that
-file. Stages of `medclf.score.run_scoring` and `medclf.sink`, in order: `leased`, `listing`,
+file. Stages of `medclf.score.batch.run_scoring` and `medclf.score.sink`, in order: `leased`, `listing`,
 `before_commit` (part file written under its temporary name, not yet renamed/PUT), `after_commit`,
 `before_release` (everything committed, lease still held).
 

@@ -8,8 +8,8 @@ from typing import Optional
 import pandas as pd
 
 from medclf import storage
-from medclf.models import prob_column
-from medclf.reference import EMB_COLUMNS, STAT_COLUMNS
+from medclf.model.artifact import prob_column
+from medclf.monitor.reference import EMB_COLUMNS, STAT_COLUMNS
 
 # Output schema of the predictions Parquet (per-class `prob_<class>` columns follow `status`).
 PREDICTION_COLUMNS = {
@@ -24,17 +24,17 @@ PREDICTION_COLUMNS = {
     "frame": "1-based frame number of a multi-frame DICOM (null for single-image files)",
     "predicted_label": "predicted class name (null unless status is ok)",
     "threshold": "decision threshold on the positive class's probability (null: argmax)",
-    "ood_score": "distance of the image from the model's training domain (medclf.ood; higher = less like it); "
+    "ood_score": "distance of the image from the model's training domain (medclf.monitor.ood; higher = less like it); "
                  "null when not computed (error, skipped, out of scope by header, model without a domain record)",
     "model_id": "model artifact id (<arch>-<sha256 of weights, 12 hex>)",
     "model_version": "artifact creation time (UTC, ISO 8601)",
     "run_id": "id of the scoring run",
     "scored_at": "UTC time the row was scored",
-    "status": "ok, error, skipped (not an image) or out_of_scope (not what the model was trained on: medclf.ood)",
+    "status": "ok, error, skipped (not an image) or out_of_scope (not what the model was trained on: medclf.monitor.ood)",
     "error": "what went wrong with this file, or why it was skipped or out of scope (null when fine)",
     "error_kind": "permanent (corrupt or unsupported content) or transient (access error, out of memory, decoder "
                   "missing: the next run retries the file); null when fine",
-    **{name: f"{text} (medclf.reference; null when not decoded, or in files written before drift)"
+    **{name: f"{text} (medclf.monitor.reference; null when not decoded, or in files written before drift)"
        for name, text in STAT_COLUMNS.items()},
     **{name: f"projection of the penultimate-layer features on principal component {k + 1} of the validation "
              "features (the model's drift reference); null without one" for k, name in enumerate(EMB_COLUMNS)},

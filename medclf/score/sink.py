@@ -11,7 +11,7 @@ name, and the file is created exclusively (local disk: written under a hidden te
 then hard-linked into place, which fails if the name exists; S3: a conditional PUT,
 `If-None-Match: *`). A retry of a task that had committed finds its file there and adds nothing.
 The lease token keeps the names of a later run that re-uses the run id apart from this one's.
-Before publishing, the task checks that its run still holds the output's lease (medclf.lease),
+Before publishing, the task checks that its run still holds the output's lease (medclf.score.lease),
 so a run that lost it cannot commit. Readers (pyarrow datasets) ignore names starting with '.'
 or '_': a file is either fully there or not there at all. Rows of images an earlier run scored
 (status `already_scored`) are counted per status with the rest, never written.
@@ -35,7 +35,9 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockAccessor
 from ray.data.datasource.datasink import Datasink
 
-from medclf import faults, lease, storage
+from medclf import storage
+from medclf.ops import faults
+from medclf.score import lease
 
 
 def part_name(run_id: str, token: str, task_idx: int) -> str:
@@ -89,7 +91,7 @@ class CommitPerFileDatasink(Datasink[list]):
         self.first_rows = sum(task["first_rows"] for task in returns)
 
 
-UNWRITTEN_STATUS = "already_scored"  # medclf.images.ALREADY_SCORED
+UNWRITTEN_STATUS = "already_scored"  # medclf.imaging.stage.ALREADY_SCORED
 
 
 def _tally(tables: list) -> dict:

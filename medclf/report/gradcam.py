@@ -7,7 +7,7 @@ autograd.grad call), so no extra dependency: pytorch-grad-cam pulls in OpenCV, c
 framework we would use one class of.
 
 Images go through the same decode + `preprocess_gray` as scoring (the Ray Data stage
-`medclf.images.images_dataset`), and an actor pool of `Explainer`s computes the maps, so
+`medclf.imaging.stage.images_dataset`), and an actor pool of `Explainer`s computes the maps, so
 explaining scales like scoring. Per image it writes, under `<output>/heatmaps/`:
     <stem>-<checksum8>.png   the preprocessed image and the heatmap overlay side by side
     <stem>-<checksum8>.npy   the heatmap, float32 (S, S) in [0, 1], in the model-input frame
@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 
 from medclf import storage
-from medclf.models import ModelError, class_probabilities, load_artifact, load_card, plain_model
-from medclf.preprocess import denormalize, to_model_input
-from medclf.privacy import display_name
-from medclf.images import text_or_none
+from medclf.model.artifact import ModelError, class_probabilities, load_artifact, load_card, plain_model
+from medclf.imaging.preprocess import denormalize, to_model_input
+from medclf.imaging.privacy import display_name
+from medclf.imaging.stage import text_or_none
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ EXPLANATION_COLUMNS = {
     "peak_y": "heatmap maximum, fraction of the image height (0 = top edge)",
     "heatmap_png": "side-by-side picture (image | overlay)",
     "heatmap_npy": "heatmap array, float32 (S, S), values in [0, 1]",
-    "status": "ok | error | skipped (not an image) | out_of_scope (another modality, too small: medclf.ood)",
+    "status": "ok | error | skipped (not an image) | out_of_scope (another modality, too small: medclf.monitor.ood)",
     "error": "why the file could not be explained",
 }
 
@@ -193,8 +193,8 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
     """Grad-CAM for `paths` (Ray Data: decode tasks -> Explainer actors); returns and writes the index."""
     import ray.data
 
-    from medclf.images import images_dataset
-    from medclf.ood import input_gate
+    from medclf.imaging.stage import images_dataset
+    from medclf.monitor.ood import input_gate
 
     card = load_card(model_path)  # fail fast: a bad artifact, an unknown layer or class
     if target != "predicted" and target not in card.classes:
@@ -228,7 +228,7 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
 
 def flagged_paths(predictions: str, model_id: str, positive_class: str, run_id: Optional[str] = None) -> list[str]:
     """Files this model scored as `positive_class` (in one scoring run, if `run_id` is given)."""
-    from medclf.predictions import read_predictions
+    from medclf.data.predictions import read_predictions
 
     pred = read_predictions(predictions, columns=["path", "predicted_label", "model_id", "run_id", "status"])
     keep = (pred["model_id"] == model_id) & (pred["status"] == "ok") & (pred["predicted_label"] == positive_class)

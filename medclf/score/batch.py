@@ -3,7 +3,7 @@
 Reading/decoding runs in Ray tasks separate from the inference actors, so the two overlap and
 each scales on its own. A file that cannot be read or decoded becomes a row with
 `status = "error"` and its message; a file that holds no image (a DICOM report) a row with
-`status = "skipped"` and the reason; an image the model was not trained for (medclf.ood: another
+`status = "skipped"` and the reason; an image the model was not trained for (medclf.monitor.ood: another
 DICOM modality, too small, or an `ood_score` above the model's threshold) a row with
 `status = "out_of_scope"` and the reason; the run goes on. One row per image: a single-image file
 gives one row (`frame` null), a multi-frame DICOM one row per frame (`score.frames`).
@@ -21,17 +21,18 @@ from typing import Optional
 
 import numpy as np
 
-from medclf import faults, storage
+from medclf import storage
+from medclf.ops import faults
 from medclf.config import Config
-from medclf.images import (ALREADY_SCORED, META_KEYS, TRANSIENT, find_inputs, images_dataset, scored_key,
+from medclf.imaging.stage import (ALREADY_SCORED, META_KEYS, TRANSIENT, find_inputs, images_dataset, scored_key,
                            text_or_none)
-from medclf.lease import Lease, verify
-from medclf.predictions import prediction_schema, predictions_dataset
-from medclf.models import class_probabilities, load_artifact, load_card, penultimate, prob_column
-from medclf.ood import input_gate, load_domain, score_reason
-from medclf.reference import EMB_COLUMNS, STAT_COLUMNS, load_reference
-from medclf.preprocess import to_model_input
-from medclf.privacy import check_uid_policy, uid_key
+from medclf.score.lease import Lease, verify
+from medclf.data.predictions import prediction_schema, predictions_dataset
+from medclf.model.artifact import class_probabilities, load_artifact, load_card, penultimate, prob_column
+from medclf.monitor.ood import input_gate, load_domain, score_reason
+from medclf.monitor.reference import EMB_COLUMNS, STAT_COLUMNS, load_reference
+from medclf.imaging.preprocess import to_model_input
+from medclf.imaging.privacy import check_uid_policy, uid_key
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class Predictor:
             probs[ok] = class_probabilities(torch.from_numpy(logits), self.card.temperature).numpy()
             if self.domain is not None:
                 ood_scores[ok] = self.domain.scores(features, logits)
-            if self.reference is not None:  # the embedding summary drift compares (medclf.drift)
+            if self.reference is not None:  # the embedding summary drift compares (medclf.monitor.drift)
                 emb[ok] = self.reference.project(features)
         # Out of scope by the feature score only with ood.action=out_of_scope: probabilities kept (audit), no
         # label, the reason in `error`. The default (flag) writes ood_score and leaves the answer standing.
@@ -180,7 +181,7 @@ def _onnx_session(model, card, threads: int | None):
     import onnxruntime as ort
     import torch
 
-    from medclf.export import ONNX_OPSET
+    from medclf.model.export import ONNX_OPSET
 
     class LogitsAndFeatures(torch.nn.Module):
         def __init__(self):
@@ -246,13 +247,13 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     """Score `input_path` into the predictions dataset `output`, incrementally.
 
     Output layout: `<output>/run_date=YYYY-MM-DD/part-<run id>-<lease token>-<task>.parquet`, each
-    file committed atomically and exactly once (medclf.sink). The run holds the output's lease
-    (medclf.lease) from before it reads the output until its last commit: a second run refuses
+    file committed atomically and exactly once (medclf.score.sink). The run holds the output's lease
+    (medclf.score.lease) from before it reads the output until its last commit: a second run refuses
     with LeaseHeld. Unless `rescore`, images this model already scored (same path, bytes and
     frame; transient errors excepted) are skipped, so re-running a night, or resuming a killed
     one, adds exactly the missing rows.
     """
-    from medclf.sink import CommitPerFileDatasink
+    from medclf.score.sink import CommitPerFileDatasink
 
     start = time.time()
     sc = cfg.score

@@ -4,7 +4,7 @@ The artifact is a folder any job can read without unpickling code:
     weights.pt   the state_dict (loaded with torch.load(weights_only=True))
     model.json   arch, class names, positive class, decision threshold, preprocessing spec,
                  validation metrics, the training config and the model id
-    domain.npz   (optional) the arrays of the out-of-scope guard's domain record (medclf.ood);
+    domain.npz   (optional) the arrays of the out-of-scope guard's domain record (medclf.monitor.ood);
                  model.json's `files` holds its sha256, checked on load like the weights' hash
 """
 
@@ -317,7 +317,7 @@ class ModelCard:
     threshold: Optional[float] = None
     threshold_rule: str = "argmax"
     temperature: float = 1.0
-    """Logits are divided by this before the softmax (medclf.calibration); 1.0: uncalibrated."""
+    """Logits are divided by this before the softmax (medclf.model.calibration); 1.0: uncalibrated."""
     test_time_hflip: bool = False
     """Logits are the mean over the image and its mirror image (MirrorMean; config model.test_time_hflip)."""
     calibration: dict = field(default_factory=dict)
@@ -325,7 +325,7 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     intended_use: dict = field(default_factory=dict)
-    """Intended and out-of-scope use, training population (config `model_card`; medclf.model_card)."""
+    """Intended and out-of-scope use, training population (config `model_card`; medclf.model.card)."""
     provenance: dict = field(default_factory=dict)
     """Training data (source, images per class and split, split scheme), software versions, config hash."""
     failure_modes: list = field(default_factory=list)
@@ -334,9 +334,9 @@ class ModelCard:
     created_at: str = ""
     artifact_version: int = ARTIFACT_VERSION
     domain: Optional[dict] = None
-    """The out-of-scope guard's domain record (medclf.ood.DomainRecord); None: older artifacts."""
+    """The out-of-scope guard's domain record (medclf.monitor.ood.DomainRecord); None: older artifacts."""
     reference: Optional[dict] = None
-    """The drift reference measured on validation (medclf.reference.ReferenceRecord); None: older artifacts."""
+    """The drift reference measured on validation (medclf.monitor.reference.ReferenceRecord); None: older artifacts."""
     files: dict = field(default_factory=dict)
     """Other files of the artifact (name -> sha256), checked on load: e.g. domain.npz."""
 
@@ -483,8 +483,8 @@ def validate_card(raw, card_path: str) -> ModelCard:
                                             and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
                                             for k, v in files.items())):
         raise bad("files", "must map plain file names to sha256 hex digests")
-    from medclf.ood import DomainRecord
-    from medclf.reference import ReferenceRecord
+    from medclf.monitor.ood import DomainRecord
+    from medclf.monitor.reference import ReferenceRecord
 
     for name, record_type, what in (("domain", DomainRecord, "domain record"),
                                     ("reference", ReferenceRecord, "drift reference")):

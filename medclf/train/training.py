@@ -1,9 +1,9 @@
 """Training on Ray Train: data prep on the driver, `train_loop_per_worker` on each worker.
 
 Flow:
-  1. discover the labelled files, carve a patient-level validation split (medclf.data);
+  1. discover the labelled files, carve a patient-level validation split (medclf.data.labelled);
   2. decode + preprocess every image once with the scoring stage (Ray Data tasks) into the
-     preprocessed cache (medclf.cache: Parquet shards keyed by the files and the preprocessing),
+     preprocessed cache (medclf.data.cache: Parquet shards keyed by the files and the preprocessing),
      so a bad file fails the run before training starts, and a resume or re-run reuses it;
   3. TorchTrainer runs `train_loop_per_worker` on N workers (DDP); each streams its shard of the
      cache (train.data_path=stream: Ray Data, a seeded shuffle per epoch; `memory`: the whole cache
@@ -34,18 +34,19 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from medclf import cache as cache_mod
-from medclf import data as data_mod
-from medclf import model_card, storage
+from medclf.data import cache as cache_mod
+from medclf.data import labelled as data_mod
+from medclf import storage
+from medclf.model import card as model_card
 from medclf.config import Config, ConfigError, TrainConfig
-from medclf.metrics import choose_threshold, classification_metrics
-from medclf.ood import embed, fit_domain, in_batches
-from medclf.reference import fit_reference
-from medclf.augment import augment_batch
-from medclf.preprocess import to_model_input
-from medclf.calibration import softmax_with_temperature
-from medclf.tracking import MODEL_TAG, Tracker, numeric_metrics
-from medclf.models import (
+from medclf.report.metrics import choose_threshold, classification_metrics
+from medclf.monitor.ood import embed, fit_domain, in_batches
+from medclf.monitor.reference import fit_reference
+from medclf.data.augment import augment_batch
+from medclf.imaging.preprocess import to_model_input
+from medclf.model.calibration import softmax_with_temperature
+from medclf.ops.tracking import MODEL_TAG, Tracker, numeric_metrics
+from medclf.model.artifact import (
     ModelCard,
     apply_transfer_mode,
     build_model,
@@ -85,7 +86,7 @@ class TrainResult:
     model_path: str
     history: pd.DataFrame
     card: ModelCard
-    caches: Optional[dict] = None  # split name -> medclf.cache.SplitCache (built or reused)
+    caches: Optional[dict] = None  # split name -> medclf.data.cache.SplitCache (built or reused)
 
 
 # ---------------------------------------------------------------- worker side
@@ -578,7 +579,7 @@ def save_checkpoint(parts: TrainingParts, state: LoopState, rng_states: list, wo
 
 def preprocess_all(paths: list[str], cfg: Config) -> tuple[np.ndarray, list[str]]:
     """Decode + preprocess every image once (Ray Data tasks); returns tensors and error messages."""
-    from medclf.images import images_dataset, text_or_none
+    from medclf.imaging.stage import images_dataset, text_or_none
 
     ds = images_dataset(paths, cfg.preprocess, cfg.score.decode_batch_size)
     pixels = np.zeros((len(paths), 1, cfg.preprocess.image_size, cfg.preprocess.image_size), np.float32)
@@ -609,7 +610,7 @@ def prepare_data(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
 def shifted_scores(model: torch.nn.Module, val_x: np.ndarray, cfg: Config, positive_index: int,
                    temperature: float = 1.0) -> list[np.ndarray]:
     """Calibrated positive-class scores of the validation images under each acquisition shift."""
-    from medclf.augment import ACQUISITION_SHIFTS, acquisition_shift
+    from medclf.data.augment import ACQUISITION_SHIFTS, acquisition_shift
 
     x_all = torch.from_numpy(val_x)
     out = []
@@ -801,9 +802,9 @@ def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, v
         failure_modes=model_card.failure_modes(list(inputs.val["path"][select]), y[select], val_probs[select],
                                                inputs.classes, threshold, inputs.positive_index, cfg.report.show_paths))
     embedding = embed(model.eval(), cfg.model.arch, val_batches(), len(y))  # one pass, batch by batch
-    domain = fit_domain(cfg, embedding, y, list(inputs.val["path"]))  # the out-of-scope guard (medclf.ood)
+    domain = fit_domain(cfg, embedding, y, list(inputs.val["path"]))  # the out-of-scope guard (medclf.monitor.ood)
     card.domain = domain and domain.record.model_dump()
-    reference = fit_reference(card, embedding, y, list(inputs.val["path"]), domain, cfg.run.seed)  # medclf.drift
+    reference = fit_reference(card, embedding, y, list(inputs.val["path"]), domain, cfg.run.seed)  # medclf.monitor.drift
     card.reference = reference.record.model_dump()
     files = {reference.record.file: reference.to_bytes(), **({domain.record.file: domain.to_bytes()} if domain else {})}
     model_path = storage.join(run_dir, "model")
@@ -832,7 +833,7 @@ def gather_rows(batches: Iterable, rows: np.ndarray) -> np.ndarray:
 
 
 def validation_groups(val: pd.DataFrame) -> np.ndarray:
-    """Per validation row: `family` (held-out families / patient ranges) or `patient` (medclf.data)."""
+    """Per validation row: `family` (held-out families / patient ranges) or `patient` (medclf.data.labelled)."""
     if data_mod.VAL_GROUP_COLUMN not in val:
         return np.full(len(val), "patient", dtype=object)
     return val[data_mod.VAL_GROUP_COLUMN].fillna("patient").to_numpy(dtype=object)
@@ -840,8 +841,8 @@ def validation_groups(val: pd.DataFrame) -> np.ndarray:
 
 def fit_calibration(log_probs: np.ndarray, y: np.ndarray, positive_index, fitted_on: str) -> tuple[float, dict]:
     """Temperature fitted on validation log-probabilities; log loss and ECE before and after."""
-    from medclf.calibration import fit_temperature, negative_log_likelihood
-    from medclf.metrics import expected_calibration_error
+    from medclf.model.calibration import fit_temperature, negative_log_likelihood
+    from medclf.report.metrics import expected_calibration_error
 
     temperature = fit_temperature(log_probs, y)
 
@@ -882,7 +883,7 @@ def decision_threshold(cfg: Config, model: torch.nn.Module, temperature: float, 
 
 def metrics_with_ci(y: np.ndarray, probs: np.ndarray, positive_index, threshold, cfg: Config) -> dict:
     """Validation metrics at the stored operating point, with 95% bootstrap CIs for binary tasks."""
-    from medclf.metrics import bootstrap_ci
+    from medclf.report.metrics import bootstrap_ci
 
     metrics = classification_metrics(y, probs, positive_index, threshold)
     y_pos = (y == positive_index).astype(int) if positive_index is not None else None
@@ -896,9 +897,9 @@ def metrics_with_ci(y: np.ndarray, probs: np.ndarray, positive_index, threshold,
 
 def write_validation_report(cfg: Config, val: pd.DataFrame, classes: list[str], val_probs: np.ndarray,
                             card: ModelCard, output: str, what: str) -> None:
-    """The evaluation report (medclf.evaluate, same tables and plots) of the kept epoch on validation."""
-    from medclf.evaluate import write_report
-    from medclf.models import prob_column
+    """The evaluation report (medclf.report.evaluate, same tables and plots) of the kept epoch on validation."""
+    from medclf.report.evaluate import write_report
+    from medclf.model.artifact import prob_column
 
     frame = pd.DataFrame({"path": val["path"].to_numpy(), "label": val["label"].to_numpy(), "status": "ok",
                           "threshold": np.nan if card.threshold is None else card.threshold,
@@ -914,7 +915,7 @@ def write_validation_report(cfg: Config, val: pd.DataFrame, classes: list[str], 
 
 
 def write_history(history: pd.DataFrame, run_dir: str) -> None:
-    from medclf.plots import training_curves
+    from medclf.report.plots import training_curves
 
     storage.write_bytes(storage.join(run_dir, "history.parquet"), history.to_parquet(index=False))
     storage.write_bytes(storage.join(run_dir, "curves.png"), training_curves(history))

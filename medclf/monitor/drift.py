@@ -2,7 +2,7 @@
 
 A nightly archive has no labels, so the model's validation figures cannot be re-checked on it.
 What can be checked is whether its inputs and outputs are distributed like those of the
-validation images the figures came from: the model artifact's drift reference (medclf.reference).
+validation images the figures came from: the model artifact's drift reference (medclf.monitor.reference).
 `compare` tests, for one batch of prediction rows (a scoring run, a run date or a range of them):
 
   * each per-image input statistic (intensity mean/sd/percentiles, height, width, aspect), the
@@ -35,9 +35,9 @@ import pandas as pd
 from medclf import storage
 from medclf.config import DriftConfig
 from medclf.errors import UserError
-from medclf.models import load_card, prob_column
-from medclf.ood import load_domain
-from medclf.reference import EMB_COLUMNS, STAT_COLUMNS, load_reference
+from medclf.model.artifact import load_card, prob_column
+from medclf.monitor.ood import load_domain
+from medclf.monitor.reference import EMB_COLUMNS, STAT_COLUMNS, load_reference
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def holm(p: np.ndarray) -> np.ndarray:
 
 def compare(rows: pd.DataFrame, reference, domain, card, dc: DriftConfig) -> pd.DataFrame:
     """One row per statistic: the batch `rows` (prediction rows) against the model's `reference`
-    (medclf.reference.Reference) and `domain` (medclf.ood.Domain or None)."""
+    (medclf.monitor.reference.Reference) and `domain` (medclf.monitor.ood.Domain or None)."""
     from scipy.stats import ks_2samp
 
     ref, rec = reference.arrays, reference.record
@@ -217,7 +217,7 @@ def compare(rows: pd.DataFrame, reference, domain, card, dc: DriftConfig) -> pd.
         scored = decoded["ood_score"].astype(float) if "ood_score" in decoded else pd.Series(np.nan, decoded.index)
         beyond = (decoded["status"] == "out_of_scope") | (scored > domain.record.threshold)
         k = int(beyond.sum())
-        # The validation rate from the reference's own out-of-fold scores when it has them (medclf.reference);
+        # The validation rate from the reference's own out-of-fold scores when it has them (medclf.monitor.reference);
         # artifacts from before it carry only the domain record's rate.
         p0, n0 = ((float((ref["ood_scores"] > domain.record.threshold).mean()), len(ref["ood_scores"]))
                   if len(ref["ood_scores"]) else (domain.record.validation_flag_rate, domain.record.n_fit))
@@ -300,13 +300,13 @@ def run_drift(dc: DriftConfig, model_path: str, predictions: str, output: str, r
               date_to: Optional[str] = None) -> DriftResult:
     """Compare the selected rows of the predictions dataset with the model's reference; write the
     report folder `output`."""
-    from medclf.predictions import read_predictions
+    from medclf.data.predictions import read_predictions
 
     card = load_card(model_path)
     reference = load_reference(model_path, card)
     if reference is None:
         raise DriftError(f"{model_path}: the model has no drift reference (trained before drift reports); "
-                         "retrain it, or add one with medclf.reference.add_reference on labelled validation images")
+                         "retrain it, or add one with medclf.monitor.reference.add_reference on labelled validation images")
     domain = load_domain(model_path, card)
     every = read_predictions(predictions)
     ours = select_rows(every, card.model_id)
@@ -319,7 +319,7 @@ def run_drift(dc: DriftConfig, model_path: str, predictions: str, output: str, r
     history = _history(ours, reference, domain, card, dc)
     if not history.empty:
         files.append(_write(output, "drift_history.parquet", history.to_parquet(index=False)))
-    from medclf.plots import drift_histograms, drift_timeseries
+    from medclf.report.plots import drift_histograms, drift_timeseries
 
     files.append(_write(output, "drift_histograms.png", drift_histograms(rows, reference, card, table)))
     if history["run_date"].nunique() > 1 if not history.empty else False:

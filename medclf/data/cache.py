@@ -1,5 +1,5 @@
 """The preprocessed training cache: every training and validation image is read, decoded and
-preprocessed once per data set (the scoring stage, medclf.images), written as Parquet shards, and
+preprocessed once per data set (the scoring stage, medclf.imaging.stage), written as Parquet shards, and
 streamed from there every epoch (Ray Data -> Ray Train), so no process ever holds the whole set.
 
 Layout: `<cache root>/<split>-<key>/*.parquet` plus `_cache.json`, written last (a folder without
@@ -104,7 +104,7 @@ def rows_per_file(n: int, row_bytes: int) -> int:
 def build(path: str, part: pd.DataFrame, labels: np.ndarray, cfg: Config) -> None:
     """Decode + preprocess every file of the split with Ray Data tasks, straight to Parquet shards;
     unreadable files fail the build, naming them."""
-    from medclf.images import DECODE_RETRIES, DECODE_TASK_MEMORY, images_dataset
+    from medclf.imaging.stage import DECODE_RETRIES, DECODE_TASK_MEMORY, images_dataset
 
     fs, p = storage.filesystem(path)
     if fs.exists(p):
@@ -123,7 +123,7 @@ def build(path: str, part: pd.DataFrame, labels: np.ndarray, cfg: Config) -> Non
 
 
 def _cache_rows(batch: dict, index: dict, labels: np.ndarray, spec: dict) -> dict:
-    from medclf.images import text_or_none
+    from medclf.imaging.stage import text_or_none
 
     pre = PreprocessConfig.model_validate(spec)
     rows = np.array([index[str(p)] for p in batch["path"]], np.int64)
@@ -136,7 +136,7 @@ def _cache_rows(batch: dict, index: dict, labels: np.ndarray, spec: dict) -> dic
 def _check_build(path: str, expected: int) -> None:
     import pyarrow.parquet as pq
 
-    from medclf.data import DatasetError
+    from medclf.data.labelled import DatasetError
 
     arrow_fs, arrow_path = storage.arrow_filesystem(path)
     errors = [e for e in pq.read_table(arrow_path, columns=["error"], filesystem=arrow_fs).column("error").to_pylist()

@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 
 from medclf import storage
-from medclf.data import DatasetError, read_manifest
+from medclf.data.labelled import DatasetError, read_manifest
 from medclf.errors import UserError
-from medclf.metrics import (
+from medclf.report.metrics import (
     bootstrap_ci,
     calibration_table,
     choose_threshold,
@@ -42,8 +42,8 @@ from medclf.metrics import (
     pr_points,
     roc_points,
 )
-from medclf.models import prob_column
-from medclf.predictions import read_predictions
+from medclf.model.artifact import prob_column
+from medclf.data.predictions import read_predictions
 
 # Columns that, when present in the predictions or the labels manifest, get a subgroup table.
 SUBGROUP_CANDIDATES = ("format", "modality", "site", "hospital", "scanner", "manufacturer", "view",
@@ -237,7 +237,7 @@ def write_report(
     show_paths: bool = False,
 ) -> Report:
     """`df`: path, label, status, threshold, model_id and one `prob_<class>` column per class."""
-    from medclf import plots
+    from medclf.report import plots
 
     unknown = sorted(set(df.loc[df["status"] != "out_of_scope", "label"].dropna()) - set(classes))
     if unknown:
@@ -341,9 +341,9 @@ def write_report(
 
 
 def ood_rate(df: pd.DataFrame) -> dict:
-    """Out-of-scope files (medclf.ood) among those seen: not predictions, so not in the metrics,
+    """Out-of-scope files (medclf.monitor.ood) among those seen: not predictions, so not in the metrics,
     but a rising rate says the input has drifted from what the model was trained on."""
-    from medclf.ood import reason_kind
+    from medclf.monitor.ood import reason_kind
 
     rows = df[df["status"] == "out_of_scope"]
     reasons = rows["error"].map(reason_kind).value_counts() if len(rows) else pd.Series(dtype=int)
@@ -355,12 +355,12 @@ def gallery(ok: pd.DataFrame, y: np.ndarray, y_pred: np.ndarray, probs: np.ndarr
             show_paths: bool = False) -> bytes:
     """Sample predictions: the most confident errors first, then the least confident correct calls.
 
-    Captions name each file by a short hash of its path unless `show_paths` (medclf.privacy)."""
+    Captions name each file by a short hash of its path unless `show_paths` (medclf.imaging.privacy)."""
     from medclf.config import PreprocessConfig
-    from medclf.decode import decode
-    from medclf.plots import gallery_plot
-    from medclf.preprocess import preprocess_gray
-    from medclf.privacy import display_name
+    from medclf.imaging.decode import decode
+    from medclf.report.plots import gallery_plot
+    from medclf.imaging.preprocess import preprocess_gray
+    from medclf.imaging.privacy import display_name
 
     confidence = probs[np.arange(len(y_pred)), y_pred]
     wrong = np.flatnonzero(y_pred != y)

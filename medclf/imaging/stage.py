@@ -1,6 +1,6 @@
 """The image stage shared by scoring, training, Grad-CAM and evaluation: list input files, then
 read -> checksum -> decode -> preprocess, one row per image, as a Ray Data dataset. The decode
-step also measures each image's input statistics for drift (medclf.reference.image_stats).
+step also measures each image's input statistics for drift (medclf.monitor.reference.image_stats).
 
 A file that cannot be read or decoded becomes a row with `status = "error"` and its message; a
 file that holds no image (a DICOM report) a row with `status = "skipped"` and the reason. One row
@@ -17,14 +17,14 @@ import numpy as np
 
 from medclf import storage
 from medclf.config import PreprocessConfig
-from medclf.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
-from medclf.ood import input_out_of_scope
-from medclf.preprocess import preprocess_gray
-from medclf.privacy import protect_uid
-from medclf.reference import STAT_COLUMNS, image_stats
+from medclf.imaging.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
+from medclf.monitor.ood import input_out_of_scope
+from medclf.imaging.preprocess import preprocess_gray
+from medclf.imaging.privacy import protect_uid
+from medclf.monitor.reference import STAT_COLUMNS, image_stats
 
 # Rows of files this model scored before: counted in the summary, never written.
-ALREADY_SCORED = "already_scored"  # medclf.sink.UNWRITTEN_STATUS
+ALREADY_SCORED = "already_scored"  # medclf.score.sink.UNWRITTEN_STATUS
 META_KEYS = ["format", *DICOM_META_TAGS]
 PERMANENT, TRANSIENT = "permanent", "transient"
 
@@ -46,8 +46,8 @@ def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, fr
     frame) is in `skip_keys` were scored before: they leave as ALREADY_SCORED rows without
     being decoded (counted, never written). Each file's first row has `first_row` set, so the
     sink can count files as well as images. `uids`: (score.uids, site key): DICOM UIDs are
-    hashed or dropped here, so raw ones never leave the task (medclf.privacy). `gate`: the
-    model's domain checks known from the header (medclf.ood.input_gate): a file that fails them
+    hashed or dropped here, so raw ones never leave the task (medclf.imaging.privacy). `gate`: the
+    model's domain checks known from the header (medclf.monitor.ood.input_gate): a file that fails them
     gives `out_of_scope` rows, its pixels never decoded.
     """
     pre = PreprocessConfig.model_validate(spec)
@@ -94,7 +94,7 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
             continue
         try:
             image = images.image(frame).image
-            out["stats"] = image_stats(image)  # for drift (medclf.reference), measured here: no second pass
+            out["stats"] = image_stats(image)  # for drift (medclf.monitor.reference), measured here: no second pass
             out["pixels"] = preprocess_gray(image, pre)
         except Exception as exc:  # a bad frame is a row; the file's other frames go on
             out.update(status="error", error=_error_text(path, exc), error_kind=_error_kind(exc))
@@ -176,7 +176,7 @@ def find_inputs(source: str, extensions: Iterable[str]) -> Inputs:
     """
     storage.check_input_url(source)
     if source.lower().endswith((".parquet", ".csv")) and storage.exists(source) and not storage.isdir(source):
-        from medclf.data import read_manifest
+        from medclf.data.labelled import read_manifest
 
         return Inputs(list(read_manifest(source)["path"]))
     if not any(ch in source for ch in "*?[") and not storage.exists(source):

@@ -20,13 +20,13 @@ the validation images (`fit_domain`) and stores it in the model artifact:
     full fit that scores new images (phantoms: 11.5% of a same-distribution night over the 0.95
     quantile with 2 folds).
 
-Scoring applies two kinds of rule. At decode time (medclf.images, no model needed): a DICOM
+Scoring applies two kinds of rule. At decode time (medclf.imaging.stage, no model needed): a DICOM
 modality not in the record, or an image smaller than the minimum side (`input_out_of_scope`).
-After the forward pass (medclf.score): `ood_score` above the threshold. Either way the row's
+After the forward pass (medclf.score.batch): `ood_score` above the threshold. Either way the row's
 `error` says why; see the README for what the row carries.
 
 The small fields go into model.json (`card.domain`, a `DomainRecord`), the arrays into
-`domain.npz` beside the weights; the card records its sha256 (medclf.models.read_artifact_file).
+`domain.npz` beside the weights; the card records its sha256 (medclf.model.artifact.read_artifact_file).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from medclf.models import ModelCard, ModelError, penultimate, read_artifact_arrays
-from medclf.preprocess import to_model_input
+from medclf.model.artifact import ModelCard, ModelError, penultimate, read_artifact_arrays
+from medclf.imaging.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def out_of_fold_scores(kind: str, features: np.ndarray, logits: np.ndarray, labe
 class Embedding:
     """A trained model's view of a set of preprocessed images, one row per image: penultimate
     features, logits, and the mean and sd of the model's input (all that fit_domain and
-    medclf.reference.fit_reference need, so the images are run through the model once)."""
+    medclf.monitor.reference.fit_reference need, so the images are run through the model once)."""
 
     features: np.ndarray
     logits: np.ndarray
@@ -248,9 +248,9 @@ def add_domain(artifact: str, dest: str, cfg, paths: list[str], labels: list[str
     images: for models trained before the guard (same weights, same model id). `cfg`: its `ood`
     section and `data.modalities` are used."""
     from medclf import storage
-    from medclf.decode import decode
-    from medclf.models import load_artifact, republish_with_files
-    from medclf.preprocess import preprocess_gray
+    from medclf.imaging.decode import decode
+    from medclf.model.artifact import load_artifact, republish_with_files
+    from medclf.imaging.preprocess import preprocess_gray
 
     model, card = load_artifact(artifact)
     x = np.stack([preprocess_gray(decode(storage.read_bytes(p), p).image, card.preprocess_spec) for p in paths])
@@ -271,7 +271,7 @@ def _image_facts(path: str) -> dict:
     from PIL import Image
 
     from medclf import storage
-    from medclf.decode import sniff_format
+    from medclf.imaging.decode import sniff_format
 
     data = storage.read_bytes(path)
     kind = sniff_format(data, path)

@@ -2,7 +2,7 @@
 
 A viewer or a PACS router POSTs one image (PNG, JPEG or DICOM bytes; a raw body or a multipart
 form) to `/predict` and gets JSON back. The bytes go through batch scoring's own row function
-(`medclf.images`: the per-file limits, decoding, preprocessing and the checks that make a row
+(`medclf.imaging.stage`: the per-file limits, decoding, preprocessing and the checks that make a row
 `error`, `skipped` or `out_of_scope`) and its `Predictor` (temperature, threshold, runtime), so an
 answer is the predictions row `jobs/score.py` writes for the same file. Requests that arrive
 together share one forward pass (`@serve.batch`).
@@ -31,10 +31,10 @@ import numpy as np
 from ray import serve
 
 from medclf.config import Config, ServeConfig
-from medclf.images import _file_rows, _rows_to_batch
-from medclf.models import prob_column
-from medclf.ood import input_gate
-from medclf.score import Predictor
+from medclf.imaging.stage import _file_rows, _rows_to_batch
+from medclf.model.artifact import prob_column
+from medclf.monitor.ood import input_gate
+from medclf.score.batch import Predictor
 
 UPLOAD_NAME = "upload"  # what error texts call the request's file (its own name may carry a patient's)
 NOT_OK_STATUS = {"error": 422, "skipped": 422, "out_of_scope": 422}
@@ -165,8 +165,8 @@ class Classifier:
         """Grad-CAM of the predicted class over the image, as a base64 PNG."""
         import torch
 
-        from medclf.gradcam import default_layer, grad_cam, overlay_png
-        from medclf.preprocess import denormalize, to_model_input
+        from medclf.report.gradcam import default_layer, grad_cam, overlay_png
+        from medclf.imaging.preprocess import denormalize, to_model_input
 
         model = self.predictor.model
         x = to_model_input(torch.from_numpy(row["pixels"][None]).to(self.predictor.device))
@@ -199,7 +199,7 @@ def build_app(cfg: Config, model_path: Optional[str] = None):
 
 
 def app_builder(args: dict):
-    """For Serve config files and KubeRay's RayService: `import_path: medclf.serve:app_builder`,
+    """For Serve config files and KubeRay's RayService: `import_path: medclf.score.serve:app_builder`,
     `args: {config: configs/x.yaml, model: s3://..., set: ["serve.max_replicas=4"]}`."""
     from medclf.config import load_config
 

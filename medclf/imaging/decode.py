@@ -32,7 +32,7 @@ from medclf.errors import UserError
 # Larger images are refused before their pixels are decoded (decompression-bomb guards).
 MAX_PIXELS = 64_000_000  # per image (frame)
 # One decoded frame plus its float64 working copy: well inside a decode task's memory reservation
-# (medclf.images.DECODE_TASK_MEMORY), which also holds the worker process and the file's bytes.
+# (medclf.imaging.stage.DECODE_TASK_MEMORY), which also holds the worker process and the file's bytes.
 MAX_FRAME_BYTES = 192 * 2**20
 # All frames of a file, decoded one after another: bounds the time one file can take.
 MAX_DECODED_BYTES = 4 * 2**30

@@ -6,7 +6,7 @@ Both take what medclf's preprocessing produces, a batch of one-channel images `(
 resized and normalised, and return `logits` and calibrated `probabilities` (softmax of
 logits / temperature). The channel replication and the temperature are inside the graph, so a
 consumer cannot forget either. Decoding and resizing are not: they stay in
-`medclf.decode` / `medclf.preprocess`, and `contract.json`, written beside the files, says
+`medclf.imaging.decode` / `medclf.imaging.preprocess`, and `contract.json`, written beside the files, says
 exactly what they do, with the classes, the threshold and each file's sha256.
 
     medclf export --model runs/<id>/model --output exported/ [--format onnx torchscript]
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from medclf import storage
-from medclf.models import ModelCard, class_probabilities, load_artifact
-from medclf.preprocess import CHANNELS
+from medclf.model.artifact import ModelCard, class_probabilities, load_artifact
+from medclf.imaging.preprocess import CHANNELS
 
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
@@ -97,7 +97,7 @@ def contract(card: ModelCard, files: dict[str, str]) -> dict:
         "preprocessing": {
             "image_size": spec.image_size, "mean": spec.mean, "std": spec.std,
             "steps": [
-                "decode to one grayscale float image in [0, 1] (medclf.decode): DICOM through its modality LUT "
+                "decode to one grayscale float image in [0, 1] (medclf.imaging.decode): DICOM through its modality LUT "
                 "(rescale slope/intercept) then its VOI LUT or window (VOI LUT function honoured), MONOCHROME1 "
                 "inverted, min-max scaled; PNG/JPEG divided by the maximum of their bit depth; colour reduced to "
                 "luminance",
@@ -105,7 +105,7 @@ def contract(card: ModelCard, files: dict[str, str]) -> dict:
                 "clamp to [0, 1]",
                 f"normalise: (x - {spec.mean}) / {spec.std}",
             ],
-            "reference_implementation": "medclf.preprocess.preprocess_gray",
+            "reference_implementation": "medclf.imaging.preprocess.preprocess_gray",
         },
         "files": files,
         "onnx_opset": ONNX_OPSET,

@@ -1,17 +1,17 @@
 """The drift reference: what the validation images looked like, stored in the model artifact.
 
 A nightly archive has no labels, so drift is judged by comparing tonight's inputs and outputs with
-the validation images the model's figures come from (medclf.drift). Training fits this record at
+the validation images the model's figures come from (medclf.monitor.drift). Training fits this record at
 the end (`fit_reference`, beside the out-of-scope guard's domain record):
 
   * per-image input statistics (`image_stats`, the ONE rule: scoring computes the same numbers in
-    its decode stage, medclf.images): intensity mean, sd, 5th/50th/95th percentile of the decoded
+    its decode stage, medclf.imaging.stage): intensity mean, sd, 5th/50th/95th percentile of the decoded
     image in [0, 1] before resizing and normalisation, height, width and aspect (width / height);
   * the format mix (png/jpeg/dicom) and the DICOM modality mix (`none` for JPEG/PNG);
   * the calibrated class probabilities and the true labels (the score distribution per class),
     the predicted-positive rate at the stored threshold and the prevalence;
   * the ood_score of each validation image when the model has a domain record: out-of-fold scores
-    (in-sample ones would look falsely familiar), over `medclf.ood.OUT_OF_FOLD_FOLDS` folds;
+    (in-sample ones would look falsely familiar), over `medclf.monitor.ood.OUT_OF_FOLD_FOLDS` folds;
   * the first `EMB_PCS` principal components of the penultimate-layer features: the basis and the
     validation images' projections (at most `MAX_ROWS`, a seeded sample).
 
@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from medclf.models import ModelCard, ModelError, class_probabilities, read_artifact_arrays
+from medclf.model.artifact import ModelCard, ModelError, class_probabilities, read_artifact_arrays
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ _STAT_PIXELS = 512 * 512
 
 
 def image_stats(image: np.ndarray) -> dict[str, float]:
-    """The per-image input statistics of a decoded HxW image in [0, 1] (medclf.decode)."""
+    """The per-image input statistics of a decoded HxW image in [0, 1] (medclf.imaging.decode)."""
     height, width = image.shape
     step = max(1, int(np.ceil(np.sqrt(image.size / _STAT_PIXELS))))
     pixels = np.asarray(image[::step, ::step], np.float32).ravel()
@@ -106,7 +106,7 @@ class Reference:
         return buf.getvalue()
 
 
-# ood_score reference: out-of-fold, as the guard's threshold (medclf.ood.OUT_OF_FOLD_FOLDS). On
+# ood_score reference: out-of-fold, as the guard's threshold (medclf.monitor.ood.OUT_OF_FOLD_FOLDS). On
 # phantoms 2 folds put the same-distribution ood_score 20% below new images and every
 # same-distribution batch flagged; 10 folds came within 2%.
 
@@ -114,12 +114,12 @@ class Reference:
 def fit_reference(card: ModelCard, embedding, val_y: np.ndarray, val_paths: list[str],
                   domain=None, seed: int = 0) -> Reference:
     """The drift reference of a trained model from its validation images: their `embedding`
-    (medclf.ood.embed: features and logits), labels `val_y`, and the files (decoded again here, for
+    (medclf.monitor.ood.embed: features and logits), labels `val_y`, and the files (decoded again here, for
     the input statistics as scoring measures them). `domain`: the model's domain record
-    (medclf.ood), for the reference ood scores; None: none."""
+    (medclf.monitor.ood), for the reference ood scores; None: none."""
     import torch
 
-    from medclf.ood import out_of_fold_scores
+    from medclf.monitor.ood import out_of_fold_scores
 
     if len(val_y) < EMB_PCS + 1:
         raise ModelError(f"the drift reference needs at least {EMB_PCS + 1} validation images, got {len(val_y)}")
@@ -155,7 +155,7 @@ def fit_reference(card: ModelCard, embedding, val_y: np.ndarray, val_paths: list
 def _file_stats(path: str) -> dict:
     """A validation file decoded as scoring decodes it (one image: the middle frame)."""
     from medclf import storage
-    from medclf.decode import open_images
+    from medclf.imaging.decode import open_images
 
     images = open_images(storage.read_bytes(path), path, "middle")
     frame = images.frames[0]
@@ -176,10 +176,10 @@ def add_reference(artifact: str, dest: str, paths: list[str], labels: list[str],
     it on a larger labelled set than the validation split. Uses the domain record's ood scores
     (out-of-fold scores of these images) when the artifact has one; its other files are kept."""
     from medclf import storage
-    from medclf.decode import decode
-    from medclf.models import load_artifact, republish_with_files
-    from medclf.ood import embed, in_batches, load_domain
-    from medclf.preprocess import preprocess_gray
+    from medclf.imaging.decode import decode
+    from medclf.model.artifact import load_artifact, republish_with_files
+    from medclf.monitor.ood import embed, in_batches, load_domain
+    from medclf.imaging.preprocess import preprocess_gray
 
     model, card = load_artifact(artifact)
     x = np.stack([preprocess_gray(decode(storage.read_bytes(p), p).image, card.preprocess_spec) for p in paths])

@@ -1,0 +1,1 @@
+"""Labelled data sets, their cache and augmentation, synthetic phantoms, the predictions schema."""

@@ -1,0 +1,1 @@
+"""The model: networks, the artifact format and its card, calibration, export."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, plots, reports, Grad-CAM."""

@@ -1,0 +1,1 @@
+"""Batch scoring with Ray Data, its exactly-once sink and lease, and the Ray Serve endpoint."""
