@@ -263,7 +263,7 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     if card.domain is None:
         log.warning("model %s has no domain record (trained before the out-of-scope guard): no ood_score, and "
                     "no modality or size check; retrain it to get them", card.model_id)
-    check_uid_policy(sc.uids, uid_key(sc.uid_key))
+    check_uid_policy(sc.uids, uid_key(sc.uid_key, sc.uid_key_file))
     inputs = find_inputs(input_path, sc.extensions)
     paths = inputs.paths
     if not paths:
@@ -304,7 +304,7 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
 
     sc = cfg.score
     ds = images_dataset(paths, card.preprocess_spec, sc.decode_batch_size, skip if len(skip) else None,
-                        sc.frames, sc.max_file_mb, sc.decode_retries, (sc.uids, uid_key(sc.uid_key)),
+                        sc.frames, sc.max_file_mb, sc.decode_retries, (sc.uids, uid_key(sc.uid_key, sc.uid_key_file)),
                         input_gate(card))
     threads = sc.torch_threads or max(1, int(sc.cpus_per_actor))
     ds = ds.map_batches(
