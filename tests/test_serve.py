@@ -230,37 +230,40 @@ def test_chunked_body_over_the_limit_is_cut_and_the_replica_stays_small(endpoint
         stats = json.loads(_raw(f"http://127.0.0.1:{port}", "GET", "/small/stats", AUTH)[1])
         replica = psutil.Process(stats["pid"])
         assert _raw(f"http://127.0.0.1:{port}", "GET", "/small/healthz", {})[0] == 200
-        base = replica.memory_info().rss
-        peak = [base]
-        done = threading.Event()
+        for body_mb in (32, 512):  # the first over-limit request warms the replica's heap up; the second is measured
+            base = replica.memory_info().rss
+            peak = [base]
+            done = threading.Event()
 
-        def watch():
-            while not done.is_set():
-                peak[0] = max(peak[0], replica.memory_info().rss)
-                done.wait(0.02)
+            def watch():
+                while not done.is_set():
+                    peak[0] = max(peak[0], replica.memory_info().rss)
+                    done.wait(0.02)
 
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        body_mb, chunk = 128, b"\0" * 2**20
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        conn.putrequest("POST", "/small/predict")
-        conn.putheader("Transfer-Encoding", "chunked")
-        conn.putheader("Authorization", AUTH["Authorization"])
-        conn.endheaders()
-        try:
-            for _ in range(body_mb):
-                conn.send(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-            conn.send(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server may stop reading once it has refused
-        response = conn.getresponse()
-        answer = json.loads(response.read())
-        conn.close()
-        done.set()
-        watcher.join()
-        growth_mb = (peak[0] - base) / 2**20
-        print(f"replica RSS {base / 2**20:.0f} MiB, peak growth {growth_mb:.1f} MiB for a {body_mb} MiB chunked body")
-        assert response.status == 413 and "serve.max_file_mb" in answer["error"]
-        assert growth_mb < body_mb / 4  # a body read whole before the check would add >= 128 MiB
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            chunk = b"\0" * 2**20
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+            conn.putrequest("POST", "/small/predict")
+            conn.putheader("Transfer-Encoding", "chunked")  # no Content-Length to decide on
+            conn.putheader("Authorization", AUTH["Authorization"])
+            conn.endheaders()
+            try:
+                for _ in range(body_mb):
+                    conn.send(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                conn.send(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server may stop reading once it has refused
+            response = conn.getresponse()
+            answer = json.loads(response.read())
+            conn.close()
+            done.set()
+            watcher.join()
+            growth_mb = (peak[0] - base) / 2**20
+            print(f"replica RSS {base / 2**20:.0f} MiB, peak growth {growth_mb:.1f} MiB, {body_mb} MiB chunked body")
+            assert response.status == 413 and "serve.max_file_mb" in answer["error"]
+        # A body read whole before the check adds >= 512 MiB; streamed and cut at 4 MiB it stays far below
+        # (measured 53 MiB: Serve's proxy pushes messages ahead of the reader, so not just 4 MiB).
+        assert growth_mb < body_mb / 3
     finally:
         serve.delete("medclf-small")
