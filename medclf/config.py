@@ -333,6 +333,9 @@ class ScoreConfig(_Section):
     Sites set the MEDCLF_UID_KEY environment variable or `uid_key_file`."""
     uid_key_file: Optional[str] = None
     """A file holding the site key (e.g. a mounted Kubernetes Secret); wins over MEDCLF_UID_KEY."""
+    allowed_roots: Optional[list[str]] = None
+    """Folders (or s3:// prefixes) manifest entries must lie in, symlinks resolved; default: the input's own
+    folder. /proc, /sys and /dev are refused always (medclf.imaging.confine)."""
     lease_seconds: float = Field(600.0, ge=1.0)
     """How long the output's lease lasts without renewal (renewed every third of it while the run
     lives): after a run dies, the next run can take the output over once this much time passed."""
