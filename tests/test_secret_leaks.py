@@ -49,6 +49,7 @@ def test_planted_uid_key_is_in_no_file_log_or_answer(ray_cluster, phantom_root, 
     cfg = load_config(None, TINY + [f"data.root={phantom_root}", "tracking.enabled=true"]).model_dump(mode="json")
     cfg["run"]["allow_inline_secret"] = True
     cfg["score"].update(uid_key=key, uids="hash")
+    cfg["train"].update(num_workers=1, cpus_per_worker=0.5)  # one Ray Train worker: this is about files, not a model
     config.write_text(yaml.safe_dump(cfg))
     runs = tmp_path / "runs"
 
