@@ -21,7 +21,9 @@ import numpy as np
 from medclf.config import Config, ConfigError, load_config
 from medclf.errors import UserError
 from medclf.ops.tracking import log_job
-from medclf.ops.runs import init_ray, new_run_id, run_folder, save_resolved_config, use_shared_root, check_shared_storage
+from medclf.imaging.confine import check_locations
+from medclf.ops.runs import (check_shared_storage, discard_unused_run_folder, init_ray, new_run_id, run_folder,
+                             save_resolved_config, use_shared_root)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
@@ -254,15 +256,21 @@ def cmd_score(args: argparse.Namespace) -> int:
     if cfg.score.explain_flagged and not load_card(cfg.score.model).positive_class:
         raise ConfigError("score.explain_flagged needs a binary model with a positive class; "
                           "use `medclf explain --target CLASS` for multi-class models")
+    check_locations(cfg.score.input, cfg.score.output)  # exit 2 before Ray starts (medclf.imaging.confine)
     init_ray(cfg)
     use_shared_root(cfg)
     if cfg.score.output:
         check_shared_storage(cfg.score.output, cfg, "score.output")
     run_id = new_run_id(cfg)
+    existed = storage.exists(storage.join(cfg.run.root, run_id))
     run_dir = run_folder(cfg, run_id)
     output = cfg.score.output or storage.join(run_dir, "predictions")
     save_resolved_config(cfg, run_dir, "score")
-    summary = run_scoring(cfg, run_id, cfg.score.input, cfg.score.model, output)
+    try:
+        summary = run_scoring(cfg, run_id, cfg.score.input, cfg.score.model, output)
+    except (UserError, FileNotFoundError):  # refused (exit 2 or 3): leave no run folder behind
+        discard_unused_run_folder(run_dir, existed, "score")
+        raise
     print(summary)
     log_job(cfg, "score", run_id, load_card(cfg.score.model).model_id, dataclasses.asdict(summary))
     if cfg.score.explain_flagged:
@@ -405,7 +413,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from medclf.model.artifact import load_card
 
     load_card(cfg.serve.model)  # a bad artifact fails here, before Ray starts
+    from medclf.score.auth import serve_token
     from medclf.score.serve import run_server
+
+    serve_token(cfg.serve.token_file, cfg.serve.insecure_no_auth)  # no token: refuse before Ray starts
 
     init_ray(cfg)
     run_server(cfg, blocking=True)

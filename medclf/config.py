@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from medclf.errors import UserError
+from medclf.secret import REDACTED, redact_text
 
 MODEL_ARCHS = (
     "small_cnn",
@@ -52,6 +53,9 @@ class RunConfig(_Section):
     """Run root used instead of a local `root` when the Ray cluster has more than one node (s3://...)."""
     shared_filesystem: bool = False
     """Declare a local `root` to be shared by every node (NFS, EFS...); else multi-node runs need s3://."""
+    allow_inline_secret: bool = False
+    """Accept a secret (score.uid_key) written in the config itself: tests and throw-away runs only.
+    Secrets belong in the environment or a mounted file (docs/security.md); dumps redact them anyway."""
 
     @field_validator("id", "name")
     @classmethod
@@ -324,8 +328,14 @@ class ScoreConfig(_Section):
     uids: Literal["keep", "hash", "drop"] = "hash"
     """DICOM UIDs in the predictions: raw, keyed hash (HMAC-SHA256 with the site key, so the site can
     re-link by hashing its own UIDs), or left out."""
-    uid_key: Optional[str] = None
-    """Site key for `uids: hash`; default: the MEDCLF_UID_KEY environment variable (keep it out of files)."""
+    uid_key: Optional[SecretStr] = None
+    """Site key for `uids: hash`, inline: refused unless run.allow_inline_secret (redacted in every dump).
+    Sites set the MEDCLF_UID_KEY environment variable or `uid_key_file`."""
+    uid_key_file: Optional[str] = None
+    """A file holding the site key (e.g. a mounted Kubernetes Secret); wins over MEDCLF_UID_KEY."""
+    allowed_roots: Optional[list[str]] = None
+    """Folders (or s3:// prefixes) manifest entries must lie in, symlinks resolved; default: the input's own
+    folder. /proc, /sys and /dev are refused always (medclf.imaging.confine)."""
     lease_seconds: float = Field(600.0, ge=1.0)
     """How long the output's lease lasts without renewal (renewed every third of it while the run
     lives): after a run dies, the next run can take the output over once this much time passed."""
@@ -339,6 +349,12 @@ class ScoreConfig(_Section):
     @classmethod
     def _dotted_or_dicom(cls, v: list[str]) -> list[str]:
         return ["dicom" if e.lower() == "dicom" else DataConfig._dotted_lower.__func__(cls, [e])[0] for e in v]
+
+    @field_validator("uid_key", mode="before")
+    @classmethod
+    def _redacted_is_unset(cls, v: Any) -> Any:
+        # A saved (redacted) config reads back as "no inline key": the key comes from env or file again.
+        return None if v in (None, "", REDACTED) else v
 
 
 class OODConfig(_Section):
@@ -442,7 +458,16 @@ class ServeConfig(_Section):
     frames: Literal["middle", "all", "refuse"] = "middle"
     """Multi-frame DICOM: answer for the middle frame (one answer per study), every frame, or refuse."""
     max_file_mb: float = Field(64.0, gt=0)
-    """Larger request bodies are refused (413) before decoding."""
+    """Larger request bodies are refused (413) as soon as that many bytes arrived (medclf.score.upload)."""
+    max_ongoing_requests: int = Field(16, ge=1)
+    """Requests one replica holds at once (Ray Serve queues the rest at the proxy)."""
+    memory_budget_mb: float = Field(2048.0, gt=0)
+    """Request-body memory one replica may need at worst: max_ongoing_requests x max_file_mb x 2 (the body
+    and its decoded copy) must fit, or the config is refused."""
+    token_file: Optional[str] = None
+    """File holding the bearer token (a mounted Kubernetes Secret); default: MEDCLF_SERVE_TOKEN (medclf.score.auth)."""
+    insecure_no_auth: bool = False
+    """Serve without a token when none is configured: local development on 127.0.0.1 only."""
 
 
 class TrackingConfig(_Section):
@@ -522,6 +547,16 @@ class Config(_Section):
         if self.model.test_time_hflip and not (self.train.augment.enabled and self.train.augment.hflip):
             raise ValueError("model.test_time_hflip averages over mirror images, which a model trained "
                              "without train.augment.hflip has never seen; set train.augment.hflip=true")
+        if self.score.uid_key is not None and not self.run.allow_inline_secret:
+            raise ValueError("score.uid_key: a secret must not be written in a config (it would be committed and "
+                             "copied); set the MEDCLF_UID_KEY environment variable or score.uid_key_file "
+                             "(run.allow_inline_secret=true only for tests)")
+        sv = self.serve
+        if sv.max_ongoing_requests * sv.max_file_mb * 2 > sv.memory_budget_mb:
+            raise ValueError(f"serve: max_ongoing_requests ({sv.max_ongoing_requests}) x max_file_mb ({sv.max_file_mb:g}) "
+                             f"x 2 is over serve.memory_budget_mb ({sv.memory_budget_mb:g}); lower one or raise the budget")
+        if sv.insecure_no_auth and sv.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"serve.insecure_no_auth is for local development: serve.host must be 127.0.0.1, not {sv.host}")
         if self.serve.min_replicas > self.serve.max_replicas:
             raise ValueError(f"serve.min_replicas ({self.serve.min_replicas}) is above serve.max_replicas "
                              f"({self.serve.max_replicas})")
@@ -631,8 +666,20 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         data = set_values(data, values)
     try:
         return Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(source, exc)) from None
+    except ValidationError as exc:  # messages quote inputs: never a secret's value
+        raise ConfigError(redact_text(_format_errors(source, exc), _inline_secrets(data))) from None
+
+
+SECRET_KEYS = (("score", "uid_key"),)  # config keys holding secrets (SecretStr), for redacting error texts
+
+
+def _inline_secrets(data: dict) -> list:
+    found = []
+    for section, key in SECRET_KEYS:
+        value = (data.get(section) or {}).get(key) if isinstance(data.get(section), dict) else None
+        if value is not None and not isinstance(value, (dict, list)) and str(value):
+            found.append(str(value))
+    return found
 
 
 def dump_config(cfg: Config) -> str:

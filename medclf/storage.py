@@ -8,11 +8,12 @@ S3-compatible server, `AWS_DEFAULT_REGION`. Credentials are never logged.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import stat
 import uuid
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import fsspec
 import pyarrow.fs
@@ -204,20 +205,26 @@ def write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, p)
 
 
-def create_exclusive(path: str, data: bytes, before_publish: Optional[Callable[[], None]] = None) -> bool:
+def create_exclusive(path: str, data: bytes, before_publish: Optional[Callable[[], None]] = None,
+                     guard: Optional[Callable[[], ContextManager]] = None) -> bool:
     """Write `path` only if it does not exist yet, atomically; False if it already existed.
 
     Local: the bytes go to a hidden temporary file first, then a hard link gives them the final
-    name (link() fails if the name exists, and a reader never sees a half-written file). S3: one
-    conditional PUT (`If-None-Match: *`), which the server refuses with 412 if the key exists.
-    `before_publish` runs between writing the bytes and publishing them (a fault-injection hook).
+    name (link() fails if the name exists, and a reader never sees a half-written file). S3: a
+    conditional PUT (`If-None-Match: *`), which the server refuses with 412 if the key exists;
+    s3fs's mode="create" sends it on the PUT and, above its multipart threshold (100 MiB), on the
+    completing request too (a raw IfNoneMatch kwarg is dropped there and would overwrite).
+    `before_publish` runs between writing the bytes and publishing them (a fault-injection hook);
+    the publish itself runs inside `guard()` (the lease fence: medclf.score.lease.fenced_publish).
     """
+    guarded = guard or contextlib.nullcontext
     fs, p = filesystem(path)
     if is_remote(path):
         if before_publish:
             before_publish()
         try:
-            fs.pipe_file(p, data, IfNoneMatch="*")
+            with guarded():
+                fs.pipe_file(p, data, mode="create")
         except FileExistsError:
             return False
         return True
@@ -225,7 +232,8 @@ def create_exclusive(path: str, data: bytes, before_publish: Optional[Callable[[
     if before_publish:
         before_publish()
     try:
-        os.link(tmp, p)
+        with guarded():
+            os.link(tmp, p)
     except FileExistsError:
         return False
     finally:

@@ -15,6 +15,8 @@ from medclf.imaging.privacy import UID_KEY_ENV
 
 # score.uids=hash (the default) needs a site key; set before Ray starts, so workers and jobs see it.
 os.environ.setdefault(UID_KEY_ENV, "test-site-key")
+# Serving refuses to start without a bearer token (medclf.score.auth); Serve replicas read it from their env.
+os.environ.setdefault("MEDCLF_SERVE_TOKEN", "test-serve-token-0123456789abcdef")
 # On a loaded 2-core machine the raylet's dashboard agent can take over Ray's 30 s default to register,
 # and the node then dies at start-up; the tests wait longer instead of failing on load.
 os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")

@@ -82,6 +82,28 @@ def test_aws_launcher_config():
     assert any("pip install" in c and "-e ." in c for c in doc["setup_commands"])
 
 
+def test_serve_token_comes_from_a_kubernetes_secret_and_the_job_api_is_not_open():
+    """Issue 34: every RayService pod reads MEDCLF_SERVE_TOKEN from a Secret (never a literal or the config);
+    the launchers keep the dashboard / job API on 127.0.0.1 (reached through SSH or kubectl port-forward)."""
+    from medclf.score.auth import TOKEN_ENV
+
+    doc = load(os.path.join(ROOT, "cluster", "kuberay", "rayservice-serve.yaml"))
+    cluster = doc["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert TOKEN_ENV in env and "value" not in env[TOKEN_ENV], container["name"]
+            ref = env[TOKEN_ENV]["valueFrom"]["secretKeyRef"]
+            assert ref["name"] and ref["key"]
+    assert "token" not in doc["spec"]["serveConfigV2"].lower()
+    aws = load(os.path.join(ROOT, "cluster", "aws.yaml"))
+    head = " ".join(aws["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    local = open(os.path.join(ROOT, "cluster", "local.sh")).read()
+    assert "--dashboard-host 127.0.0.1" in local and "0.0.0.0" not in local
+
+
 def test_local_cluster_script_mentions_every_command():
     text = open(os.path.join(ROOT, "cluster", "local.sh")).read()
     for word in ("start", "add-worker", "stop", "status"):

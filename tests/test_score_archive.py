@@ -67,7 +67,9 @@ def test_the_dicom_corpus_scores_one_row_per_frame(ray_cluster, trained_model, t
     assert set(CORRUPT) | NOT_IMAGES <= set(names)
     manifest = tmp_path / "corpus.csv"
     pd.DataFrame({"path": files}).to_csv(manifest, index=False)
-    cfg = load_config(None, TINY + ["score.decode_batch_size=16", "score.batch_size=64"])
+    roots = sorted({os.path.dirname(f) for f in files})  # the manifest lives elsewhere (score.allowed_roots)
+    cfg = load_config(None, TINY + ["score.decode_batch_size=16", "score.batch_size=64"],
+                      {"score.allowed_roots": roots})
     start = time.time()
     summary = run_scoring(cfg, "corpus", str(manifest), trained_model.model_path, str(tmp_path / "pred"))
     seconds = time.time() - start
@@ -153,7 +155,12 @@ def test_hostile_inputs_become_error_rows_quickly(ray_cluster, trained_model, ph
         z.writestr("inner.png", open(good, "rb").read())
     entries = {
         str(fifo): "pipe.dcm: not a regular file (a FIFO); not read",
-        str(zero): "zero.dcm: not a regular file (a character device); not read",
+        str(zero): "zero.dcm: resolves to /dev (never read)",  # the symlink is resolved before anything is opened
+        "/etc/hosts": "outside score.allowed_roots",
+        "/proc/self/environ": "resolves to /proc (never read)",
+        str(tmp_path / ".." / ".." / "etc" / "hosts"): "outside score.allowed_roots",
+        "file://relative/x.png": "file:// URL with a host or a relative path",
+        f"file://{good}": None,  # normalised to its local path
         str(big): "big.dcm: file is 3.0 MiB, over the 2 MiB limit (score.max_file_mb); not read",
         str(tmp_path / "bomb.dcm"): "bomb.dcm: image is 60000x60000 (3600 Mpx), over the 64 Mpx limit",
         f"zip://inner.png::{archive}": "only local paths and s3:// URLs are read",
@@ -162,10 +169,13 @@ def test_hostile_inputs_become_error_rows_quickly(ray_cluster, trained_model, ph
     }
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"path": list(entries)}).to_csv(manifest, index=False)
-    cfg = load_config(None, TINY + ["score.max_file_mb=2"])
+    cfg = load_config(None, TINY + ["score.max_file_mb=2"], {"score.allowed_roots": [str(tmp_path), phantom_root]})
     summary = run_scoring(cfg, "hostile", str(manifest), trained_model.model_path, str(tmp_path / "pred"))
     pred = read_predictions(str(tmp_path / "pred")).set_index("path")
-    assert len(pred) == len(entries) and (summary.failed, summary.scored) == (len(entries) - 1, 1)
+    ok = sum(problem is None for problem in entries.values())
+    assert len(pred) == len(entries) and (summary.failed, summary.scored) == (len(entries) - ok, ok)
+    refused = pred[pred.error.fillna("").str.contains("allowed_roots|never read|file:// URL")]
+    assert (refused.error_kind == "permanent").all() and (refused["size"] == -1).all()  # never read, never retried
     for path, problem in entries.items():
         row = pred.loc[path]
         if problem is None:

@@ -3,6 +3,8 @@ the nightly skip set). Hive-partitioned Parquet by `run_date`, local or on objec
 
 from __future__ import annotations
 
+import posixpath
+
 from typing import Optional
 
 import pandas as pd
@@ -66,11 +68,17 @@ def predictions_dataset(path: str):
     import pyarrow as pa
     import pyarrow.dataset as pads
 
+    from medclf.data.fence import valid_files
+
     fs, fs_path = storage.arrow_filesystem(path)
-    found = pads.dataset(fs_path, filesystem=fs, format="parquet", partitioning="hive")
+    good, zombies = valid_files(path) if storage.isdir(path) else ([], [])
+    # Parts a run published after losing its lease do not count (medclf.data.fence)
+    source = [posixpath.join(fs_path.rstrip("/"), n) for n in good] if zombies else fs_path
+    base = {"partition_base_dir": fs_path.rstrip("/")} if zombies else {}
+    found = pads.dataset(source, filesystem=fs, format="parquet", partitioning="hive", **base)
     schemas = [prediction_schema([]), *(fragment.physical_schema for fragment in found.get_fragments()), found.schema]
     schema = pa.unify_schemas(schemas, promote_options="permissive")
-    return pads.dataset(fs_path, schema=schema, filesystem=fs, format="parquet", partitioning="hive")
+    return pads.dataset(source, schema=schema, filesystem=fs, format="parquet", partitioning="hive", **base)
 
 
 def read_predictions(path: str, columns: Optional[list[str]] = None) -> pd.DataFrame:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import posixpath
 from typing import Optional
 
 from medclf.config import ConfigError
+from medclf.secret import resolve
 
 UID_KEY_ENV = "MEDCLF_UID_KEY"
 
@@ -32,14 +32,15 @@ def display_name(path: str, show_paths: bool = False) -> str:
     return "file-" + hashlib.sha256(str(path).encode()).hexdigest()[:10]
 
 
-def uid_key(configured: Optional[str]) -> Optional[str]:
-    """The site key for UID hashing: the config value, else the MEDCLF_UID_KEY environment variable."""
-    return configured or os.environ.get(UID_KEY_ENV) or None
+def uid_key(configured=None, key_file: Optional[str] = None) -> Optional[str]:
+    """The site key for UID hashing: an inline config value (tests only), else `score.uid_key_file`,
+    else the MEDCLF_UID_KEY environment variable (medclf.secret: never written anywhere)."""
+    return resolve(configured, key_file, UID_KEY_ENV, "score.uid_key_file")
 
 
 def check_uid_policy(mode: str, key: Optional[str]) -> None:
     if mode == "hash" and not key:
-        raise PrivacyError(f"score.uids=hash needs the site's key: set {UID_KEY_ENV} (or score.uid_key); keep the "
+        raise PrivacyError(f"score.uids=hash needs the site's key: set {UID_KEY_ENV} (or score.uid_key_file); keep the "
                            "key to re-link hashed UIDs. Or set score.uids=drop (or keep)")
 
 

@@ -20,6 +20,7 @@ from medclf.config import PreprocessConfig
 from medclf.imaging.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
 from medclf.monitor.ood import input_out_of_scope
 from medclf.imaging.preprocess import preprocess_gray
+from medclf.imaging import confine
 from medclf.imaging.privacy import protect_uid
 from medclf.monitor.reference import STAT_COLUMNS, image_stats
 
@@ -38,7 +39,8 @@ def scored_key(path: str, checksum: str, frame: Optional[int] = None) -> int:
 
 def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, frames: str = "middle",
                 max_file_bytes: Optional[int] = None, rows_per_batch: int = 16,
-                uids: tuple = ("keep", None), gate: Optional[dict] = None) -> Iterator[dict]:
+                uids: tuple = ("keep", None), gate: Optional[dict] = None,
+                roots: Optional[tuple] = None) -> Iterator[dict]:
     """Ray Data task: paths -> bytes -> checksum -> one row per image -> model tensors; errors as rows.
 
     A generator: a multi-frame file's rows leave in batches of `rows_per_batch` as they are
@@ -53,7 +55,7 @@ def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, fr
     pre = PreprocessConfig.model_validate(spec)
     rows: list[dict] = []
     for path in (str(p) for p in batch["path"]):
-        for row in _file_rows(path, pre, skip_keys, frames, max_file_bytes, uids, gate):
+        for row in _file_rows(path, pre, skip_keys, frames, max_file_bytes, uids, gate, roots=roots):
             rows.append(row)
             if len(rows) == rows_per_batch:
                 yield _rows_to_batch(rows, pre.image_size)
@@ -64,12 +66,15 @@ def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, fr
 
 def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, frames: str,
                max_file_bytes: Optional[int], uids: tuple = ("keep", None), gate: Optional[dict] = None,
-               data: Optional[bytes] = None) -> Iterator[dict]:
-    """A file's rows; `data`: its bytes when they came another way (the online endpoint's request body)."""
+               data: Optional[bytes] = None, roots: Optional[tuple] = None) -> Iterator[dict]:
+    """A file's rows; `data`: its bytes when they came another way (the online endpoint's request body);
+    `roots`: where files may be read from (medclf.imaging.confine)."""
     row: dict = {"path": path, "size": -1, "checksum": None, "frame": None, "status": None, "error": None,
                  "error_kind": None, "pixels": None, "first_row": True}
     try:
-        data = storage.read_input(path, max_file_bytes) if data is None else data
+        if data is None:
+            confine.check(path, roots)  # symlinks resolved; /proc, /sys, /dev always refused
+            data = storage.read_input(confine.normalise(path), max_file_bytes)
         row.update(size=len(data), checksum=hashlib.sha256(data).hexdigest())
         if _in(skip_keys, scored_key(path, row["checksum"])):
             yield {**row, "status": ALREADY_SCORED}
@@ -226,13 +231,14 @@ def decode_blocks(n_files: int, decode_batch_size: int) -> int:
 
 def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: int = 16,
                    skip_keys: np.ndarray | None = None, frames: str = "middle", max_file_mb: Optional[float] = None,
-                   retries: int = DECODE_RETRIES, uids: tuple = ("keep", None), gate: Optional[dict] = None):
+                   retries: int = DECODE_RETRIES, uids: tuple = ("keep", None), gate: Optional[dict] = None,
+                   roots: Optional[tuple] = None):
     """Ray Dataset of decoded, preprocessed images (the stage training reuses).
 
     `frames` defaults to one image per file (what training, with one label per file, wants);
     scoring passes `score.frames`. A task whose worker dies is retried `retries` times; its files
-    are then missing from the output, and `run_scoring` writes error rows for them. `uids`, `gate`:
-    see `load_images`.
+    are then missing from the output, and `run_scoring` writes error rows for them. `uids`, `gate`,
+    `roots`: see `load_images`.
     """
     import ray.data
 
@@ -243,7 +249,7 @@ def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: 
         load_images,
         fn_kwargs={"spec": spec.model_dump(), "skip_keys": skip_keys, "frames": frames,
                    "max_file_bytes": max_file_bytes, "rows_per_batch": decode_batch_size, "uids": uids,
-                   "gate": gate},
+                   "gate": gate, "roots": roots},
         batch_size=decode_batch_size,
         batch_format="numpy",
         num_cpus=0.5,  # leave CPU for the inference actors on small machines

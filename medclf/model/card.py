@@ -178,3 +178,16 @@ def write(card, model_path: str) -> str:
     path = storage.join(model_path, CARD_MARKDOWN)
     storage.write_bytes(path, render(card).encode())
     return path
+
+
+PUBLIC_CARD_FIELDS = ("model_id", "created_at", "artifact_version", "arch", "classes", "positive_class", "threshold",
+                      "threshold_rule", "temperature", "test_time_hflip", "metrics", "intended_use")
+
+
+def public_card(card) -> dict:
+    """What an endpoint may tell a caller about its model: what it is, what it is for, how well it did.
+    Not the config, the training data's source paths, the failure-mode files or the domain statistics
+    (paths and settings of the site; secrets are redacted in the config anyway, this keeps them out twice)."""
+    out = {name: getattr(card, name) for name in PUBLIC_CARD_FIELDS}
+    out["software"] = dict((card.provenance or {}).get("software") or {})
+    return out

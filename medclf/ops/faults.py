@@ -3,7 +3,8 @@
 `MEDCLF_FAULT=<stage>:<action>` in the driver's environment, where action is
     kill          the run dies there (SIGKILL of the driver, as a node loss or `kill -9` would)
     exit          only the current process dies (in a write task: Ray retries the task)
-    wait=<file>   block until <file> exists (holds a run at a known point, no sleeps in tests)
+    wait=<file>   block until <file> exists (holds a run at a known point, no sleeps in tests);
+                  `<file>.parked` is created when a process starts waiting
 and `MEDCLF_FAULT_ONCE=<file>` makes the fault fire only for the first process that creates that
 file. Stages of `medclf.score.batch.run_scoring` and `medclf.score.sink`, in order: `leased`, `listing`,
 `before_commit` (part file written under its temporary name, not yet renamed/PUT), `after_commit`,
@@ -38,6 +39,7 @@ class Fault:
             return
         if self.action.startswith("wait="):
             flag = self.action.split("=", 1)[1]
+            open(flag + ".parked", "a").close()  # tests wait for this state, not for a guessed duration
             while not os.path.exists(flag):
                 time.sleep(0.05)
             return

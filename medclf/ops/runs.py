@@ -96,3 +96,22 @@ def run_folder(cfg: Config, run_id: str) -> str:
 
 def save_resolved_config(cfg: Config, run_dir: str, job: str) -> None:
     storage.write_bytes(storage.join(run_dir, f"{job}_config.yaml"), dump_config(cfg).encode())
+
+
+def discard_unused_run_folder(run_dir: str, existed: bool, job: str) -> bool:
+    """After a refused run (exit 2 or 3): remove the run folder this job created, if all it holds is
+    the job's saved config (nothing was scored or trained), so a refusal leaves nothing behind."""
+    if existed:
+        return False
+    fs, p = storage.filesystem(run_dir)
+    try:
+        files = [f for f in fs.find(p)]
+    except FileNotFoundError:
+        return False
+    if any(os.path.basename(f.rstrip("/")) != f"{job}_config.yaml" for f in files):
+        return False
+    try:
+        fs.rm(p, recursive=True)
+    except FileNotFoundError:  # an object store has no empty folders to remove
+        pass
+    return True

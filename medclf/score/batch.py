@@ -32,6 +32,7 @@ from medclf.model.artifact import class_probabilities, load_artifact, load_card,
 from medclf.monitor.ood import input_gate, load_domain, score_reason
 from medclf.monitor.reference import EMB_COLUMNS, STAT_COLUMNS, load_reference
 from medclf.imaging.preprocess import to_model_input
+from medclf.imaging.confine import default_roots, resolved_roots
 from medclf.imaging.privacy import check_uid_policy, uid_key
 
 log = logging.getLogger(__name__)
@@ -263,8 +264,9 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     if card.domain is None:
         log.warning("model %s has no domain record (trained before the out-of-scope guard): no ood_score, and "
                     "no modality or size check; retrain it to get them", card.model_id)
-    check_uid_policy(sc.uids, uid_key(sc.uid_key))
+    check_uid_policy(sc.uids, uid_key(sc.uid_key, sc.uid_key_file))
     inputs = find_inputs(input_path, sc.extensions)
+    roots = resolved_roots(sc.allowed_roots or default_roots(input_path))  # where manifest entries may point
     paths = inputs.paths
     if not paths:
         raise FileNotFoundError(f"{input_path}: no input files with extensions {sc.extensions} "
@@ -283,7 +285,7 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
         run_date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
         sink = CommitPerFileDatasink(storage.join(output, f"run_date={run_date}"), run_id,
                                      prediction_schema(card.classes), sc.rows_per_file, output, held.token, fault)
-        _scoring_dataset(cfg, paths, card, model_path, run_id, skip).write_datasink(sink)
+        _scoring_dataset(cfg, paths, card, model_path, run_id, skip, roots).write_datasink(sink)
         statuses, files = dict(sink.statuses), [path for path, _ in sink.committed]
         if sink.first_rows < len(paths):
             lost = _write_lost_files(paths, output, card, run_id, run_date, sc.decode_retries, held.token)
@@ -298,14 +300,15 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
                         files_listed=len(paths), filtered=inputs.filtered)
 
 
-def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_id: str, skip: np.ndarray):
+def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_id: str, skip: np.ndarray,
+                     roots: Optional[tuple] = None):
     """paths -> decode tasks -> inference actor pool: the Ray Dataset of prediction rows."""
     import ray.data
 
     sc = cfg.score
     ds = images_dataset(paths, card.preprocess_spec, sc.decode_batch_size, skip if len(skip) else None,
-                        sc.frames, sc.max_file_mb, sc.decode_retries, (sc.uids, uid_key(sc.uid_key)),
-                        input_gate(card))
+                        sc.frames, sc.max_file_mb, sc.decode_retries, (sc.uids, uid_key(sc.uid_key, sc.uid_key_file)),
+                        input_gate(card), roots=roots)
     threads = sc.torch_threads or max(1, int(sc.cpus_per_actor))
     ds = ds.map_batches(
         Predictor,

@@ -8,9 +8,13 @@ answer is the predictions row `jobs/score.py` writes for the same file. Requests
 together share one forward pass (`@serve.batch`).
 
     medclf serve --model runs/<id>/model [--port 8000]
-    curl --data-binary @scan.dcm http://127.0.0.1:8000/predict
-    curl --data-binary @scan.dcm 'http://127.0.0.1:8000/predict?explain=1'   # + a Grad-CAM PNG (base64)
-    curl http://127.0.0.1:8000/model                                         # the model card
+    curl -H "Authorization: Bearer $MEDCLF_SERVE_TOKEN" --data-binary @scan.dcm http://127.0.0.1:8000/predict
+    curl -H ... --data-binary @scan.dcm 'http://127.0.0.1:8000/predict?explain=1'   # + a Grad-CAM PNG (base64)
+    curl -H ... http://127.0.0.1:8000/model                                         # the public model card
+
+Security (medclf.score.auth, docs/security.md): every route but `GET /healthz` needs
+`Authorization: Bearer $MEDCLF_SERVE_TOKEN`; /model is the public card (medclf.model.card.public_card);
+bodies are read as a stream and cut at serve.max_file_mb (medclf.score.upload).
 
 Answers: 200 with the label and calibrated probabilities; 413 for a body over `serve.max_file_mb`;
 422 when the file cannot be decoded, holds no image, or is out of scope, with the batch job's error
@@ -22,9 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import email.parser
 import math
+import os
 from typing import Optional
 
 import numpy as np
@@ -33,8 +37,11 @@ from ray import serve
 from medclf.config import Config, ServeConfig
 from medclf.imaging.stage import _file_rows, _rows_to_batch
 from medclf.model.artifact import prob_column
+from medclf.model.card import public_card
 from medclf.monitor.ood import input_gate
+from medclf.score.auth import UNAUTHORIZED_BODY, authorized, is_liveness, serve_token
 from medclf.score.batch import Predictor
+from medclf.score.upload import TooLarge, read_limited
 
 UPLOAD_NAME = "upload"  # what error texts call the request's file (its own name may carry a patient's)
 NOT_OK_STATUS = {"error": 422, "skipped": 422, "out_of_scope": 422}
@@ -62,6 +69,8 @@ class Classifier:
 
     def __init__(self, model_path: str, config: dict):
         self.cfg = ServeConfig.model_validate(config)
+        # Read here, on the replica's node (env or mounted file): the token never travels in deploy args.
+        self.token = serve_token(self.cfg.token_file, self.cfg.insecure_no_auth)
         threads = self.cfg.threads or max(1, int(self.cfg.cpus_per_replica))
         self.predictor = Predictor(model_path, "serve", self.cfg.use_gpu, threads, self.cfg.runtime)
         self.card = self.predictor.card
@@ -75,27 +84,30 @@ class Classifier:
     async def __call__(self, request):
         from starlette.responses import JSONResponse
 
-        route = request.url.path.rstrip("/").rsplit("/", 1)[-1]
-        if request.method == "GET" and route == "healthz":
-            return JSONResponse({"status": "ok", "model_id": self.card.model_id})
-        if request.method == "GET" and route == "model":
-            return JSONResponse(dataclasses.asdict(self.card))
-        if request.method == "GET" and route == "stats":
+        path = request.url.path
+        if is_liveness(request.method, path, self.cfg.route_prefix):
+            return JSONResponse({"status": "ok"})  # unauthenticated: discloses nothing
+        if not authorized(request.headers.get("authorization"), self.token):
+            return JSONResponse(UNAUTHORIZED_BODY, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        prefix = self.cfg.route_prefix.rstrip("/")
+        route = path[len(prefix):] if prefix and path.startswith(prefix) else path  # exact: "/xmodel" is not "/model"
+        if request.method == "GET" and route == "/model":
+            return JSONResponse(public_card(self.card))
+        if request.method == "GET" and route == "/stats":
             sizes = self.batch_sizes
-            return JSONResponse({"batches": len(sizes), "requests": int(sum(sizes)), "max_batch": max(sizes, default=0)})
-        if request.method == "POST" and route == "predict":
+            return JSONResponse({"batches": len(sizes), "requests": int(sum(sizes)), "max_batch": max(sizes, default=0),
+                                 "pid": os.getpid()})  # operators (authenticated) watch the replica's memory
+        if request.method == "POST" and route == "/predict":
             return await self.predict(request)
         return JSONResponse({"error": "not found: use POST /predict, GET /healthz, GET /model"}, status_code=404)
 
     async def predict(self, request):
         from starlette.responses import JSONResponse
 
-        length = int(request.headers.get("content-length") or 0)
-        if length > self.max_bytes:  # refused before a byte of the body is read
-            return JSONResponse(self._too_large(length), status_code=413)
-        body = await request.body()
-        if len(body) > self.max_bytes:
-            return JSONResponse(self._too_large(len(body)), status_code=413)
+        try:
+            body = await read_limited(request, self.max_bytes)
+        except TooLarge as exc:
+            return JSONResponse(self._too_large(exc.size, exc.declared), status_code=413)
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/"):
             try:
@@ -157,9 +169,10 @@ class Classifier:
             return 503
         return NOT_OK_STATUS.get(answer["status"], 422)
 
-    def _too_large(self, size: int) -> dict:
+    def _too_large(self, size: int, declared: bool) -> dict:
+        what = f"{size} bytes (Content-Length)" if declared else "the body"
         return {"status": "error", "error_kind": "permanent", "model_id": self.card.model_id,
-                "error": f"{UPLOAD_NAME}: {size} bytes is over the {self.cfg.max_file_mb:g} MB limit (serve.max_file_mb)"}
+                "error": f"{UPLOAD_NAME}: {what} is over the {self.cfg.max_file_mb:g} MB limit (serve.max_file_mb)"}
 
     def gradcam_png(self, row: dict, answer: dict) -> str:
         """Grad-CAM of the predicted class over the image, as a base64 PNG."""
@@ -185,9 +198,10 @@ def build_app(cfg: Config, model_path: Optional[str] = None):
         from medclf.config import ConfigError
 
         raise ConfigError("serve needs a model (--model or serve.model)")
+    serve_token(sc.token_file, sc.insecure_no_auth)  # no token and not insecure: refuse before deploying
     options = {
         "ray_actor_options": {"num_cpus": sc.cpus_per_replica, "num_gpus": 1 if sc.use_gpu else 0},
-        "max_ongoing_requests": max(4 * sc.max_batch_size, 32),
+        "max_ongoing_requests": sc.max_ongoing_requests,  # x max_file_mb x 2 <= serve.memory_budget_mb
     }
     if sc.max_replicas > sc.min_replicas:
         options["autoscaling_config"] = {"min_replicas": sc.min_replicas, "max_replicas": sc.max_replicas,

@@ -12,7 +12,8 @@ then hard-linked into place, which fails if the name exists; S3: a conditional P
 `If-None-Match: *`). A retry of a task that had committed finds its file there and adds nothing.
 The lease token keeps the names of a later run that re-uses the run id apart from this one's.
 Before publishing, the task checks that its run still holds the output's lease (medclf.score.lease),
-so a run that lost it cannot commit. Readers (pyarrow datasets) ignore names starting with '.'
+and the publish is fenced by the lease's generation (`lease.fenced_publish`, medclf.data.fence), so a
+run that lost it cannot commit, even with a stall between the check and the publish. Readers (pyarrow datasets) ignore names starting with '.'
 or '_': a file is either fully there or not there at all. Rows of images an earlier run scored
 (status `already_scored`) are counted per status with the rest, never written.
 
@@ -78,7 +79,8 @@ class CommitPerFileDatasink(Datasink[list]):
         pq.write_table(table, buf, compression="zstd")
         lease.verify(self.output, self.lease_token)  # a run that lost the output commits nothing
         created = storage.create_exclusive(final, buf.getvalue(),
-                                           before_publish=partial(faults.check, self.fault, "before_commit"))
+                                           before_publish=partial(faults.check, self.fault, "before_commit"),
+                                           guard=partial(lease.fenced_publish, self.output, self.lease_token))
         if created:
             faults.check(self.fault, "after_commit")
         # not created: an earlier try of this very task committed it; its rows (and counts) are the same
