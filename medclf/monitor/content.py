@@ -12,8 +12,8 @@ Three measures (`measures`), each with a limit in `ContentLimits`:
   * `spread`: the 99th minus the 1st percentile of the shrunk image: near 0 for blank, saturated
     and uniform grey frames;
   * `structure`: the mean correlation of each pixel of the shrunk image with its right and lower
-    neighbour. Anatomy is smooth at 256 px (real films: above 0.8, docs/ood.md); independent noise
-    has none (about 0).
+    neighbour. Anatomy is smooth at 256 px (real chest films: above 0.96, lung CT above 0.60,
+    docs/ood.md); independent noise has none (about 0).
 The limits were measured on 5,216 Kermany chest films, the DICOM of pydicom and pydicom-data, and
 the lung CT and breast ultrasound sets (benchmarks/content_checks.py, results in docs/ood.md).
 """
@@ -38,9 +38,12 @@ REASONS = {
 @dataclass(frozen=True)
 class ContentLimits:
     min_spread: float = 0.04
-    """p99 - p1 of the pixels (0..1) below this: near-constant. Real films: >= 0.26 (docs/ood.md)."""
+    """p99 - p1 of the pixels (0..1) below this: near-constant. Real films: >= 0.33 (docs/ood.md)."""
     min_structure: float = 0.5
-    """Neighbour correlation below this: noise. Real films: >= 0.80 (docs/ood.md)."""
+    """Neighbour correlation below this: noise. Real films: >= 0.60 (docs/ood.md)."""
+    min_structure_side: int = 32
+    """Images with a shorter side are not judged for structure: a 16x16 thumbnail has too few pixels to
+    tell noise from anatomy (the too-small rule of the domain record refuses them for a real model)."""
 
 
 def shrink(image: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
@@ -88,7 +91,7 @@ def content_reason(image: np.ndarray, limits: ContentLimits = ContentLimits()) -
     if m["spread"] < limits.min_spread:
         return (f"{REASONS['constant']} (blank, saturated or uniform grey): 1st-99th percentile spread "
                 f"{m['spread']:.3f} < {limits.min_spread:g}")
-    if not np.isnan(m["structure"]) and m["structure"] < limits.min_structure:
+    if min(np.shape(image)[:2]) >= limits.min_structure_side and m["structure"] < limits.min_structure:
         return (f"{REASONS['noise']} (mostly noise): neighbour correlation {m['structure']:.2f} "
                 f"< {limits.min_structure:g}")
     return None
