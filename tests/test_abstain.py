@@ -229,3 +229,18 @@ def test_serve_answers_422_with_the_reason_and_refuses_explain(guarded):
     assert status == 200 and body["status"] == "ok" and body["gradcam_png"]
     flagged = asyncio.run(run("flag"))
     assert all(status == 200 for status, _ in flagged.values())
+
+
+def test_risk_coverage_counts_refusals_as_lost_coverage_not_as_errors():
+    from medclf.report.selective import risk_coverage, risk_coverage_plot, selective_summary
+
+    correct = np.array([True, True, False, True])
+    confidence = np.array([0.9, 0.8, 0.99, 0.6])
+    curve = risk_coverage(correct, confidence, n_refused=4)
+    # most confident first: the wrong 0.99 answer, then three right ones; 8 labelled rows in all
+    assert curve["coverage"].tolist() == [1 / 8, 2 / 8, 3 / 8, 4 / 8]
+    assert curve["risk"].tolist() == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+    summary = selective_summary(curve, n_scored=4, n_refused=4)
+    assert summary["coverage"] == 0.5 and summary["abstention_rate"] == 0.5
+    assert summary["accuracy_on_scored"] == 0.75 and summary["aurc"] > 0
+    assert risk_coverage_plot(curve, summary)[:8] == b"\x89PNG\r\n\x1a\n"
