@@ -92,6 +92,15 @@ class DataConfig(_Section):
     """DICOM modalities this model is for (e.g. [CR, DX] for chest films), recorded in the model's
     domain (medclf.monitor.ood): at scoring, a DICOM of another modality is `out_of_scope`. Training images
     are often JPEG/PNG without the tag, so it comes from here. Empty: any modality."""
+    views: list[str] = Field(default_factory=list)
+    """DICOM views this model is for (ViewPosition, e.g. [PA, AP]); with `body_parts` and `lateralities`
+    recorded in the domain and judged at scoring (medclf.monitor.header). Empty: any."""
+    body_parts: list[str] = Field(default_factory=list)
+    """DICOM BodyPartExamined values this model is for (e.g. [CHEST]). Empty: any."""
+    lateralities: list[str] = Field(default_factory=list)
+    """DICOM ImageLaterality values this model is for (L, R, B, U). Empty: any."""
+    allow_missing: bool = True
+    """A DICOM without a tag the rules above judge: accepted (true) or out_of_scope (false)."""
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -146,7 +155,7 @@ class DataConfig(_Section):
                              "and/or data.holdout_id_fraction > 0")
         return self
 
-    @field_validator("modalities")
+    @field_validator("modalities", "views", "body_parts", "lateralities")
     @classmethod
     def _upper(cls, v: list[str]) -> list[str]:
         return [m.strip().upper() for m in v]
@@ -374,12 +383,13 @@ class OODConfig(_Section):
     Gaussian; None: all feature dimensions (shrinkage keeps the covariance invertible)."""
     min_size_floor: int = Field(8, ge=1)
     """Minimum image side = half the smallest validation image side, but at least this (px)."""
-    action: Literal["flag", "out_of_scope"] = "flag"
-    """What scoring does with an image whose ood_score is over the stored threshold. `flag`: writes the
-    score and keeps the prediction (compare ood_score with the card's domain.threshold); `out_of_scope`:
-    no label, status out_of_scope with the reason. Flag by default: on the pneumonia model the 0.99
-    validation quantile flagged 21% of held-in chest films of another validation part (docs/benchmarks.md).
-    A wrong modality or a too-small image is out_of_scope either way."""
+    action: Literal["flag", "out_of_scope"] = "out_of_scope"
+    """What scoring and serving do with an input outside the model's domain (docs/ood.md). `out_of_scope`
+    (the default): no label, status out_of_scope with the reason, for an ood_score over the stored
+    threshold, for pixels the content checks refuse (blank, near-constant, noise: medclf.monitor.content)
+    and for DICOM headers outside `data.views` / `body_parts` / `lateralities` (medclf.monitor.header).
+    `flag`: the behaviour before refusal was the default: those are scored, ood_score written for
+    review. A wrong modality or a too-small image is out_of_scope either way."""
 
 
 class ExplainConfig(_Section):

@@ -94,9 +94,11 @@ def drift_model(trained_model, tmp_path_factory):
 def score_table(model_path, paths, run_id="run"):
     """Prediction rows as scoring writes them (decode stage + Predictor), as an Arrow table."""
     card = load_card(model_path)
-    predictor = Predictor(model_path, run_id, threads=1)
+    # ood.action=flag: the drift statistics here are measured on every decoded phantom, as before
+    # refusal became the default (out_of_scope_rate counts flagged rows either way).
+    predictor = Predictor(model_path, run_id, threads=1, ood_action="flag")
     batches = load_images({"path": np.array(paths, object)}, card.preprocess, rows_per_batch=16,
-                          gate=input_gate(card))
+                          gate=input_gate(card, "flag"))
     table = pa.concat_tables([predictor(b) for b in batches])
     return table.drop_columns(["first_row"])
 

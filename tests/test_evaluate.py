@@ -95,9 +95,13 @@ def test_report_tables_plots_and_page(scored, tmp_path):
     assert per_class.loc["NORMAL", "recall"] == pytest.approx(stored["specificity"])
 
     page = open(os.path.join(out, "summary.html")).read()
-    assert "small_cnn-abc" in page and "0.4500" in page and page.count("data:image/png;base64,") == 6
+    # 7 pictures: the six of before plus the risk-coverage curve (issue 33)
+    assert "small_cnn-abc" in page and "0.4500" in page and page.count("data:image/png;base64,") == 7
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["n_evaluated"] == len(y) and summary["subgroup_columns"] == ["format", "site"]
+    # nothing refused here: full coverage, and the accuracy on the answered is the stored accuracy
+    assert summary["selective"]["coverage"] == 1.0 and summary["selective"]["abstention_rate"] == 0.0
+    assert summary["selective"]["accuracy_on_scored"] == pytest.approx(stored["accuracy"])
 
 
 def test_multiclass_report(phantom_root, tmp_path):

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pydicom
 import pytest
 import torch
 from PIL import Image
@@ -33,7 +34,8 @@ def guarded(trained_model, tmp_path_factory):
 
     run_dir = os.path.dirname(trained_model.model_path)
     val = pd.read_parquet(os.path.join(run_dir, "splits.parquet")).query("split == 'val'")
-    cfg = load_config(None, TINY + ["ood.enabled=true", "ood.quantile=0.95", "data.modalities=[cr, DX]"])
+    cfg = load_config(None, TINY + ["ood.enabled=true", "ood.quantile=0.95", "data.modalities=[cr, DX]",
+                                    "data.views=[PA, AP]"])
     dest = str(tmp_path_factory.mktemp("guarded") / "model")
     add_domain(trained_model.model_path, dest, cfg, list(val.path), list(val.label))
     assert load_artifact(dest)[1].model_id == trained_model.card.model_id  # same weights, same model
@@ -48,7 +50,7 @@ def score_rows(model_path, paths, ood_action="out_of_scope"):
     card = load_card(model_path)
     predictor = Predictor(model_path, "run", threads=1, ood_action=ood_action)
     batches = load_images({"path": np.array(paths, object)}, card.preprocess, rows_per_batch=8,
-                          gate=input_gate(card))
+                          gate=input_gate(card, ood_action))
     return pa.concat_tables([predictor(b) for b in batches]).to_pandas().set_index("path")
 
 
@@ -99,23 +101,30 @@ def test_ct_slice_small_png_and_noise_are_out_of_scope(guarded, phantom_root, tm
         assert row.status == "out_of_scope" and row.error == f"{path}: {says}" and reason_kind(row.error) == kind
         assert pd.isna(row.predicted_label) and np.isnan(row.ood_score) and np.isnan(row.prob_POSITIVE)
     assert rows.loc[dicom_phantoms, "ood_score"].notna().all()
-    scores = rows.loc[held_out + noise, "ood_score"].to_numpy()
-    auroc = roc_auc_score([0] * len(held_out) + [1] * len(noise), scores)
+    # ood.action=flag (refusal off): every noise image is scored, with its ood_score, and the answers stand
+    flag_rows = score_rows(guarded, held_out + noise, "flag")
+    assert (flag_rows.loc[noise, "status"] == "ok").all() and flag_rows.loc[noise, "predicted_label"].notna().all()
+    auroc = roc_auc_score([0] * len(held_out) + [1] * len(noise), flag_rows.loc[held_out + noise, "ood_score"])
     print(f"noise vs held-out phantoms: AUROC {auroc:.3f}")
     assert auroc >= 0.9, auroc
-    flagged = rows.loc[noise][rows.loc[noise].status == "out_of_scope"]
-    assert len(flagged) >= len(noise) // 2, rows.loc[noise, ["status", "ood_score"]]
+    # ood.action=out_of_scope (the default): uniform and gaussian noise fail the content checks, constant
+    # images too (no forward pass: no score, no probabilities); the stripes are left to the feature score.
+    refused = rows.loc[noise][rows.loc[noise].status == "out_of_scope"]
+    assert len(refused) >= 3 * len(noise) // 4, rows.loc[noise, ["status", "ood_score", "error"]]
+    kinds = refused.error.map(reason_kind)
+    for i, path in enumerate(noise):
+        if i % 4 in (0, 1, 2):
+            assert kinds[path] == ("constant" if i % 4 == 2 else "noise"), rows.loc[path, "error"]
+            assert np.isnan(rows.loc[path, "ood_score"]) and np.isnan(rows.loc[path, "prob_POSITIVE"])
+    assert set(kinds) <= {"noise", "constant", "ood_score"}
+    by_score = refused[kinds == "ood_score"]
     # feature-space out of scope: probabilities kept for audit, no label, the score and the reason
-    assert flagged.predicted_label.isna().all() and flagged.prob_POSITIVE.notna().all()
-    assert flagged.error.str.contains("ood_score .* above the threshold", regex=True).all()
-    assert set(flagged.error.map(reason_kind)) == {"ood_score"}
+    assert by_score.prob_POSITIVE.notna().all() and by_score.error.str.contains("above the threshold").all()
+    assert refused.predicted_label.isna().all()
+    np.testing.assert_allclose(flag_rows.loc[by_score.index, "ood_score"], by_score.ood_score, rtol=1e-6)
     ok = rows[rows.status == "ok"]
     assert ok.predicted_label.notna().all() and ok.error.isna().all()
     assert (rows.loc[held_out, "status"] == "ok").mean() >= 0.75  # in-domain mostly passes (quantile 0.95)
-    # ood.action=flag (the default): the same scores, the answers stand
-    flag_rows = score_rows(guarded, noise, "flag")
-    assert (flag_rows.status == "ok").all() and flag_rows.predicted_label.notna().all()
-    np.testing.assert_allclose(flag_rows.loc[noise, "ood_score"], rows.loc[noise, "ood_score"], rtol=1e-6)
 
 
 def test_tampered_or_missing_domain_file_is_refused(guarded, tmp_path):
@@ -157,12 +166,29 @@ def test_scoring_and_evaluation_count_out_of_scope(ray_cluster, guarded, phantom
         shutil.copy(os.path.join(phantom_root, "test", "NORMAL", f), normal / f)
     shutil.copy(get_testdata_file("CT_small.dcm"), normal / "ct.dcm")
     Image.fromarray(np.zeros((2, 3), np.uint8)).save(normal / "tiny.png")
+    # What a new user tried (issue 33): blank, grey, noise and a lateral film; refused by the default config.
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(normal / "blank.png")
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(normal / "grey.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(normal / "noise.png")
+    phantom_dcm = next(f for f in sorted(os.listdir(os.path.join(phantom_root, "test", "NORMAL"))) if f.endswith(".dcm"))
+    ds = pydicom.dcmread(os.path.join(phantom_root, "test", "NORMAL", phantom_dcm))
+    ds.ViewPosition = "LL"
+    ds.save_as(normal / "lateral.dcm")
+    cfg = load_config(None, TINY + ["score.extensions=[.png, .dcm]"])
+    assert cfg.ood.action == "out_of_scope"  # the default
     out = str(tmp_path / "pred")
-    summary = run_scoring(load_config(None, TINY), "oos", str(src), guarded, out)
+    summary = run_scoring(cfg, "oos", str(src), guarded, out)
     pred = read_predictions(out).set_index("path")
-    assert pred.loc[str(normal / "ct.dcm"), "status"] == pred.loc[str(normal / "tiny.png"), "status"] == "out_of_scope"
+    expected = {"ct.dcm": "modality", "tiny.png": "too_small", "blank.png": "all_zero", "grey.png": "constant",
+                "noise.png": "noise", "lateral.dcm": "view"}
+    for name, kind in expected.items():
+        row = pred.loc[str(normal / name)]
+        assert row.status == "out_of_scope" and reason_kind(row.error) == kind and pd.isna(row.predicted_label), name
     n_oos = int((pred.status == "out_of_scope").sum())
-    assert summary.out_of_scope == n_oos >= 2 and summary.seen == len(pred) == summary.scored + n_oos
+    assert summary.out_of_scope == n_oos >= len(expected) and summary.seen == len(pred) == summary.scored + n_oos
+    kinds = pred.loc[pred.status == "out_of_scope", "error"].map(reason_kind).value_counts().to_dict()
+    assert summary.out_of_scope_reasons == kinds and all(summary.out_of_scope_reasons[k] >= 1 for k in expected.values())
+    assert f"out of scope {n_oos} (" in str(summary) and "view 1" in str(summary), str(summary)
     assert pred.loc[pred.status == "ok", "ood_score"].notna().all()
 
     report = run_evaluation(out, str(tmp_path / "report"), ["NORMAL", "POSITIVE"], "POSITIVE",
@@ -170,8 +196,15 @@ def test_scoring_and_evaluation_count_out_of_scope(ray_cluster, guarded, phantom
     assert report.out_of_scope["n"] == n_oos and report.n_failed == 0 and report.n_evaluated == len(pred) - n_oos
     assert report.out_of_scope["rate"] == pytest.approx(n_oos / len(pred))
     assert report.out_of_scope["reasons"]["modality"] == 1 and report.out_of_scope["reasons"]["too_small"] == 1
+    assert all(report.out_of_scope["reasons"][k] == kinds[k] for k in kinds)
     summary_json = json.load(open(tmp_path / "report" / "summary.json"))
     assert summary_json["out_of_scope"]["n"] == n_oos
+    # coverage beside accuracy: the refused rows lower coverage, the accuracy is that of the answered
+    selective = summary_json["selective"]
+    assert selective["coverage"] == pytest.approx(report.n_evaluated / (report.n_evaluated + n_oos))
+    assert selective["abstention_rate"] == pytest.approx(n_oos / (report.n_evaluated + n_oos))
+    assert (tmp_path / "report" / "risk_coverage.png").stat().st_size > 1000
+    assert "Coverage" in (tmp_path / "report" / "summary.html").read_text()
     assert pd.read_parquet(tmp_path / "report" / "metrics.parquet")["n_out_of_scope"].iloc[0] == n_oos
 
 

@@ -43,6 +43,13 @@ DICOM_META_TAGS = {
     "study_instance_uid": "StudyInstanceUID",
     "series_instance_uid": "SeriesInstanceUID",
 }
+# Header fields the out-of-scope guard judges (medclf.monitor.header); in `meta` only, not row columns.
+DICOM_DOMAIN_TAGS = {
+    "view_position": "ViewPosition",
+    "patient_orientation": "PatientOrientation",
+    "body_part": "BodyPartExamined",
+    "laterality": "ImageLaterality",
+}
 
 
 class DecodeError(UserError):
@@ -226,6 +233,13 @@ class DicomImages:
         for key, tag in DICOM_META_TAGS.items():
             value = ds.get(tag)
             self.meta[key] = str(value) if value not in (None, "") else None
+        for key, tag in DICOM_DOMAIN_TAGS.items():
+            value = ds.get(tag)
+            if value in (None, "") and tag == "ImageLaterality":
+                value = ds.get("Laterality")  # the series-level tag older writers fill instead
+            if value is not None and not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
+                value = "\\".join(str(v) for v in value)  # multi-valued (PatientOrientation: row\\column)
+            self.meta[key] = str(value).strip() or None if value is not None else None
         if not any(name in ds for name in PIXEL_ELEMENTS):
             _no_pixels(ds, path, self.meta["modality"])
         count = _int(ds, "NumberOfFrames", 1) or 1

@@ -18,7 +18,7 @@ import numpy as np
 from medclf import storage
 from medclf.config import PreprocessConfig
 from medclf.imaging.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
-from medclf.monitor.ood import input_out_of_scope
+from medclf.monitor.ood import image_out_of_scope, input_out_of_scope
 from medclf.imaging.preprocess import preprocess_gray
 from medclf.imaging import confine
 from medclf.imaging.privacy import protect_uid
@@ -100,7 +100,11 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
         try:
             image = images.image(frame).image
             out["stats"] = image_stats(image)  # for drift (medclf.monitor.reference), measured here: no second pass
-            out["pixels"] = preprocess_gray(image, pre)
+            refused = image_out_of_scope(image, gate)  # blank, near-constant, noise: not for any model
+            if refused:
+                out.update(status="out_of_scope", error=f"{path}: {refused}")
+            else:
+                out["pixels"] = preprocess_gray(image, pre)
         except Exception as exc:  # a bad frame is a row; the file's other frames go on
             out.update(status="error", error=_error_text(path, exc), error_kind=_error_kind(exc))
         yield out

@@ -42,6 +42,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from medclf.model.artifact import ModelCard, ModelError, penultimate, read_artifact_arrays
+from medclf.monitor.content import REASONS as CONTENT_REASONS, content_reason
+from medclf.monitor.header import REASONS as HEADER_REASONS, header_reason
 from medclf.imaging.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,8 @@ DOMAIN_FILE = "domain.npz"
 SCORES = ("mahalanobis", "energy", "max_softmax")
 
 # Each out-of-scope reason starts with one of these phrases; `reason_kind` maps them back for counts.
-REASONS = {"modality": "DICOM modality", "too_small": "image too small", "ood_score": "ood_score"}
+REASONS = {"modality": "DICOM modality", "too_small": "image too small", "ood_score": "ood_score",
+           **HEADER_REASONS, **CONTENT_REASONS}
 
 
 class DomainRecord(BaseModel):
@@ -79,6 +82,11 @@ class DomainRecord(BaseModel):
     feature_dim: int
     pca_dim: Optional[int] = None
     file: str = DOMAIN_FILE
+    views: list[str] = []
+    """DICOM header rules (medclf.monitor.header; from `data.views` etc.): empty lists accept any value."""
+    body_parts: list[str] = []
+    lateralities: list[str] = []
+    allow_missing: bool = True
 
 
 @dataclass
@@ -237,7 +245,9 @@ def fit_domain(cfg, embedding: Embedding, val_y: np.ndarray, val_paths: list[str
         input_stats={"mean_of_means": float(means.mean()), "sd_of_means": float(means.std()),
                      "mean_of_sds": float(sds.mean()), "sd_of_sds": float(sds.std())},
         n_fit=len(val_y), feature_dim=int(features.shape[1]),
-        pca_dim=oc.pca_dim if oc.score == "mahalanobis" and arrays["components"].size else None)
+        pca_dim=oc.pca_dim if oc.score == "mahalanobis" and arrays["components"].size else None,
+        views=list(cfg.data.views), body_parts=list(cfg.data.body_parts), lateralities=list(cfg.data.lateralities),
+        allow_missing=cfg.data.allow_missing)
     log.info("domain record: %s score, threshold %.4g (%.0f%% of validation passes), min side %d px",
              record.score, threshold, 100 * (1 - record.validation_flag_rate), record.min_size)
     return Domain(record, arrays)
@@ -301,19 +311,26 @@ def load_domain(path: str, card: ModelCard) -> Optional[Domain]:
     return Domain(record, read_artifact_arrays(path, card, record.file, needed))
 
 
-def input_gate(card: ModelCard) -> Optional[dict]:
-    """What the decode stage checks before any pixel reaches the model (None: nothing)."""
+def input_gate(card: ModelCard, action: str = "out_of_scope") -> Optional[dict]:
+    """What the decode stage checks before any pixel reaches the model (None: nothing, for a model
+    without a domain record). Modality and size always; with `ood.action: out_of_scope` also the
+    DICOM header rules and the content checks (`flag` keeps the guard to what it was before)."""
     if card.domain is None:
         return None
     record = DomainRecord.model_validate(card.domain)
-    return {"modalities": record.modalities, "min_size": record.min_size}
+    gate = {"modalities": record.modalities, "min_size": record.min_size}
+    if action == "out_of_scope":
+        gate.update(content=True, header={"views": record.views, "body_parts": record.body_parts,
+                                          "lateralities": record.lateralities,
+                                          "allow_missing": record.allow_missing})
+    return gate
 
 
 # ---------------------------------------------------------------- reasons
 
 
 def input_out_of_scope(meta: dict, gate: Optional[dict]) -> Optional[str]:
-    """Why a decoded file is out of scope by its header alone (modality, size), or None."""
+    """Why a decoded file is out of scope by its header alone (modality, view/body part, size), or None."""
     if not gate:
         return None
     modality = meta.get("modality")
@@ -322,11 +339,21 @@ def input_out_of_scope(meta: dict, gate: Optional[dict]) -> Optional[str]:
         # Modality is a short code (CS, 16 chars); anything else is not echoed (it could be a name).
         shown = modality if re.fullmatch(r"[A-Za-z0-9 _]{1,16}", modality) else "a non-standard value"
         return f"{REASONS['modality']} {shown} is not one this model is for ({', '.join(allowed)})"
+    header = header_reason(meta, gate.get("header"))
+    if header:
+        return header
     width, height = meta.get("width"), meta.get("height")
     if width is not None and height is not None and min(width, height) < gate["min_size"]:
         return (f"{REASONS['too_small']}: {width}x{height} px, the model's domain starts at "
                 f"{gate['min_size']} px a side")
     return None
+
+
+def image_out_of_scope(image: np.ndarray, gate: Optional[dict]) -> Optional[str]:
+    """Why the decoded pixels are not an image to judge (medclf.monitor.content), when the gate asks; or None."""
+    if not gate or not gate.get("content"):
+        return None
+    return content_reason(image)
 
 
 def score_reason(score: float, record: DomainRecord) -> str:

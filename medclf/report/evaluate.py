@@ -44,6 +44,7 @@ from medclf.report.metrics import (
 )
 from medclf.model.artifact import prob_column
 from medclf.data.predictions import read_predictions
+from medclf.report.selective import risk_coverage, risk_coverage_plot, selective_summary
 
 # Columns that, when present in the predictions or the labels manifest, get a subgroup table.
 SUBGROUP_CANDIDATES = ("format", "modality", "site", "hospital", "scanner", "manufacturer", "view",
@@ -277,6 +278,9 @@ def write_report(
     metrics.insert(2, "n_out_of_scope", oos["n"])
 
     y_pred = _decisions(probs, pos, threshold)
+    # Selective prediction (medclf.report.selective): refused rows lower coverage, not accuracy.
+    curve = risk_coverage(y_pred == y, probs[np.arange(len(y_pred)), y_pred], oos["n"])
+    selective = selective_summary(curve, len(ok), oos["n"])
     if binary:
         calibration = calibration_table((y == pos).astype(int), probs[:, pos])
         calibration_what = f"true {positive_class}"
@@ -297,6 +301,7 @@ def write_report(
         "pr": pr_points(y, probs, classes, pos),
         "calibration": calibration,
         "subgroups": subgroup_table(ok, y, probs, classes, pos, threshold, columns),
+        "risk_coverage": curve,
     }
     storage.makedirs(output)
     for name, table in tables.items():
@@ -325,12 +330,13 @@ def write_report(
         "reliability.png": plots.reliability_plot(calibration, calibration_what, ece),
         "histogram.png": hist,
         "gallery.png": gallery(ok, y, y_pred, probs, classes, show_paths),
+        "risk_coverage.png": risk_coverage_plot(curve, selective),
     }
     for name, png in pictures.items():
         storage.write_bytes(storage.join(output, name), png)
 
     summary = {**(source or {}), "classes": classes, "positive_class": positive_class, "threshold": threshold,
-               "n_evaluated": int(len(ok)), "n_failed": n_failed, "out_of_scope": oos,
+               "n_evaluated": int(len(ok)), "n_failed": n_failed, "out_of_scope": oos, "selective": selective,
                "class_counts": {c: int((y == k).sum()) for k, c in enumerate(classes)},
                "model_ids": sorted(ok["model_id"].dropna().unique().tolist()) if "model_id" in ok else [],
                "subgroup_columns": columns,
@@ -389,6 +395,13 @@ def _ood_fact(oos: Optional[dict]) -> str:
     return f"{oos['n']} ({100 * oos['rate']:.1f}% of the files seen; {reasons}), not counted as predictions"
 
 
+def _coverage_fact(sel: Optional[dict]) -> str:
+    if not sel:
+        return "-"
+    return (f"{sel['coverage']:.3f} answered (abstention rate {sel['abstention_rate']:.3f}); accuracy on the answered "
+            f"{sel['accuracy_on_scored']:.3f}; AURC {sel['aurc']:.4f} (risk-coverage curve below)")
+
+
 def _table_html(table: pd.DataFrame, columns: list[str]) -> str:
     cols = [c for c in columns if c in table.columns]
     return table[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-", border=0)
@@ -411,6 +424,7 @@ def summary_html(summary: dict, tables: dict, pictures: dict) -> str:
         ("Decision threshold", "argmax" if threshold is None else f"{threshold:.4f} (stored in the model)"),
         ("Images evaluated", f"{summary['n_evaluated']} ({summary['n_failed']} failed to score, not counted)"),
         ("Out of scope", _ood_fact(summary.get("out_of_scope"))),
+        ("Coverage", _coverage_fact(summary.get("selective"))),
     ]
     if "rows_dropped_note" in summary:
         facts.append(("Rows left out", summary["rows_dropped_note"]))
@@ -451,6 +465,7 @@ on its own validation data; rules marked <i>on_this_data</i> are chosen on these
 {figure("confusion.png", "Confusion matrix at the stored threshold")}
 {figure("reliability.png", "Reliability diagram (calibration)")}
 {figure("histogram.png", "Score distribution per true class")}
+{figure("risk_coverage.png", "Risk-coverage: error rate of the answered vs share answered (refused: grey)")}
 <div class="wide">{figure("gallery.png", "Sample predictions, most confident errors first")}</div>
 </body></html>
 """

@@ -15,7 +15,7 @@ import io
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -29,7 +29,7 @@ from medclf.imaging.stage import (ALREADY_SCORED, META_KEYS, TRANSIENT, find_inp
 from medclf.score.lease import Lease, verify
 from medclf.data.predictions import prediction_schema, predictions_dataset
 from medclf.model.artifact import class_probabilities, load_artifact, load_card, penultimate, prob_column
-from medclf.monitor.ood import input_gate, load_domain, score_reason
+from medclf.monitor.ood import input_gate, load_domain, reason_kind, score_reason
 from medclf.monitor.reference import EMB_COLUMNS, STAT_COLUMNS, load_reference
 from medclf.imaging.preprocess import to_model_input
 from medclf.imaging.confine import default_roots, resolved_roots
@@ -84,7 +84,7 @@ class Predictor:
     """Ray Data actor: holds the model, turns a batch of tensors into prediction rows."""
 
     def __init__(self, model_path: str, run_id: str, use_gpu: bool = False, threads: int | None = None,
-                 runtime: str = "torch", ood_action: str = "flag"):
+                 runtime: str = "torch", ood_action: str = "out_of_scope"):
         import torch
 
         if threads:
@@ -132,8 +132,8 @@ class Predictor:
                 ood_scores[ok] = self.domain.scores(features, logits)
             if self.reference is not None:  # the embedding summary drift compares (medclf.monitor.drift)
                 emb[ok] = self.reference.project(features)
-        # Out of scope by the feature score only with ood.action=out_of_scope: probabilities kept (audit), no
-        # label, the reason in `error`. The default (flag) writes ood_score and leaves the answer standing.
+        # Out of scope by the feature score with ood.action=out_of_scope (the default): probabilities kept
+        # (audit), no label, the reason in `error`. `flag` writes ood_score and leaves the answer standing.
         beyond = ok & (ood_scores > self.domain.record.threshold) if self.domain is not None else np.zeros(n, bool)
         if self.ood_action != "out_of_scope":
             beyond[:] = False
@@ -228,6 +228,8 @@ class ScoreSummary:
     out_of_scope: int = 0
     files_listed: int = 0
     filtered: int = 0
+    out_of_scope_reasons: dict = field(default_factory=dict)
+    """Out-of-scope rows of this run per reason (medclf.monitor.ood.REASONS keys)."""
 
     @property
     def images_per_s(self) -> float:
@@ -238,7 +240,8 @@ class ScoreSummary:
         return (
             f"files listed {self.files_listed} ({self.filtered} left out by score.extensions); images seen "
             f"{self.seen}: scored {self.scored}, skipped {self.skipped} ({self.already_scored} already scored, "
-            f"{self.not_images} not an image), failed {self.failed}, out of scope {self.out_of_scope}; "
+            f"{self.not_images} not an image), failed {self.failed}, out of scope {self.out_of_scope}"
+            f"{_by_reason(self.out_of_scope_reasons)}; "
             f"{self.seconds:.1f}s, {self.images_per_s:.1f} images/s -> {self.output}"
         )
 
@@ -297,7 +300,22 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     return ScoreSummary(output, sum(statuses.values()), counts[ALREADY_SCORED] + counts["skipped"], counts["ok"],
                         counts["error"], time.time() - start, files, already_scored=counts[ALREADY_SCORED],
                         not_images=counts["skipped"], out_of_scope=counts["out_of_scope"],
-                        files_listed=len(paths), filtered=inputs.filtered)
+                        files_listed=len(paths), filtered=inputs.filtered,
+                        out_of_scope_reasons=_reason_counts(output, run_id) if counts["out_of_scope"] else {})
+
+
+def _by_reason(reasons: dict) -> str:
+    return f" ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})" if reasons else ""
+
+
+def _reason_counts(output: str, run_id: str) -> dict:
+    """This run's out_of_scope rows per reason, read back from what was committed."""
+    import pyarrow.compute as pc
+
+    table = predictions_dataset(output).to_table(
+        columns=["error"], filter=(pc.field("run_id") == run_id) & (pc.field("status") == "out_of_scope"))
+    kinds = [reason_kind(e) for e in table.column("error").to_pylist()]
+    return {k: kinds.count(k) for k in sorted(set(kinds))}
 
 
 def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_id: str, skip: np.ndarray,
@@ -308,7 +326,7 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
     sc = cfg.score
     ds = images_dataset(paths, card.preprocess_spec, sc.decode_batch_size, skip if len(skip) else None,
                         sc.frames, sc.max_file_mb, sc.decode_retries, (sc.uids, uid_key(sc.uid_key, sc.uid_key_file)),
-                        input_gate(card), roots=roots)
+                        input_gate(card, cfg.ood.action), roots=roots)
     threads = sc.torch_threads or max(1, int(sc.cpus_per_actor))
     ds = ds.map_batches(
         Predictor,

@@ -18,7 +18,7 @@ bodies are read as a stream and cut at serve.max_file_mb (medclf.score.upload).
 
 Answers: 200 with the label and calibrated probabilities; 413 for a body over `serve.max_file_mb`;
 422 when the file cannot be decoded, holds no image, or is out of scope, with the batch job's error
-text; 503 for transient failures (retry). Responses and logs never carry the file's name or any
+text (the reason; `?explain=1` gives no heatmap for it, `explain` says it was refused); 503 for transient failures (retry). Responses and logs never carry the file's name or any
 DICOM tag that identifies a patient: error texts call the file "upload".
 """
 
@@ -67,15 +67,15 @@ def body_from_multipart(body: bytes, content_type: str) -> bytes:
 class Classifier:
     """The Serve deployment: the model, the decode stage and the batcher of one replica."""
 
-    def __init__(self, model_path: str, config: dict):
+    def __init__(self, model_path: str, config: dict, ood_action: str = "out_of_scope"):
         self.cfg = ServeConfig.model_validate(config)
         # Read here, on the replica's node (env or mounted file): the token never travels in deploy args.
         self.token = serve_token(self.cfg.token_file, self.cfg.insecure_no_auth)
         threads = self.cfg.threads or max(1, int(self.cfg.cpus_per_replica))
-        self.predictor = Predictor(model_path, "serve", self.cfg.use_gpu, threads, self.cfg.runtime)
+        self.predictor = Predictor(model_path, "serve", self.cfg.use_gpu, threads, self.cfg.runtime, ood_action)
         self.card = self.predictor.card
         self.spec = self.card.preprocess_spec
-        self.gate = input_gate(self.card)  # the modality / size checks batch scoring's decode stage makes
+        self.gate = input_gate(self.card, ood_action)  # the checks batch scoring's decode stage makes
         self.max_bytes = int(self.cfg.max_file_mb * 2**20)
         self.predict_rows.set_max_batch_size(self.cfg.max_batch_size)
         self.predict_rows.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -121,6 +121,9 @@ class Classifier:
             for row, answer in zip(rows, answers):
                 if answer["status"] == "ok":
                     answer["gradcam_png"] = await asyncio.to_thread(self.gradcam_png, row, answer)
+                else:  # no heatmap of a decision the model did not make (out of scope, error)
+                    answer["gradcam_png"] = None
+                    answer["explain"] = f"refused: no explanation for a {answer['status']} input"
         if len(answers) == 1:
             answer = answers[0]
             return JSONResponse(answer, status_code=self.http_status(answer))
@@ -209,7 +212,7 @@ def build_app(cfg: Config, model_path: Optional[str] = None):
     else:
         options["num_replicas"] = sc.max_replicas
     deployment = serve.deployment(Classifier, name="medclf").options(**options)
-    return deployment.bind(model_path, sc.model_dump())
+    return deployment.bind(model_path, sc.model_dump(), cfg.ood.action)
 
 
 def app_builder(args: dict):
