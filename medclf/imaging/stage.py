@@ -74,7 +74,7 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
         if _in(skip_keys, scored_key(path, row["checksum"])):
             yield {**row, "status": ALREADY_SCORED}
             return
-        images = open_images(data, path, frames)
+        images = open_images(data, path, frames, min_side=pre.image_size)  # JPEG draft decode (imaging.draft)
         row.update({key: _meta_value(key, images.meta.get(key), uids) for key in META_KEYS})
         out_of_scope = input_out_of_scope(images.meta, gate)
     except NotAnImage as exc:
