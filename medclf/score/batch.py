@@ -26,6 +26,7 @@ from medclf.ops import faults
 from medclf.config import Config
 from medclf.imaging.stage import (ALREADY_SCORED, META_KEYS, TRANSIENT, find_inputs, images_dataset, scored_key,
                            text_or_none)
+from medclf.score.actors import resolve_num_actors
 from medclf.score.costs import cost_line, per_row
 from medclf.score.lease import Lease, verify
 from medclf.data.predictions import prediction_schema, predictions_dataset
@@ -324,7 +325,8 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
                                "ood_action": cfg.ood.action},
         batch_size=sc.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
+        compute=ray.data.ActorPoolStrategy(
+            size=resolve_num_actors(sc.num_actors, sc.use_gpu, sc.cpus_per_actor, ray.cluster_resources())),
         num_cpus=sc.cpus_per_actor,
         num_gpus=1 if sc.use_gpu else 0,
     )
