@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -302,7 +302,9 @@ class ScoreConfig(_Section):
     output: Optional[str] = None
     """Predictions Parquet folder; default `<run folder>/predictions`."""
     batch_size: int = Field(32, ge=1)
-    num_actors: int = Field(1, ge=1)
+    num_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    """Inference actors; `auto`: one per GPU of the cluster with use_gpu, else one per cpus_per_actor
+    of half the cluster's CPUs (the other half decodes) (medclf.score.actors)."""
     cpus_per_actor: float = Field(1.0, gt=0.0)
     use_gpu: bool = False
     decode_batch_size: int = Field(16, ge=1)

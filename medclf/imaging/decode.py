@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from medclf.errors import UserError
+from medclf.imaging.draft import apply_draft
 
 # Larger images are refused before their pixels are decoded (decompression-bomb guards).
 MAX_PIXELS = 64_000_000  # per image (frame)
@@ -94,25 +95,28 @@ class _SingleImage:
 
     frames = [None]
 
-    def __init__(self, data: bytes, path: str, kind: str, max_pixels: int):
-        self.decoded = _decode_pil(data, path, kind, max_pixels)
+    def __init__(self, data: bytes, path: str, kind: str, max_pixels: int, min_side: Optional[int] = None):
+        self.decoded = _decode_pil(data, path, kind, max_pixels, min_side)
         self.meta = self.decoded.meta
 
     def image(self, frame: Optional[int]) -> Decoded:
         return self.decoded
 
 
-def open_images(data: bytes, path: str, frames: str = "all", max_pixels: int = MAX_PIXELS):
+def open_images(data: bytes, path: str, frames: str = "all", max_pixels: int = MAX_PIXELS,
+                min_side: Optional[int] = None):
     """The images in a file: `.frames` (those to produce) and `.image(frame)`; header checks done.
 
     `frames` is the multi-frame policy (`score.frames`): all frames, the middle one, or refuse
-    the file. Raises `NotAnImage` for a file without pixels, `DecodeError` for anything unusable.
+    the file. `min_side`: the model's input side, when the caller resizes to it anyway: a large JPEG
+    may then be decoded at a reduced scale (medclf.imaging.draft). Raises `NotAnImage` for a file
+    without pixels, `DecodeError` for anything unusable.
     """
     if len(data) == 0:
         raise DecodeError(path, "empty file (0 bytes)")
     kind = sniff_format(data, path)
     if kind in ("png", "jpeg"):
-        return _SingleImage(data, path, kind, max_pixels)
+        return _SingleImage(data, path, kind, max_pixels, min_side)
     if kind == "dicom":
         return DicomImages(data, path, frames, max_pixels)
     raise DecodeError(path, "not a PNG, JPEG or DICOM file (no PNG/JPEG signature, no DICM marker at byte 128)")
@@ -154,7 +158,7 @@ def _check_memory(path: str, rows: int, cols: int, frames: int, samples: int, by
                                 "(decompression-bomb guard)")
 
 
-def _decode_pil(data: bytes, path: str, kind: str, max_pixels: int) -> Decoded:
+def _decode_pil(data: bytes, path: str, kind: str, max_pixels: int, min_side: Optional[int] = None) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -166,6 +170,8 @@ def _decode_pil(data: bytes, path: str, kind: str, max_pixels: int) -> Decoded:
             finally:
                 Image.MAX_IMAGE_PIXELS = pil_limit
             _check_size(path, img.width, img.height, max_pixels)  # before any pixel is decoded
+            width, height = img.size  # the stored size, whatever scale it is decoded at
+            scale = apply_draft(img, min_side)
             img.load()
     except DecodeError:
         raise
@@ -193,7 +199,7 @@ def _decode_pil(data: bytes, path: str, kind: str, max_pixels: int) -> Decoded:
         arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     return Decoded(
         np.clip(arr, 0.0, 1.0).astype(np.float32, copy=False),
-        {"format": kind, "width": img.width, "height": img.height, "mode": mode},
+        {"format": kind, "width": width, "height": height, "mode": mode, "decode_scale": scale or 1.0},
     )
 
 
@@ -201,7 +207,9 @@ def _minmax(arr: np.ndarray) -> np.ndarray:
     lo, hi = float(arr.min()), float(arr.max())
     if hi <= lo:
         return np.zeros_like(arr, dtype=np.float32)
-    return ((arr - lo) / (hi - lo)).astype(np.float32)
+    out = np.subtract(arr, lo, dtype=np.float32)  # one float32 result, scaled in place
+    out /= hi - lo
+    return out
 
 
 # ---------------------------------------------------------------- DICOM
@@ -302,12 +310,17 @@ class DicomImages:
                 probe = apply_voi_lut(np.array([-(2**31), 2**31 - 1], np.int64), frame_ds)
             lo, hi = float(probe[0]), float(probe[1])
             out = np.asarray(apply_voi_lut(values, frame_ds), dtype=np.float32)
-            image = (out - lo) / (hi - lo) if hi != lo else _minmax(out)
+            if hi != lo:  # in place: a 2,000^2 frame is 16 MB a copy (issue 35: no extra copies)
+                out -= lo
+                out /= hi - lo
+                image = out
+            else:
+                image = _minmax(out)
         else:
             image = _minmax(np.asarray(values, dtype=np.float32))
         if self.photometric == "MONOCHROME1":
-            image = 1.0 - image  # MONOCHROME1: low values are bright; make air dark as in MONOCHROME2
-        return np.clip(image, 0.0, 1.0).astype(np.float32)
+            np.subtract(1.0, image, out=image)  # MONOCHROME1: low values are bright; make air dark as in MONOCHROME2
+        return np.clip(image, 0.0, 1.0, out=image)
 
 
 def _int(ds, keyword: str, default: int = 0) -> int:

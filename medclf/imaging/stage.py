@@ -10,6 +10,7 @@ per image: a single-image file gives one row (`frame` null), a multi-frame DICOM
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
@@ -71,15 +72,20 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
     `roots`: where files may be read from (medclf.imaging.confine)."""
     row: dict = {"path": path, "size": -1, "checksum": None, "frame": None, "status": None, "error": None,
                  "error_kind": None, "pixels": None, "first_row": True}
+    started = time.perf_counter()
     try:
         if data is None:
             confine.check(path, roots)  # symlinks resolved; /proc, /sys, /dev always refused
+            # One read; the checksum is taken from these bytes in memory, never by reading the file again.
             data = storage.read_input(confine.normalise(path), max_file_bytes)
         row.update(size=len(data), checksum=hashlib.sha256(data).hexdigest())
+        row["t_read"] = time.perf_counter() - started  # stage costs (medclf.score.costs)
         if _in(skip_keys, scored_key(path, row["checksum"])):
             yield {**row, "status": ALREADY_SCORED}
             return
-        images = open_images(data, path, frames)
+        header_started = time.perf_counter()
+        images = open_images(data, path, frames, min_side=pre.image_size)  # JPEG draft decode (imaging.draft)
+        header_seconds = time.perf_counter() - header_started
         row.update({key: _meta_value(key, images.meta.get(key), uids) for key in META_KEYS})
         out_of_scope = input_out_of_scope(images.meta, gate)
     except NotAnImage as exc:
@@ -97,6 +103,7 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
         if out_of_scope:
             yield {**out, "status": "out_of_scope", "error": f"{path}: {out_of_scope}"}
             continue
+        started = time.perf_counter()
         try:
             image = images.image(frame).image
             out["stats"] = image_stats(image)  # for drift (medclf.monitor.reference), measured here: no second pass
@@ -107,6 +114,7 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
                 out["pixels"] = preprocess_gray(image, pre)
         except Exception as exc:  # a bad frame is a row; the file's other frames go on
             out.update(status="error", error=_error_text(path, exc), error_kind=_error_kind(exc))
+        out["t_decode"] = time.perf_counter() - started + (header_seconds if frame == images.frames[0] else 0.0)
         yield out
 
 
@@ -155,6 +163,8 @@ def _rows_to_batch(rows: list[dict], size: int) -> dict:
     out["frame"] = np.array([-1 if row["frame"] is None else row["frame"] for row in rows], np.int64)  # -1: none
     out["first_row"] = np.array([row["first_row"] for row in rows], bool)
     out["pixels"] = pixels
+    for name in ("t_read", "t_decode"):  # stage costs (medclf.score.costs); read counted on a file's first row
+        out[name] = np.array([row.get(name) or 0.0 for row in rows], np.float64)
     for name in STAT_COLUMNS:  # NaN: not decoded (error, skipped, out of scope by header)
         out[name] = np.array([row["stats"][name] if row.get("stats") else np.nan for row in rows], np.float64)
     return out

@@ -26,6 +26,8 @@ from medclf.ops import faults
 from medclf.config import Config
 from medclf.imaging.stage import (ALREADY_SCORED, META_KEYS, TRANSIENT, find_inputs, images_dataset, scored_key,
                            text_or_none)
+from medclf.score.actors import resolve_num_actors
+from medclf.score.costs import cost_line, per_row
 from medclf.score.lease import Lease, verify
 from medclf.data.predictions import prediction_schema, predictions_dataset
 from medclf.model.artifact import class_probabilities, load_artifact, load_card, penultimate, prob_column
@@ -125,6 +127,7 @@ class Predictor:
         probs = np.full((n, len(self.card.classes)), np.nan, np.float32)
         ood_scores = np.full(n, np.nan)
         emb = np.full((n, len(EMB_COLUMNS)), np.nan)
+        started = time.perf_counter()
         if ok.any():
             logits, features = self.logits_and_features(batch["pixels"][ok] if not ok.all() else batch["pixels"])
             probs[ok] = class_probabilities(torch.from_numpy(logits), self.card.temperature).numpy()
@@ -167,7 +170,11 @@ class Predictor:
         frame = np.asarray(batch["frame"], np.int64)
         out["frame"] = pa.array(frame, pa.int32(), mask=frame < 0)
         table = pa.table({name: out[name] for name in self.schema.names}, schema=self.schema)
-        return table.append_column("first_row", pa.array(np.asarray(batch["first_row"], bool)))
+        table = table.append_column("first_row", pa.array(np.asarray(batch["first_row"], bool)))
+        # Stage costs ride along for the sink, which sums them (medclf.score.costs); never written.
+        for name in ("t_read", "t_decode"):
+            table = table.append_column(name, pa.array(np.asarray(batch.get(name, np.zeros(n)), np.float64)))
+        return table.append_column("t_forward", pa.array(per_row(time.perf_counter() - started, n)))
 
 
 def _nullable(values: np.ndarray):
@@ -230,6 +237,7 @@ class ScoreSummary:
     filtered: int = 0
     out_of_scope_reasons: dict = field(default_factory=dict)
     """Out-of-scope rows of this run per reason (medclf.monitor.ood.REASONS keys)."""
+    stage_seconds: dict = field(default_factory=dict)  # medclf.score.costs.STAGES -> busy seconds
 
     @property
     def images_per_s(self) -> float:
@@ -243,7 +251,7 @@ class ScoreSummary:
             f"{self.not_images} not an image), failed {self.failed}, out of scope {self.out_of_scope}"
             f"{_by_reason(self.out_of_scope_reasons)}; "
             f"{self.seconds:.1f}s, {self.images_per_s:.1f} images/s -> {self.output}"
-        )
+        ) + (f"\n{cost_line(self.stage_seconds, self.seen)}" if self.stage_seconds else "")
 
 
 def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, output: str,
@@ -268,7 +276,9 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
         log.warning("model %s has no domain record (trained before the out-of-scope guard): no ood_score, and "
                     "no modality or size check; retrain it to get them", card.model_id)
     check_uid_policy(sc.uids, uid_key(sc.uid_key, sc.uid_key_file))
+    listed = time.perf_counter()
     inputs = find_inputs(input_path, sc.extensions)
+    list_seconds = time.perf_counter() - listed
     roots = resolved_roots(sc.allowed_roots or default_roots(input_path))  # where manifest entries may point
     paths = inputs.paths
     if not paths:
@@ -301,7 +311,8 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
                         counts["error"], time.time() - start, files, already_scored=counts[ALREADY_SCORED],
                         not_images=counts["skipped"], out_of_scope=counts["out_of_scope"],
                         files_listed=len(paths), filtered=inputs.filtered,
-                        out_of_scope_reasons=_reason_counts(output, run_id) if counts["out_of_scope"] else {})
+                        out_of_scope_reasons=_reason_counts(output, run_id) if counts["out_of_scope"] else {},
+                        stage_seconds={"list": list_seconds, **sink.stage_seconds})
 
 
 def _by_reason(reasons: dict) -> str:
@@ -335,7 +346,8 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
                                "ood_action": cfg.ood.action},
         batch_size=sc.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
+        compute=ray.data.ActorPoolStrategy(
+            size=resolve_num_actors(sc.num_actors, sc.use_gpu, sc.cpus_per_actor, ray.cluster_resources())),
         num_cpus=sc.cpus_per_actor,
         num_gpus=1 if sc.use_gpu else 0,
     )

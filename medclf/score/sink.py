@@ -26,6 +26,7 @@ plain Parquet readers. Exclusive names cost one conditional PUT / one link() per
 from __future__ import annotations
 
 import io
+import time
 from collections import Counter
 from functools import partial
 from typing import Iterable, Optional
@@ -39,6 +40,7 @@ from ray.data.datasource.datasink import Datasink
 from medclf import storage
 from medclf.ops import faults
 from medclf.score import lease
+from medclf.score.costs import sum_times
 
 
 def part_name(run_id: str, token: str, task_idx: int) -> str:
@@ -59,6 +61,7 @@ class CommitPerFileDatasink(Datasink[list]):
         # Counted from every row, written or not: rows per `status`, and files (rows with `first_row`).
         self.statuses: Counter = Counter()
         self.first_rows = 0
+        self.stage_seconds: dict = {}  # read/decode/forward/write busy seconds (medclf.score.costs)
 
     @property
     def min_rows_per_write(self) -> int:
@@ -67,7 +70,9 @@ class CommitPerFileDatasink(Datasink[list]):
     def write(self, blocks: Iterable, ctx) -> dict:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
+        started = time.perf_counter()
         counts = _tally(tables)
+        counts["seconds"] = sum_times(tables)
         # Rows of images scored in an earlier run are counted, not written again.
         tables = [t.filter(pc.field("status") != UNWRITTEN_STATUS) for t in tables]
         tables = [t for t in tables if t.num_rows]
@@ -84,6 +89,7 @@ class CommitPerFileDatasink(Datasink[list]):
         if created:
             faults.check(self.fault, "after_commit")
         # not created: an earlier try of this very task committed it; its rows (and counts) are the same
+        counts["seconds"]["write"] = time.perf_counter() - started
         return {"files": [(final, table.num_rows)], **counts}
 
     def on_write_complete(self, write_result) -> None:
@@ -91,6 +97,7 @@ class CommitPerFileDatasink(Datasink[list]):
         self.committed = [item for task in returns for item in task["files"]]
         self.statuses = sum((Counter(task["statuses"]) for task in returns), Counter())
         self.first_rows = sum(task["first_rows"] for task in returns)
+        self.stage_seconds = dict(sum((Counter(task.get("seconds", {})) for task in returns), Counter()))
 
 
 UNWRITTEN_STATUS = "already_scored"  # medclf.imaging.stage.ALREADY_SCORED

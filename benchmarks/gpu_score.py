@@ -1,0 +1,66 @@
+"""medclf scoring end to end on this machine (issue 35): Ray started first (start-up excluded), then
+`run_scoring` of a folder with the pneumonia model (EfficientNet-Lite0 224 px, untrained: weights do not
+change the cost), Parquet committed; prints the summary (with stage costs) and one JSON line.
+On a CUDA machine: score.use_gpu, one actor per GPU (score.num_actors=auto), AMP fp16 channels_last.
+
+    python benchmarks/gpu_score.py INPUT_DIR LABEL [--out FILE] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("input")
+    ap.add_argument("label")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+    import ray
+    import torch
+
+    from medclf.config import load_config
+    from medclf.score.batch import run_scoring
+    from score_vs_loop import CONFIG, make_model
+
+    cuda = torch.cuda.is_available()
+    cpus = os.cpu_count()
+    tmp = tempfile.mkdtemp(prefix="medclf-gpuscore-")
+    model_path = make_model(tmp)
+    started = time.perf_counter()
+    ray.init(num_cpus=cpus, num_gpus=1 if cuda else 0, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_start = time.perf_counter() - started
+    cfg = load_config(CONFIG, [f"score.use_gpu={str(cuda).lower()}", "score.num_actors=auto",
+                               "score.batch_size=256", "score.decode_batch_size=64",
+                               # 2 CPUs feed the GPU actor; never every CPU, or the decode tasks never start
+                               f"score.cpus_per_actor={max(0.5, min(2, cpus // 4))}",
+                               "score.buffer_mb=4096", "score.rows_per_file=50000", "score.uids=drop",
+                               "score.extensions=[.jpeg]", "ood.enabled=false", *args.set])
+    summary = run_scoring(cfg, f"gpu-{args.label}", args.input, model_path, os.path.join(tmp, "pred"))
+    print(summary, flush=True)
+    line = json.dumps({"medclf_score": args.label, "images_per_s": round(summary.images_per_s, 1),
+                       "scored": summary.scored, "failed": summary.failed, "seconds": round(summary.seconds, 1),
+                       "ray_start_s": round(ray_start, 1), "stage_seconds": {k: round(v, 2) for k, v in
+                                                                            summary.stage_seconds.items()},
+                       "device": torch.cuda.get_device_name(0) if cuda else "cpu", "cpus": cpus,
+                       "settings": args.set})
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
