@@ -841,10 +841,11 @@ def validation_groups(val: pd.DataFrame) -> np.ndarray:
 
 def fit_calibration(log_probs: np.ndarray, y: np.ndarray, positive_index, fitted_on: str) -> tuple[float, dict]:
     """Temperature fitted on validation log-probabilities; log loss and ECE before and after."""
-    from medclf.model.calibration import fit_temperature, negative_log_likelihood
+    from medclf.model.calibration import fit_temperature_checked, negative_log_likelihood
     from medclf.report.metrics import expected_calibration_error
 
-    temperature = fit_temperature(log_probs, y)
+    fit = fit_temperature_checked(log_probs, y)  # warns itself when the fit sat on a bound
+    temperature = fit.temperature
 
     def ece(t: float) -> float:
         probs = softmax_with_temperature(log_probs, t)
@@ -852,7 +853,8 @@ def fit_calibration(log_probs: np.ndarray, y: np.ndarray, positive_index, fitted
             return expected_calibration_error((y == positive_index).astype(int), probs[:, positive_index])
         return expected_calibration_error((probs.argmax(1) == y).astype(int), probs.max(1))
 
-    calibration = {"method": "temperature", "fitted_on": fitted_on, "n": int(len(y)),
+    calibration = {"method": "temperature", "fitted_on": fitted_on, "n": int(len(y)), "status": fit.status,
+                   **({"note": fit.message} if fit.message else {}),
                    "log_loss_before": negative_log_likelihood(log_probs, y, 1.0),
                    "log_loss_after": negative_log_likelihood(log_probs, y, temperature),
                    "ece_before": ece(1.0), "ece_after": ece(temperature)}
