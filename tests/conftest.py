@@ -82,10 +82,10 @@ def ray_cluster(s3_server):
 
     if ray.is_initialized():  # a test that started Ray by itself must not break the session
         ray.shutdown()
-    from medclf.ops.runs import LOCAL_RAY_ENV
+    from medclf.ops.runs import local_ray_options
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": LOCAL_RAY_ENV})  # another Ray on the machine must not reap our workers
+    # as the jobs start it: its own state API, so another Ray on the machine cannot reap our train workers
+    ray.init(**local_ray_options(2), log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -24,6 +24,7 @@ import numpy as np
 from medclf import storage
 from medclf.ops import faults
 from medclf.config import Config
+from medclf.errors import UserError
 from medclf.imaging.stage import (ALREADY_SCORED, META_KEYS, TRANSIENT, find_inputs, images_dataset, scored_key,
                            text_or_none)
 from medclf.score.lease import Lease, verify
@@ -32,7 +33,8 @@ from medclf.model.artifact import class_probabilities, load_artifact, load_card,
 from medclf.monitor.ood import input_gate, load_domain, score_reason
 from medclf.monitor.reference import EMB_COLUMNS, STAT_COLUMNS, load_reference
 from medclf.imaging.preprocess import to_model_input
-from medclf.imaging.privacy import check_uid_policy, uid_key
+from medclf.imaging.privacy import uid_key
+from medclf.score.preflight import check_uid_key, no_inputs_message
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +265,11 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     if card.domain is None:
         log.warning("model %s has no domain record (trained before the out-of-scope guard): no ood_score, and "
                     "no modality or size check; retrain it to get them", card.model_id)
-    check_uid_policy(sc.uids, uid_key(sc.uid_key))
     inputs = find_inputs(input_path, sc.extensions)
     paths = inputs.paths
     if not paths:
-        raise FileNotFoundError(f"{input_path}: no input files with extensions {sc.extensions} "
-                                f"({inputs.filtered} other file(s) left out)")
+        raise UserError(no_inputs_message(input_path, sc.extensions))
+    check_uid_key(sc.uids, sc.uid_key, paths, sc.extensions)  # a key only where a DICOM UID can be met
     log.debug("score settings: extensions %s, frames %s, max_file_mb %s, decode_retries %d", sc.extensions,
               sc.frames, sc.max_file_mb, sc.decode_retries)
     fault = faults.from_env()

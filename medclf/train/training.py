@@ -45,6 +45,7 @@ from medclf.monitor.reference import fit_reference
 from medclf.data.augment import augment_batch
 from medclf.imaging.preprocess import to_model_input
 from medclf.model.calibration import softmax_with_temperature
+from medclf.ops import logs
 from medclf.ops.tracking import MODEL_TAG, Tracker, numeric_metrics
 from medclf.model.artifact import (
     ModelCard,
@@ -694,6 +695,7 @@ def make_trainer(cfg: Config, run_dir: str, loop_config: dict, loop=None, callba
             name="ray_train",
             storage_path=run_dir if storage.is_remote(run_dir) else os.path.abspath(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            logging_config=logs.train_logging_config(),  # no per-epoch "Reporting training result" dump unless -v
             callbacks=callbacks or [],  # e.g. rank 0's epoch metrics into MLflow, from the controller
             # Ray keeps the latest checkpoint (resume) plus the 2 best by the selection metric; each
             # holds the best-so-far weights too, so the kept model never depends on deleted files.
