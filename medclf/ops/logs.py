@@ -57,6 +57,12 @@ def configure_ray_data() -> None:
 
     context = ray.data.DataContext.get_current()
     context.enable_operator_progress_bars = verbose()
+    if not verbose():
+        # Ray warns once per process that operator bars are off and how to turn them on; they are off on
+        # purpose here, and -v turns them on. Taking Ray's own once-key leaves that one line unsaid.
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_global")
     level = logging.INFO if verbose() else logging.WARNING
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, SessionFileHandler):  # the file log keeps DEBUG
