@@ -43,6 +43,20 @@ def train_logging_config():
     return ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")
 
 
+def quiet_train_worker() -> None:
+    """In a Ray Train worker: the per-epoch "Reporting training result N: TrainingReport(...)" record.
+
+    Ray 2.60 logs it from `ray.train.v2._internal.execution.context` with `logging.getLogger(__file__)`,
+    a logger named by its file path, not `ray.train.*`: LoggingConfig(log_level) does not reach it and
+    the worker's root logger (INFO) prints it once per epoch and worker. Its own logger's level is set
+    here, in the process that makes the line."""
+    if verbose():
+        return
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def quiet_python_warnings() -> None:
     """Ray Data's deprecation of `ray_remote_args` fires on medclf's own `max_retries=`, which Ray 2.60 has
     no named parameter for yet: nothing a user can act on, so shown only with -v."""
@@ -57,6 +71,10 @@ def configure_ray_data() -> None:
 
     context = ray.data.DataContext.get_current()
     context.enable_operator_progress_bars = verbose()
+    if not verbose():
+        # Ray Data's issue detectors advise on its own tuning ("set memory=... in the appropriate function
+        # call"): advice for medclf's developers, who run with -v, not for a user of the command.
+        context.issue_detectors_config.detectors = []
     if not verbose():
         # Ray warns once per process that operator bars are off and how to turn them on; they are off on
         # purpose here, and -v turns them on. Taking Ray's own once-key leaves that one line unsaid.

@@ -54,6 +54,8 @@ def init_ray(cfg: Config) -> None:
     # a cluster's workers get them through the job's runtime_env. A user's own setting wins.
     allocator = {k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}
     os.environ.update(allocator)
+    if logs.verbose():  # workers on a joined cluster learn -v through the job's environment
+        allocator[logs.VERBOSE_ENV] = "1"
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     quiet = {"log_to_driver": True, "logging_level": logs.ray_logging_level()}
     if address:

@@ -309,7 +309,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     job = LoopConfig.model_validate(loop_config["job"])
     tc = job.cfg.train
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our epoch line is enough
+    logs.quiet_train_worker()  # our epoch line is enough; -v brings Ray Train's reports back
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(job.cfg.run.seed + rank)
@@ -860,7 +860,8 @@ def fit_calibration(log_probs: np.ndarray, y: np.ndarray, positive_index, fitted
                    "log_loss_before": negative_log_likelihood(log_probs, y, 1.0),
                    "log_loss_after": negative_log_likelihood(log_probs, y, temperature),
                    "ece_before": ece(1.0), "ece_after": ece(temperature)}
-    _say(f"calibration: temperature {temperature:.3f} fitted on {fitted_on} (n={len(y)}); ECE "
+    how = "kept (no finite fit, see warning)" if fit.status == "fallback" else "fitted"
+    _say(f"calibration: temperature {temperature:.3f} {how} on {fitted_on} (n={len(y)}); ECE "
          f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}, log loss "
          f"{calibration['log_loss_before']:.4f} -> {calibration['log_loss_after']:.4f}")
     return temperature, calibration
