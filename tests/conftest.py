@@ -100,3 +100,15 @@ def trained_model(ray_cluster, phantom_root, tmp_path_factory):
     cfg = load_config(None, TINY + [f"data.root={phantom_root}", f"run.root={run_dir}"])
     result = run_training(cfg, os.path.join(run_dir, "run"))
     return result
+
+
+
+RAY_FIXTURES = {"ray_cluster"}  # every fixture that starts Ray depends on this one (trained_model does)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that reaches the session Ray through its fixtures is marked `ray` here, whether or not its
+    file says so: `make test-fast` (-m "not ray") then never starts Ray. One rule, in one place."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("ray") is None:
+            item.add_marker(pytest.mark.ray)
