@@ -33,7 +33,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", default=DEFAULT_CONFIG,
-        help="YAML config (see README, 'Configuration'); default: %(default)s",
+        help="YAML config (every key: docs/configuration.md); default: %(default)s",
     )
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -118,7 +118,7 @@ def drift_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Compare predictions (a scoring run, a run date or a date range) with the model's "
         "validation reference. Writes drift.parquet, PNGs and drift.html. Exit status 4 when any drift flag "
-        "trips (0: none; 2: bad input; see README, 'Drift reports')."
+        "trips (0: none; 2: bad input; see docs/usage.md, 'Drift reports')."
     )
     _add_common(p)
     p.add_argument("--predictions", help="predictions folder or s3:// prefix (default score.output)")
