@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from medclf.ops.runs import LOCAL_RAY_ENV  # noqa: E402
+from medclf.ops.runs import local_ray_options  # noqa: E402
 from treerss import TreeRSS  # noqa: E402
 
 
@@ -71,9 +71,8 @@ def main() -> None:
 
     from medclf.data import cache as cache_mod
 
-    ray.init(num_cpus=args.cpus, object_store_memory=args.object_store_mb * 2**20 or None,
-             include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": LOCAL_RAY_ENV})
+    ray.init(**local_ray_options(args.cpus), object_store_memory=args.object_store_mb * 2**20 or None,
+             log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     @ray.remote(num_cpus=0.5)

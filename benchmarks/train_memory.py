@@ -42,7 +42,7 @@ COMMON = ["model.arch=small_cnn", "train.num_workers=2", "train.cpus_per_worker=
 
 def with_ray(cfg, fn):
     """`fn()` on a local Ray started as the jobs start it (medclf.ops.runs.init_ray: ray.num_cpus, the
-    allocator settings, LOCAL_RAY_ENV), shut down after."""
+    allocator settings, its own state API), shut down after."""
     import ray
 
     init_ray(cfg)

@@ -33,6 +33,8 @@ from medclf.config import load_config
 from medclf.data.phantoms import PATIENT_REGEX, generate
 from medclf.ops.runs import init_ray
 
+# The repository root, whether Jupyter started in examples/ (its default: the notebook's folder) or in the root.
+repo = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isfile(os.path.join(p, "configs", "quick.yaml")))
 work = tempfile.mkdtemp(prefix="medclf-walkthrough-")
 print("working folder:", work)"""),
 md("""## 1. Data
@@ -177,7 +179,7 @@ display(Image(os.path.join(work, "drift-night-3", "drift_histograms.png"), width
 md("""The intensity statistics flag: tonight's images are brighter than validation's, and the red
 titles in the histograms show where. `medclf drift` (or `score.drift_report: true` in the nightly
 config) writes the same report as `drift.parquet`, PNGs and `drift.html`, and exits with status 4
-when anything flags, so the scheduler can page someone. The README ("Drift reports") says what
+when anything flags, so the scheduler can page someone. docs/usage.md ("Drift reports") says what
 each flag means and what to do about it."""),
 md("""## 8. A small real subset (when `../shared/data` is present)
 
@@ -185,7 +187,7 @@ The same calls on real paediatric chest X-rays (Kermany et al. 2018): 200 films,
 the small CNN. Too small to be a good model; it shows that nothing above was phantom-specific.
 The real recipe is `configs/pneumonia_xray.yaml` (ImageNet transfer, 224 px, family-held-out
 validation)."""),
-code("""real = os.path.abspath(os.path.join(os.getcwd(), "..", "shared", "data", "chest_xray", "train"))
+code("""real = os.path.abspath(os.path.join(repo, "..", "shared", "data", "chest_xray", "train"))
 if os.path.isdir(real):
     import shutil
     subset = os.path.join(work, "real")
@@ -193,7 +195,7 @@ if os.path.isdir(real):
         os.makedirs(os.path.join(subset, cls))
         for f in sorted(glob.glob(os.path.join(real, cls, "*.jpeg")))[:100]:
             shutil.copy(f, os.path.join(subset, cls))
-    real_cfg = load_config("configs/quick.yaml", [f"data.root={subset}", "train.epochs=2",
+    real_cfg = load_config(os.path.join(repo, "configs", "quick.yaml"), [f"data.root={subset}", "train.epochs=2",
                            f"run.root={os.path.join(work, 'runs')}", "train.max_minutes=3"])
     real_result = run_training(real_cfg, os.path.join(work, "runs", "real"))
     v = real_result.card.metrics["validation"]

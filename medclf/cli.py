@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 
 from medclf.config import Config, ConfigError, load_config
 from medclf.errors import UserError
+from medclf.ops import logs
 from medclf.ops.tracking import log_job
 from medclf.imaging.confine import check_locations
 from medclf.ops.runs import (check_shared_storage, discard_unused_run_folder, init_ray, new_run_id, run_folder,
@@ -33,7 +35,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", default=DEFAULT_CONFIG,
-        help="YAML config (see README, 'Configuration'); default: %(default)s",
+        help="YAML config (every key: docs/configuration.md); default: %(default)s",
     )
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -42,7 +44,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--run-id", help="run id (folder name under run.root); default: <run.name>-<UTC time>")
     p.add_argument("--run-root", help="folder or s3:// prefix holding run folders (run.root); default from config")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (medclf's own loggers)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging (medclf's own loggers) and Ray's own detail (Ray Data plans and progress, "
+                        "Ray Train reports)")
+
+
+def _add_extensions(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--extensions", nargs="+", metavar="SUFFIX",
+                   help="file suffixes to take from a folder or glob, e.g. --extensions .jpg .jpeg .png .dcm; the "
+                        "entry 'dicom' also takes DICOM files without a suffix (score.extensions)")
 
 
 def _config_from(args: argparse.Namespace, extra: Optional[list[str]] = None,
@@ -52,6 +62,8 @@ def _config_from(args: argparse.Namespace, extra: Optional[list[str]] = None,
     is a path, not YAML)."""
     options = {"run.id": "run_id", "run.root": "run_root", **(options or {})}
     values = {key: getattr(args, name) for key, name in options.items() if getattr(args, name, None)}
+    if getattr(args, "extensions", None):  # a list, not a string: passed as an override's YAML
+        extra = list(extra or []) + [f"score.extensions={json.dumps(args.extensions)}"]
     return load_config(args.config, list(args.overrides) + (extra or []), values)
 
 
@@ -94,6 +106,7 @@ def score_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--input", help="folder, glob, s3:// prefix or manifest of files to score (score.input)")
     p.add_argument("--model", help="model artifact folder, local or s3:// (score.model)")
     p.add_argument("--output", help="predictions folder (score.output); default <run folder>/predictions")
+    _add_extensions(p)
     p.add_argument("--batch-size", type=int, help="images per inference batch (score.batch_size)")
     p.add_argument("--num-actors", type=int, help="inference actors in the pool (score.num_actors)")
     p.add_argument("--use-gpu", action="store_true", help="run the model on GPU, one per actor (score.use_gpu)")
@@ -105,9 +118,9 @@ def score_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def drift_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Compare a scoring run, a run date or a date range of a predictions dataset with the "
-        "model's validation reference; write drift.parquet, PNGs and drift.html. Exit status 4 when any drift flag "
-        "trips (0: none; 2: bad input; see README, 'Drift reports')."
+        prog=prog, description="Compare predictions (a scoring run, a run date or a date range) with the model's "
+        "validation reference. Writes drift.parquet, PNGs and drift.html. Exit status 4 when any drift flag "
+        "trips (0: none; 2: bad input; see docs/usage.md, 'Drift reports')."
     )
     _add_common(p)
     p.add_argument("--predictions", help="predictions folder or s3:// prefix (default score.output)")
@@ -140,6 +153,7 @@ def explain_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--model", help="model artifact folder, local or s3:// (score.model)")
     p.add_argument("--input", help="folder, glob, s3:// prefix or manifest of files to explain (score.input)")
+    _add_extensions(p)
     p.add_argument("--flagged", metavar="PREDICTIONS",
                    help="instead of --input: the files this model flagged positive in a predictions folder")
     p.add_argument("--output", help="heatmaps folder (explain.output); default <run folder>/explanations")
@@ -167,13 +181,15 @@ def runs_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def export_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Export a model artifact as ONNX and/or TorchScript, with contract.json (inputs, "
+        prog=prog, description="Export a model artifact as ONNX and/or TorchScript. Writes contract.json (inputs, "
                                "preprocessing, classes, threshold) beside the files.")
     p.add_argument("--model", required=True, help="model artifact folder, local or s3://")
     p.add_argument("--output", required=True, help="folder (local or s3://) for the exported files")
     p.add_argument("--format", nargs="+", default=["onnx", "torchscript"], choices=["onnx", "torchscript"],
                    help="formats to write (default: both)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (medclf's own loggers)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging (medclf's own loggers) and Ray's own detail (Ray Data plans and progress, "
+                        "Ray Train reports)")
     return p
 
 
@@ -249,9 +265,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.rescore:
         extra.append("score.rescore=true")
     cfg = _config_from(args, extra, {"score.input": "input", "score.model": "model", "score.output": "output"})
-    if not cfg.score.input or not cfg.score.model:
-        raise ConfigError("score needs an input (--input or score.input) and a model (--model or score.model)")
     from medclf.model.artifact import load_card
+    from medclf.score.preflight import check_inputs, check_model, check_uid_key
+
+    check_model(cfg.score.model)  # user errors here, before Ray starts or a run folder is made
+    listed = check_inputs(cfg.score.input, cfg.score.extensions)
+    check_uid_key(cfg.score.uids, cfg.score.uid_key, listed.paths, cfg.score.extensions, cfg.score.uid_key_file)
 
     if cfg.score.explain_flagged and not load_card(cfg.score.model).positive_class:
         raise ConfigError("score.explain_flagged needs a binary model with a positive class; "
@@ -376,12 +395,12 @@ def print_metrics(metrics) -> None:
 def cmd_explain(args: argparse.Namespace) -> int:
     from medclf.report.gradcam import flagged_paths
     from medclf.model.artifact import load_card
-    from medclf.imaging.stage import list_inputs
 
     cfg = _config_from(args, options={"score.model": "model", "score.input": "input", "explain.output": "output",
                                       "explain.layer": "layer", "explain.target": "target"})
-    if not cfg.score.model:
-        raise ConfigError("explain needs a model (--model or score.model)")
+    from medclf.score.preflight import check_inputs, check_model
+
+    check_model(cfg.score.model)
     if not (cfg.score.input or args.flagged):
         raise ConfigError("explain needs files: --input FOLDER/GLOB/MANIFEST, or --flagged PREDICTIONS")
     card = load_card(cfg.score.model)
@@ -393,7 +412,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"no file in {args.flagged} was flagged {card.positive_class} by {card.model_id}; nothing to explain")
             return 0
     else:
-        paths = list_inputs(cfg.score.input, cfg.score.extensions)
+        paths = check_inputs(cfg.score.input, cfg.score.extensions).paths
     init_ray(cfg)
     use_shared_root(cfg)
     run_dir = run_folder(cfg, new_run_id(cfg))
@@ -408,11 +427,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     extra = [f"serve.port={args.port}"] if args.port else []
     cfg = _config_from(args, extra, {"serve.model": "model", "serve.host": "host"})
-    if not cfg.serve.model:
-        raise ConfigError("serve needs a model (--model or serve.model)")
-    from medclf.model.artifact import load_card
+    from medclf.score.preflight import check_model
 
-    load_card(cfg.serve.model)  # a bad artifact fails here, before Ray starts
+    check_model(cfg.serve.model)  # a missing or bad artifact fails here, before Ray starts
     from medclf.score.auth import serve_token
     from medclf.score.serve import run_server
 
@@ -517,6 +534,8 @@ def run_command(name: str, argv: list[str], prog: Optional[str] = None) -> int:
     make_parser, command = COMMANDS[name]
     args = make_parser(prog or f"medclf {name}").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.set_verbose(getattr(args, "verbose", False))
+    logs.quiet_python_warnings()
     if getattr(args, "verbose", False):
         # Only our own loggers: botocore at DEBUG logs request headers (session token, access key id).
         logging.getLogger("medclf").setLevel(logging.DEBUG)
@@ -534,11 +553,28 @@ def run_command(name: str, argv: list[str], prog: Optional[str] = None) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="medclf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=list(COMMANDS), help="what to run; `medclf COMMAND --help` for its options")
+    if argv[:1] in (["--version"], ["-V"]):
+        from medclf import __version__
+
+        print(f"medclf {__version__}")
+        return 0
+    parser = argparse.ArgumentParser(prog="medclf", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=commands_help())
+    parser.add_argument("-V", "--version", action="store_true", help="print medclf's version and exit")
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND",
+                        help="what to run (below); `medclf COMMAND --help` for its options")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv[:1] or ["--help"])
     return run_command(argv[0], argv[1:])
+
+
+def commands_help() -> str:
+    """One line per command: the first sentence of its parser's description."""
+    lines = ["commands:"]
+    for name, (make_parser, _) in COMMANDS.items():
+        first = (make_parser(f"medclf {name}").description or "").split(". ")[0].split("; ")[0].rstrip(".")
+        lines.append(f"  {name:<10}{first}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -84,10 +84,10 @@ def ray_cluster(s3_server):
 
     if ray.is_initialized():  # a test that started Ray by itself must not break the session
         ray.shutdown()
-    from medclf.ops.runs import LOCAL_RAY_ENV
+    from medclf.ops.runs import local_ray_options
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": LOCAL_RAY_ENV})  # another Ray on the machine must not reap our workers
+    # as the jobs start it: its own state API, so another Ray on the machine cannot reap our train workers
+    ray.init(**local_ray_options(2), log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -102,3 +102,15 @@ def trained_model(ray_cluster, phantom_root, tmp_path_factory):
     cfg = load_config(None, TINY + [f"data.root={phantom_root}", f"run.root={run_dir}"])
     result = run_training(cfg, os.path.join(run_dir, "run"))
     return result
+
+
+
+RAY_FIXTURES = {"ray_cluster"}  # every fixture that starts Ray depends on this one (trained_model does)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that reaches the session Ray through its fixtures is marked `ray` here, whether or not its
+    file says so: `make test-fast` (-m "not ray") then never starts Ray. One rule, in one place."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("ray") is None:
+            item.add_marker(pytest.mark.ray)

@@ -49,4 +49,6 @@ def protect_uid(uid: Optional[str], mode: str, key: Optional[str]) -> Optional[s
         return uid
     if mode == "drop":
         return None
+    if not key:  # a file named .png/.jpeg that is DICOM inside, in a run checked as having no DICOM
+        raise PrivacyError(f"a DICOM UID met with score.uids=hash and no key: set {UID_KEY_ENV}, or score.uids=drop")
     return hmac.new(key.encode(), uid.encode(), hashlib.sha256).hexdigest()[:32]

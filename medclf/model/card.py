@@ -163,7 +163,7 @@ def render(card) -> str:
         lines += [f"Measured on {reference['n']} validation images (model.json `reference`, reference.npz): input "
                   "intensity, size and format/modality mix, calibrated scores, ood_score and "
                   f"{reference['emb_pcs']} principal components of the embedding. `medclf drift` compares nightly "
-                  "predictions with it (README, 'Drift reports')"
+                  "predictions with it (docs/usage.md, 'Drift reports')"
                   + (f"; validation prevalence {reference['prevalence']:.3f}, predicted-positive rate "
                      f"{reference['predicted_positive_rate']:.3f}." if reference.get("predicted_positive_rate")
                      is not None else "."), ""]

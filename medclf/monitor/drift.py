@@ -374,5 +374,5 @@ def drift_html(table: pd.DataFrame, model_id: str, what: str, pictures: list[str
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 8px;text-align:right}}
 .bad{{color:#b00;font-weight:bold}} .good{{color:#070;font-weight:bold}}</style></head><body>
 <h1>Drift report: {html.escape(what)}</h1><p>Model {html.escape(model_id)}. Each statistic is compared with the
-model's validation images (its drift reference); p-values are Holm-adjusted over this table. README, "Drift
+model's validation images (its drift reference); p-values are Holm-adjusted over this table. docs/usage.md, "Drift
 reports", says what each flag means and what to do.</p>{verdict}{body}{images}</body></html>"""

@@ -23,7 +23,7 @@ the validation images (`fit_domain`) and stores it in the model artifact:
 Scoring applies two kinds of rule. At decode time (medclf.imaging.stage, no model needed): a DICOM
 modality not in the record, or an image smaller than the minimum side (`input_out_of_scope`).
 After the forward pass (medclf.score.batch): `ood_score` above the threshold. Either way the row's
-`error` says why; see the README for what the row carries.
+`error` says why; see docs/usage.md for what the row carries.
 
 The small fields go into model.json (`card.domain`, a `DomainRecord`), the arrays into
 `domain.npz` beside the weights; the card records its sha256 (medclf.model.artifact.read_artifact_file).

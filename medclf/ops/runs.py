@@ -7,11 +7,13 @@ makes `<run.root>/<run id>`; on a multi-node cluster outputs must be on storage 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from datetime import datetime, timezone
 
 from medclf import storage
 from medclf.config import Config, ConfigError, dump_config
+from medclf.ops import logs
 
 
 # glibc hands large freed blocks (a CNN's activations) back to the OS after every batch, and the kernel
@@ -21,14 +23,25 @@ from medclf.config import Config, ConfigError, dump_config
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**30), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
 
 
-# A local Ray started here has no dashboard, so no state API. Ray Train's PlacementGroupCleaner asks that
-# API whether the run's controller is alive, and without an address asks whichever Ray started last on
-# this machine (/tmp/ray/ray_current_cluster). If that is another Ray with a dashboard (a `ray start`, a
-# second job's Ray), it does not find our controller there, takes it for dead and removes our workers'
-# placement group mid-run (seen: a benchmark's workers killed after epoch 2 when another process
-# started Ray). Pointed at no server, it keeps watching and never removes anything; a local cluster's
-# placement groups end with the cluster anyway.
-LOCAL_RAY_ENV = {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}
+# Ray Train's PlacementGroupCleaner (a detached actor, one per training run) asks the state API every
+# second whether the run's controller is alive, and removes the workers' placement group when it is not.
+# With no RAY_API_SERVER_ADDRESS it asks whichever Ray started last on this machine
+# (/tmp/ray/ray_current_cluster): another Ray with a dashboard (a `ray start`, a second job) does not know
+# our controller, and our workers were killed mid-run (a benchmark, after epoch 2). Pointing it at a closed
+# port stopped that, but every failed query then logged "Failed to query Ray Train Controller actor state"
+# (50 lines of a 243-line demo). So a local Ray starts its own state API (the dashboard, on 127.0.0.1 and a
+# free port) and the cleaner is pointed at that one: it finds our controller alive and stays silent.
+def local_ray_options(num_cpus: int | None = None) -> dict:
+    """`ray.init` keyword arguments for a local Ray (jobs and the tests' session cluster alike)."""
+    port = _free_port()
+    return {"num_cpus": num_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}  # workers only
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_ray(cfg: Config) -> None:
@@ -41,13 +54,17 @@ def init_ray(cfg: Config) -> None:
     # a cluster's workers get them through the job's runtime_env. A user's own setting wins.
     allocator = {k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}
     os.environ.update(allocator)
-    runtime_env = {"env_vars": allocator}
+    if logs.verbose():  # workers on a joined cluster learn -v through the job's environment
+        allocator[logs.VERBOSE_ENV] = "1"
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": True, "logging_level": logs.ray_logging_level()}
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env={"env_vars": allocator}, **quiet)
     else:
-        runtime_env["env_vars"].update({k: os.environ.get(k, v) for k, v in LOCAL_RAY_ENV.items()})  # workers only
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
+        options = local_ray_options(cfg.ray.num_cpus)
+        options["runtime_env"]["env_vars"].update(allocator)
+        ray.init(**options, **quiet)
+    logs.configure_ray_data()
 
 
 def node_count() -> int:

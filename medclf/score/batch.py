@@ -24,6 +24,7 @@ import numpy as np
 from medclf import storage
 from medclf.ops import faults
 from medclf.config import Config
+from medclf.errors import UserError
 from medclf.imaging.stage import (ALREADY_SCORED, META_KEYS, TRANSIENT, find_inputs, images_dataset, scored_key,
                            text_or_none)
 from medclf.score.actors import resolve_num_actors
@@ -35,7 +36,8 @@ from medclf.monitor.ood import input_gate, load_domain, reason_kind, score_reaso
 from medclf.monitor.reference import EMB_COLUMNS, STAT_COLUMNS, load_reference
 from medclf.imaging.preprocess import to_model_input
 from medclf.imaging.confine import default_roots, resolved_roots
-from medclf.imaging.privacy import check_uid_policy, uid_key
+from medclf.imaging.privacy import uid_key
+from medclf.score.preflight import check_uid_key, no_inputs_message
 
 log = logging.getLogger(__name__)
 
@@ -275,15 +277,14 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     if card.domain is None:
         log.warning("model %s has no domain record (trained before the out-of-scope guard): no ood_score, and "
                     "no modality or size check; retrain it to get them", card.model_id)
-    check_uid_policy(sc.uids, uid_key(sc.uid_key, sc.uid_key_file))
     listed = time.perf_counter()
     inputs = find_inputs(input_path, sc.extensions)
     list_seconds = time.perf_counter() - listed
     roots = resolved_roots(sc.allowed_roots or default_roots(input_path))  # where manifest entries may point
     paths = inputs.paths
     if not paths:
-        raise FileNotFoundError(f"{input_path}: no input files with extensions {sc.extensions} "
-                                f"({inputs.filtered} other file(s) left out)")
+        raise UserError(no_inputs_message(input_path, sc.extensions))
+    check_uid_key(sc.uids, sc.uid_key, paths, sc.extensions, sc.uid_key_file)  # a key only where a DICOM UID can be met
     log.debug("score settings: extensions %s, frames %s, max_file_mb %s, decode_retries %d", sc.extensions,
               sc.frames, sc.max_file_mb, sc.decode_retries)
     fault = faults.from_env()

@@ -45,6 +45,7 @@ from medclf.monitor.reference import fit_reference
 from medclf.data.augment import augment_batch
 from medclf.imaging.preprocess import to_model_input
 from medclf.model.calibration import softmax_with_temperature
+from medclf.ops import logs
 from medclf.ops.tracking import MODEL_TAG, Tracker, numeric_metrics
 from medclf.model.artifact import (
     ModelCard,
@@ -308,7 +309,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     job = LoopConfig.model_validate(loop_config["job"])
     tc = job.cfg.train
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our epoch line is enough
+    logs.quiet_train_worker()  # our epoch line is enough; -v brings Ray Train's reports back
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(job.cfg.run.seed + rank)
@@ -694,6 +695,7 @@ def make_trainer(cfg: Config, run_dir: str, loop_config: dict, loop=None, callba
             name="ray_train",
             storage_path=run_dir if storage.is_remote(run_dir) else os.path.abspath(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            logging_config=logs.train_logging_config(),  # no per-epoch "Reporting training result" dump unless -v
             callbacks=callbacks or [],  # e.g. rank 0's epoch metrics into MLflow, from the controller
             # Ray keeps the latest checkpoint (resume) plus the 2 best by the selection metric; each
             # holds the best-so-far weights too, so the kept model never depends on deleted files.
@@ -841,10 +843,11 @@ def validation_groups(val: pd.DataFrame) -> np.ndarray:
 
 def fit_calibration(log_probs: np.ndarray, y: np.ndarray, positive_index, fitted_on: str) -> tuple[float, dict]:
     """Temperature fitted on validation log-probabilities; log loss and ECE before and after."""
-    from medclf.model.calibration import fit_temperature, negative_log_likelihood
+    from medclf.model.calibration import fit_temperature_checked, negative_log_likelihood
     from medclf.report.metrics import expected_calibration_error
 
-    temperature = fit_temperature(log_probs, y)
+    fit = fit_temperature_checked(log_probs, y)  # warns itself when the fit sat on a bound
+    temperature = fit.temperature
 
     def ece(t: float) -> float:
         probs = softmax_with_temperature(log_probs, t)
@@ -852,11 +855,13 @@ def fit_calibration(log_probs: np.ndarray, y: np.ndarray, positive_index, fitted
             return expected_calibration_error((y == positive_index).astype(int), probs[:, positive_index])
         return expected_calibration_error((probs.argmax(1) == y).astype(int), probs.max(1))
 
-    calibration = {"method": "temperature", "fitted_on": fitted_on, "n": int(len(y)),
+    calibration = {"method": "temperature", "fitted_on": fitted_on, "n": int(len(y)), "status": fit.status,
+                   **({"note": fit.message} if fit.message else {}),
                    "log_loss_before": negative_log_likelihood(log_probs, y, 1.0),
                    "log_loss_after": negative_log_likelihood(log_probs, y, temperature),
                    "ece_before": ece(1.0), "ece_after": ece(temperature)}
-    _say(f"calibration: temperature {temperature:.3f} fitted on {fitted_on} (n={len(y)}); ECE "
+    how = "kept (no finite fit, see warning)" if fit.status == "fallback" else "fitted"
+    _say(f"calibration: temperature {temperature:.3f} {how} on {fitted_on} (n={len(y)}); ECE "
          f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}, log loss "
          f"{calibration['log_loss_before']:.4f} -> {calibration['log_loss_after']:.4f}")
     return temperature, calibration
