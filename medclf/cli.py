@@ -268,6 +268,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from medclf.model.artifact import load_card
     from medclf.score.preflight import check_inputs, check_model, check_uid_key
 
+    check_locations(cfg.score.input, cfg.score.output)  # schemes first (medclf.imaging.confine): exit 2, no I/O
     check_model(cfg.score.model)  # user errors here, before Ray starts or a run folder is made
     listed = check_inputs(cfg.score.input, cfg.score.extensions)
     check_uid_key(cfg.score.uids, cfg.score.uid_key, listed.paths, cfg.score.extensions, cfg.score.uid_key_file)
@@ -275,7 +276,6 @@ def cmd_score(args: argparse.Namespace) -> int:
     if cfg.score.explain_flagged and not load_card(cfg.score.model).positive_class:
         raise ConfigError("score.explain_flagged needs a binary model with a positive class; "
                           "use `medclf explain --target CLASS` for multi-class models")
-    check_locations(cfg.score.input, cfg.score.output)  # exit 2 before Ray starts (medclf.imaging.confine)
     init_ray(cfg)
     use_shared_root(cfg)
     if cfg.score.output:

@@ -181,7 +181,7 @@ def test_blank_grey_noise_and_lateral_are_out_of_scope_with_reasons_and_flag_res
     assert flag.ood_score.notna().all()
 
 
-def test_serve_answers_422_with_the_reason_and_refuses_explain(guarded):
+def test_serve_answers_422_with_the_reason_and_refuses_explain(guarded, monkeypatch):
     """The endpoint's request handler (the class Ray Serve deploys, without Serve's batcher, which needs a
     running replica), called with HTTP requests' ASGI scopes: 422 and the reason for refused inputs, no
     Grad-CAM for them; 200 for the phantom. tests/test_ood.py runs refusal through real Ray scoring."""
@@ -191,6 +191,7 @@ def test_serve_answers_422_with_the_reason_and_refuses_explain(guarded):
 
     model, manifest, base = guarded
     files = probes(base, manifest)
+    monkeypatch.setenv("MEDCLF_SERVE_TOKEN", "abstain-test-token")  # every route but the liveness probe needs it
 
     async def post(app, body: bytes, query: str = ""):
         sent = {"done": False}
@@ -202,7 +203,8 @@ def test_serve_answers_422_with_the_reason_and_refuses_explain(guarded):
             return {"type": "http.request", "body": body, "more_body": False}
 
         scope = {"type": "http", "method": "POST", "path": "/predict", "query_string": query.encode(),
-                 "headers": [(b"content-length", str(len(body)).encode())]}
+                 "headers": [(b"content-length", str(len(body)).encode()),
+                             (b"authorization", b"Bearer abstain-test-token")]}
         response = await app(Request(scope, receive))
         return response.status_code, json.loads(response.body)
 
