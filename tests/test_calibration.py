@@ -97,6 +97,7 @@ def test_stored_temperature_is_applied_identically_by_scoring_gradcam_and_evalua
     manifest = str(tmp_path / "inputs.csv")
     pd.DataFrame({"path": files}).to_csv(manifest, index=False)
     out = str(tmp_path / "pred")
+    tiny_config.score.allowed_roots = [phantom_root]  # the manifest (in tmp_path) names files there
     run_scoring(tiny_config, "calib", manifest, artifact, out)
     pred = read_predictions(out).set_index("path").loc[files]
     scored = pred[[prob_column(c) for c in card.classes]].to_numpy()

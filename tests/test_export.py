@@ -102,6 +102,7 @@ def test_scoring_with_onnxruntime_matches_torch(ray_cluster, trained_model, tiny
     _, card = load_artifact(trained_model.model_path)
     columns = ["path", "predicted_label", "status", *[prob_column(c) for c in card.classes]]
     results = {}
+    tiny_config.score.allowed_roots = [phantom_root]  # the manifest (in tmp_path) names files there
     for runtime in ("torch", "onnxruntime"):
         tiny_config.score.runtime = runtime
         out = str(tmp_path / runtime)

@@ -45,7 +45,7 @@ def test_rows_per_frame_skips_errors_and_reruns(model, tmp_path):
         z.writestr("inner.dcm", open(get_testdata_file("MR_small.dcm"), "rb").read())
     single, cine, sr = (get_testdata_file(n) for n in ("MR_small.dcm", "emri_small.dcm", "test-SR.dcm"))
     hostile = {str(fifo): "not a regular file (a FIFO); not read",
-               str(zero): "not a regular file (a character device); not read",
+               str(zero): "resolves to /dev (never read)",  # the symlink is resolved before anything is opened
                str(tmp_path / "big.dcm"): "over the 2 MiB limit (score.max_file_mb); not read",
                str(tmp_path / "bomb.dcm"): "60000x60000 (3600 Mpx), over the 64 Mpx limit",
                f"zip://inner.dcm::{tmp_path / 'a.zip'}": "only local paths and s3:// URLs are read",

@@ -96,6 +96,7 @@ def test_answers_match_batch_scoring_for_png_jpeg_and_dicom(endpoint, served_mod
     files = pngs + dicoms + jpegs + [corrupt, ct]
     manifest = str(tmp_path / "inputs.csv")
     pd.DataFrame({"path": files}).to_csv(manifest, index=False)
+    tiny_config.score.allowed_roots = [str(tmp_path), phantom_root]  # the manifest names files in two folders
     run_scoring(tiny_config, "vs-serve", manifest, served_model, str(tmp_path / "pred"))
     batch = read_predictions(str(tmp_path / "pred")).set_index("path")
 

@@ -62,7 +62,7 @@ def test_training_run_is_tracked_and_scoring_links_to_it(ray_cluster, trained_mo
     rc = run_command("score", ["--set", "score.cpus_per_actor=0.5", "--set", "score.batch_size=8",
                                "--set", "tracking.experiment=test", "--run-root", root, "--run-id", "score-tracked",
                                "--input", manifest, "--model", trained_model.model_path,
-                               "--output", str(tmp_path / "pred")])
+                               "--output", str(tmp_path / "pred"), "--set", f"score.allowed_roots=['{phantom_root}']"])
     assert rc == 0
     _, scored = _runs(uri, "score")
     assert len(scored) == 1

@@ -101,6 +101,7 @@ def test_mirror_mean_is_applied_alike_by_validation_scoring_gradcam_and_export(r
         expected = class_probabilities(model(to_model_input(x)), card.temperature).numpy()
     manifest = str(tmp_path / "inputs.csv")
     pd.DataFrame({"path": files}).to_csv(manifest, index=False)
+    cfg.score.allowed_roots = [phantom_root]  # the manifest (in tmp_path) names files there
     for runtime in ("torch", "onnxruntime"):  # the ONNX scoring graph holds the mirror and the guard's features
         cfg.score.runtime = runtime
         out = str(tmp_path / f"pred-{runtime}")
