@@ -178,6 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--shared", default=os.path.join(ROOT, "..", "shared"))
     p.add_argument("--n", type=int, default=200, help="images per out-of-domain set")
     p.add_argument("--max-val", type=int, default=0, help="at most this many films per validation part (0: all)")
+    p.add_argument("--max-shifted", type=int, default=100, help="patient-part films per acquisition shift")
     p.add_argument("--quantile", type=float, default=0.99)
     p.add_argument("--chest-sample", type=int, default=0,
                    help="no splits: score this many Kermany films as one out-of-domain set (demo model)")
@@ -185,7 +186,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     start = time.time()
     model, card = load_artifact(args.model)
-    gate = input_gate(card) or {"modalities": [], "min_size": 1}
+    # A model without a domain record: the minimum side training would record (half the 224 px films)
+    gate = input_gate(card) or {"modalities": [], "min_size": card.preprocess_spec.image_size // 2}
     gate["content"] = True
     if args.config:
         dc = load_config(args.config).data
@@ -240,11 +242,12 @@ def main(argv=None) -> int:
         sets[name] = {"stage": reasons, "x": x, "f": f, "logits": logits, "y": np.full(len(x), -1), "in_domain": False}
     if "chest_patient" in sets:  # acquisition-shifted valid films (feature detector only: same pixels otherwise)
         spec = card.preprocess_spec
+        base_x, base_y = sets["chest_patient"]["x"][:args.max_shifted], sets["chest_patient"]["y"][:args.max_shifted]
         for kind in ACQUISITION_SHIFTS:
-            x = acquisition_shift(torch.from_numpy(sets["chest_patient"]["x"]), kind, spec.mean, spec.std).numpy()
+            x = acquisition_shift(torch.from_numpy(base_x), kind, spec.mean, spec.std).numpy()
             f, logits = features_and_logits(model, card.arch, x, batch=32)
             sets[f"shifted: {kind}"] = {"stage": [None] * len(x), "x": x, "f": f, "logits": logits,
-                                        "y": sets["chest_patient"]["y"], "in_domain": True}
+                                        "y": base_y, "in_domain": True}
     print(f"embedded everything, {time.time() - start:.0f}s", file=sys.stderr)
 
     rows = []

@@ -121,7 +121,8 @@ def test_ct_slice_small_png_and_noise_are_out_of_scope(guarded, phantom_root, tm
     # feature-space out of scope: probabilities kept for audit, no label, the score and the reason
     assert by_score.prob_POSITIVE.notna().all() and by_score.error.str.contains("above the threshold").all()
     assert refused.predicted_label.isna().all()
-    np.testing.assert_allclose(flag_rows.loc[by_score.index, "ood_score"], by_score.ood_score, rtol=1e-6)
+    # the same score either way (up to float32 batch-composition noise: the two runs batch different rows)
+    np.testing.assert_allclose(flag_rows.loc[by_score.index, "ood_score"], by_score.ood_score, rtol=1e-4)
     ok = rows[rows.status == "ok"]
     assert ok.predicted_label.notna().all() and ok.error.isna().all()
     assert (rows.loc[held_out, "status"] == "ok").mean() >= 0.75  # in-domain mostly passes (quantile 0.95)
