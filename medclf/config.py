@@ -305,6 +305,9 @@ class ScoreConfig(_Section):
     num_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     """Inference actors; `auto`: one per GPU of the cluster with use_gpu, else one per cpus_per_actor
     of half the cluster's CPUs (the other half decodes) (medclf.score.actors)."""
+    actors_per_gpu: int = Field(1, ge=1)
+    """With use_gpu: inference actors sharing each GPU (each asks for 1/actors_per_gpu of one), so one
+    Python process's per-batch work (batching, host-to-device copy, Arrow rows) does not idle the GPU."""
     cpus_per_actor: float = Field(1.0, gt=0.0)
     use_gpu: bool = False
     decode_batch_size: int = Field(16, ge=1)

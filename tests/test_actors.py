@@ -4,7 +4,7 @@ import pytest
 
 from medclf.config import ConfigError, load_config
 from medclf.errors import UserError
-from medclf.score.actors import resolve_num_actors
+from medclf.score.actors import gpus_per_actor, resolve_num_actors
 
 
 def test_config_takes_auto_or_a_positive_count():
@@ -33,3 +33,11 @@ def test_auto_on_cpus_leaves_half_for_decoding_and_explicit_counts_win():
 def test_auto_with_gpu_but_none_in_the_cluster_is_a_clear_error():
     with pytest.raises(UserError, match="no GPU"):
         resolve_num_actors("auto", True, 1.0, {"CPU": 8.0})
+
+
+def test_several_actors_share_each_gpu():
+    assert load_config(None, ["score.actors_per_gpu=3"]).score.actors_per_gpu == 3
+    with pytest.raises(ConfigError, match="actors_per_gpu"):
+        load_config(None, ["score.actors_per_gpu=0"])
+    assert resolve_num_actors("auto", True, 1.0, {"CPU": 32.0, "GPU": 2.0}, per_gpu=3) == 6
+    assert gpus_per_actor(True, 4) == 0.25 and gpus_per_actor(True) == 1.0 and gpus_per_actor(False, 4) == 0

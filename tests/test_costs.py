@@ -38,6 +38,16 @@ def test_rows_carry_their_stage_seconds_without_ray(model, phantom_root):
     assert sums["read"] == pytest.approx(rows.t_read.sum()) and sums["forward"] == pytest.approx(rows.t_forward.sum())
 
 
+def test_a_multi_frame_file_is_read_once(model):
+    from pydicom.data import get_testdata_file
+
+    cine = get_testdata_file("emri_small.dcm")  # 10 frames
+    rows = pa.concat_tables([Predictor(model, "run", threads=1)(b) for b in load_images(
+        {"path": np.array([cine], object)}, {"image_size": 32}, frames="all", rows_per_batch=4)]).to_pandas()
+    assert len(rows) == 10 and (rows.t_read > 0).sum() == 1 and rows.t_read.iloc[0] > 0
+    assert (rows.t_decode > 0).all()
+
+
 def test_cost_line_is_seconds_per_thousand_and_images_per_second():
     line = cost_line({"list": 0.5, "read": 1.0, "decode": 20.0, "forward": 4.0, "write": 0.0}, 200)
     for stage in STAGES:

@@ -96,7 +96,7 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
         return
     for frame in images.frames:
         out = {**row, "frame": frame}
-        row["first_row"] = False
+        row["first_row"], row["t_read"] = False, 0.0  # a file is read once: its first row carries it
         if frame is not None and _in(skip_keys, scored_key(path, row["checksum"], frame)):
             yield {**out, "status": ALREADY_SCORED}
             continue

@@ -11,8 +11,9 @@ from __future__ import annotations
 from medclf.errors import UserError
 
 
-def resolve_num_actors(setting, use_gpu: bool, cpus_per_actor: float, resources: dict) -> int:
-    """`setting` (an int, or "auto") -> the number of actors; `resources`: ray.cluster_resources()."""
+def resolve_num_actors(setting, use_gpu: bool, cpus_per_actor: float, resources: dict, per_gpu: int = 1) -> int:
+    """`setting` (an int, or "auto") -> the number of actors; `resources`: ray.cluster_resources();
+    `per_gpu`: actors sharing one GPU (score.actors_per_gpu)."""
     if setting != "auto":
         return int(setting)
     if use_gpu:
@@ -20,6 +21,11 @@ def resolve_num_actors(setting, use_gpu: bool, cpus_per_actor: float, resources:
         if gpus < 1:
             raise UserError("score.num_actors=auto with score.use_gpu=true, but the Ray cluster has no GPU "
                             "(set score.use_gpu=false, or start Ray on GPU nodes)")
-        return gpus
+        return gpus * per_gpu
     cpus = float(resources.get("CPU", 1))
     return max(1, int(cpus / 2 // cpus_per_actor))
+
+
+def gpus_per_actor(use_gpu: bool, per_gpu: int = 1) -> float:
+    """The GPU share each inference actor asks Ray for."""
+    return 1.0 / per_gpu if use_gpu else 0

@@ -27,7 +27,7 @@ from medclf.config import Config
 from medclf.errors import UserError
 from medclf.imaging.stage import (ALREADY_SCORED, META_KEYS, TRANSIENT, find_inputs, images_dataset, scored_key,
                            text_or_none)
-from medclf.score.actors import resolve_num_actors
+from medclf.score.actors import gpus_per_actor, resolve_num_actors
 from medclf.score.costs import cost_line, per_row
 from medclf.score.lease import Lease, verify
 from medclf.data.predictions import prediction_schema, predictions_dataset
@@ -348,9 +348,10 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
         batch_size=sc.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
-            size=resolve_num_actors(sc.num_actors, sc.use_gpu, sc.cpus_per_actor, ray.cluster_resources())),
+            size=resolve_num_actors(sc.num_actors, sc.use_gpu, sc.cpus_per_actor, ray.cluster_resources(),
+                                    sc.actors_per_gpu)),
         num_cpus=sc.cpus_per_actor,
-        num_gpus=1 if sc.use_gpu else 0,
+        num_gpus=gpus_per_actor(sc.use_gpu, sc.actors_per_gpu),
     )
     # Decoding outpaces inference; without a cap Ray Data lets the decoded backlog grow toward its
     # default budget (a share of the whole object store), so memory would grow with the archive.
