@@ -92,6 +92,24 @@ def test_statistics_are_exact_for_every_layer():
         np.testing.assert_allclose(fit.stats[name][1], h.var((0, 2, 3), unbiased=True).numpy(), rtol=1e-4)
 
 
+def test_lite0_freeze_first_is_exact_with_the_block_cache():
+    """EfficientNet-Lite0 (its stem a ModuleList, glue ReLU6 between blocks) with the shipped freeze_first:9."""
+    model = build_model("efficientnet_lite0", 2).eval()
+    x = _sample(n=6, size=64)
+    fit = fit_bn_statistics(model, "efficientnet_lite0", "freeze_first:9", tensor_batches(x, 4))
+    assert len(fit.adapted) == 25 and "_bn1" in fit.adapted  # blocks 8-15 (3 each) + the head's
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].double().clone()))
+             for n, m in model.named_modules() if n in fit.adapted]
+    with torch.no_grad():
+        model(torch.from_numpy(x).expand(-1, 3, -1, -1))
+    for h in hooks:
+        h.remove()
+    for name in fit.adapted:
+        np.testing.assert_allclose(fit.stats[name][0], inputs[name].mean((0, 2, 3)).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(fit.stats[name][1], inputs[name].var((0, 2, 3)).numpy(), rtol=1e-3, atol=1e-6)
+
+
 def test_frozen_layers_keep_their_statistics_and_are_named():
     model = _trained_stats(build_model("small_cnn", 2).eval())
     before = {n: m.running_mean.clone() for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}

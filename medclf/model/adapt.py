@@ -93,14 +93,16 @@ class _Stop(Exception):
 
 def fit_bn_statistics(model: nn.Module, arch: str, transfer: str, batches, passes: Optional[int] = None) -> FittedStats:
     """Re-estimate the running statistics of the adaptable BatchNorm layers of `model` (modified in place,
-    left in eval mode) from `batches`: a callable returning an iterable of model-input tensors
-    (N, 3, S, S), called once per pass.
+    left in eval mode) from `batches`: a callable returning the same iterable of model-input tensors
+    (N, 3, S, S), in the same order, each time it is called (once per pass).
 
-    Exact, layer after layer: pass k accumulates the input of the k-th adaptable layer (in forward
-    order) with every earlier layer already set to its final statistics, and stops the forward there.
-    Updating every layer at once and repeating (2-3 passes) does not converge in general: on a
-    SmallCNN it oscillated (change 0.4, 13.6, 1.8, 248 std units in passes 1-4), because each layer's
-    statistics describe its input under the previous, wrong, statistics of the layers before it.
+    Exact, layer after layer: the pass for a layer accumulates its input with every earlier layer
+    already set to its final statistics, and stops the forward there. Updating every layer at once and
+    repeating (2-3 passes) does not converge in general: on a SmallCNN it oscillated (change 0.4, 13.6,
+    1.8, 248 std units in passes 1-4), because each layer's statistics then describe its input under
+    the previous, wrong, statistics of the layers before it. To keep the cost near that of 2-3 full
+    passes, the output of the last finished top-level block (medclf.model.artifact.backbone_blocks) is
+    kept in memory and fed in place of the blocks before it (BlockCache).
     `passes`: stop after that many layers (tests of a partial fit); default all."""
     from medclf.model.artifact import plain_model
 
@@ -112,26 +114,20 @@ def fit_bn_statistics(model: nn.Module, arch: str, transfer: str, batches, passe
         return FittedStats({}, [], skipped, 0, 0, 0.0, f"nothing to adapt: {note}")
     layers = dict(net.named_modules())
     model.eval()
-    order = _forward_order(model, layers, adapt, batches)
-    n_images, change, done = 0, 0.0, 0
-    for name in order[:passes]:
+    order = _forward_order(model, layers, adapt, batches)[:passes]
+    cache = BlockCache(model, arch)
+    n_images, change = 0, 0.0
+    for name in order:
         bn = layers[name]
+        cache.advance_to(bn, batches)
         acc: dict[str, list] = {}
         hook = bn.register_forward_pre_hook(_accumulator(name, bn, acc, stop=True))
-        count = 0
         try:
-            with torch.inference_mode():
-                for x in batches():
-                    try:
-                        model(x)
-                    except _Stop:
-                        pass
-                    count += x.shape[0]
+            n_images = cache.run(batches)
         finally:
             hook.remove()
-        if count == 0:
+        if n_images == 0:
             raise AdaptError("adaptation sample is empty: no image decoded")
-        n_images, done = count, done + 1
         shift, s1, s2, n = acc[name]
         d = s1 / n
         mean = shift + d
@@ -142,8 +138,100 @@ def fit_bn_statistics(model: nn.Module, arch: str, transfer: str, batches, passe
         bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
         bn.running_var.copy_(var.to(bn.running_var.dtype))
     stats = {name: (layers[name].running_mean.detach().cpu().numpy().copy(),
-                    layers[name].running_var.detach().cpu().numpy().copy()) for name in order[:passes]}
-    return FittedStats(stats, list(order[:passes]), skipped, n_images, done, change)
+                    layers[name].running_var.detach().cpu().numpy().copy()) for name in order}
+    return FittedStats(stats, list(order), skipped, n_images, len(order), change)
+
+
+class BlockCache:
+    """Feeds the model the stored output of its last finished top-level block instead of computing the
+    blocks before it again. The blocks are chained by the model's own forward (glue such as a ReLU or
+    pooling between blocks still runs); a replaced block returns the stored tensor (the frontier) or a
+    placeholder (the blocks before it, whose output the frontier ignores)."""
+
+    def __init__(self, model: nn.Module, arch: str):
+        from medclf.model.artifact import backbone_blocks, plain_model
+
+        self.model = model
+        self.blocks = backbone_blocks(plain_model(model), arch)
+        self.frontier = -1  # blocks[: frontier + 1] are replaced by the cache
+        self.outputs: list[torch.Tensor] = []
+        self.last_called: Optional[nn.Module] = None
+
+    def _block_of(self, module: nn.Module) -> int:
+        for i, block in enumerate(self.blocks):
+            if any(m is module for m in block.modules()):
+                return i
+        return len(self.blocks)  # after every block (e.g. a head's BatchNorm)
+
+    def advance_to(self, bn: nn.Module, batches) -> None:
+        """Cache the output of the last block before `bn`'s block (every layer in it is final by now)."""
+        target = self._block_of(bn) - 1
+        while self.frontier < target:
+            self._cache_block(self.frontier + 1, batches)
+
+    def _callables(self, block: nn.Module) -> list[nn.Module]:
+        return list(block) if isinstance(block, nn.ModuleList) else [block]
+
+    def _cache_block(self, index: int, batches) -> None:
+        block = self.blocks[index]
+        called: list[nn.Module] = []
+        outputs: list[torch.Tensor] = []
+
+        def note(module, args, out):
+            called.append(module)
+
+        notes = [m.register_forward_hook(note) for m in self._callables(block)]
+        try:
+            self.run(batches, probe=True)  # which module of the block runs last (what the next block reads)
+        finally:
+            for h in notes:
+                h.remove()
+        last = called[-1]
+
+        def keep(module, args, out):
+            outputs.append(out.detach().clone())
+            raise _Stop
+
+        hook = last.register_forward_hook(keep)
+        try:
+            self.run(batches)
+        finally:
+            hook.remove()
+        self.frontier, self.outputs, self.last_called = index, outputs, last
+
+    def run(self, batches, probe: bool = False) -> int:
+        """One pass of the sample with the cached blocks replaced; returns the number of images.
+        `probe`: one batch only."""
+        count = 0
+        patched = self._patch()
+        try:
+            with torch.inference_mode():
+                for i, x in enumerate(batches()):
+                    self._batch = i
+                    try:
+                        self.model(x)
+                    except _Stop:
+                        pass
+                    count += x.shape[0]
+                    if probe:
+                        break
+        finally:
+            for module in patched:
+                del module.forward  # back to the class's forward
+        return count
+
+    def _patch(self) -> list[nn.Module]:
+        if self.frontier < 0:
+            return []
+        patched = []
+        for block in self.blocks[: self.frontier + 1]:
+            for module in self._callables(block):
+                if module is self.last_called:
+                    module.forward = lambda *a, **k: self.outputs[self._batch]
+                else:
+                    module.forward = lambda x, *a, **k: x.new_zeros((x.shape[0], 1, 1, 1))
+                patched.append(module)
+        return patched
 
 
 def _forward_order(model: nn.Module, layers: dict, adapt: list[str], batches) -> list[str]:
