@@ -96,7 +96,9 @@ class Predictor:
         if site_profile:
             from medclf.model.adapt import apply_profile, read_profile
 
-            self.adaptation_id = apply_profile(self.model, read_profile(site_profile, self.card.model_id)).profile_id
+            profile = read_profile(site_profile, self.card.model_id)
+            apply_profile(self.model, profile)
+            self.adaptation_id = profile.profile_id
         self.domain = load_domain(model_path, self.card)  # None: an artifact from before the guard
         self.reference = load_reference(model_path, self.card)  # None: an artifact from before drift
         # NHWC lets oneDNN/cuDNN pick faster convolution kernels (ResNet18 on CPU: +24%, same outputs).
