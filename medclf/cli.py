@@ -276,6 +276,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     if cfg.score.explain_flagged and not load_card(cfg.score.model).positive_class:
         raise ConfigError("score.explain_flagged needs a binary model with a positive class; "
                           "use `medclf explain --target CLASS` for multi-class models")
+    from medclf.score.adaptation import check_adapt_config
+
+    check_adapt_config(cfg.score, load_card(cfg.score.model))  # score.adapt=bn on a negative verdict: before Ray
     init_ray(cfg)
     use_shared_root(cfg)
     if cfg.score.output:

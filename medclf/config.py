@@ -260,6 +260,9 @@ class TrainConfig(_Section):
     threshold_validation: Literal["clean", "shifted"] = "clean"
     """Choose the threshold on the validation images as they are, or pooled with the same images under
     fixed acquisition shifts (medclf.data.augment.ACQUISITION_SHIFTS), which a new site's images resemble."""
+    adapt_verdict: bool = True
+    """At the end of training, measure whether label-free BatchNorm adaptation restores this model's AUC
+    under those shifts (medclf.train.adapt_verdict) and store the verdict in the card; score.adapt uses it."""
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0.0)
     """Keep below the machine's share: Ray hangs when train workers take every CPU."""
@@ -353,6 +356,18 @@ class ScoreConfig(_Section):
     lease_seconds: float = Field(600.0, ge=1.0)
     """How long the output's lease lasts without renewal (renewed every third of it while the run
     lives): after a run dies, the next run can take the output over once this much time passed."""
+
+    adapt: Literal["none", "bn", "auto"] = "none"
+    """Label-free site adaptation (medclf.model.adapt, docs/adaptation.md): `bn` re-estimates the model's
+    BatchNorm statistics on a seeded sample of this run's images (a site profile, written to
+    `<output>/_site_profiles/`); `auto` does so only when the drift comparison of the sample flags and the
+    model's stored verdict is positive; `none` scores with the training statistics."""
+    adapt_sample: int = Field(300, ge=2)
+    """Images in the adaptation sample (seeded by run.seed); the whole run when it has fewer."""
+    adapt_override: bool = False
+    """Allow `adapt: bn` (or `site_profile`) on a model whose stored adaptation verdict is negative or absent."""
+    site_profile: Optional[str] = None
+    """Score with this existing site profile (.npz) instead of fitting one; it must belong to the model."""
 
     drift_report: bool = False
     """After scoring, compare this run's rows with the model's drift reference (section `drift`,

@@ -337,6 +337,9 @@ class ModelCard:
     """The out-of-scope guard's domain record (medclf.monitor.ood.DomainRecord); None: older artifacts."""
     reference: Optional[dict] = None
     """The drift reference measured on validation (medclf.monitor.reference.ReferenceRecord); None: older artifacts."""
+    adaptation: Optional[dict] = None
+    """Whether label-free BatchNorm adaptation restores this model's AUC under acquisition shifts of its
+    validation (medclf.train.adapt_verdict): verdict, rule, numbers; None: older artifacts."""
     files: dict = field(default_factory=dict)
     """Other files of the artifact (name -> sha256), checked on load: e.g. domain.npz."""
 

@@ -29,6 +29,7 @@ from medclf.imaging.stage import (ALREADY_SCORED, META_KEYS, TRANSIENT, find_inp
                            text_or_none)
 from medclf.score.actors import gpus_per_actor, resolve_num_actors
 from medclf.score.costs import cost_line, per_row
+from medclf.score.adaptation import check_adapt_config, prepare_adaptation
 from medclf.score.lease import Lease, verify
 from medclf.data.predictions import prediction_schema, predictions_dataset
 from medclf.model.artifact import class_probabilities, load_artifact, load_card, penultimate, prob_column
@@ -88,7 +89,7 @@ class Predictor:
     """Ray Data actor: holds the model, turns a batch of tensors into prediction rows."""
 
     def __init__(self, model_path: str, run_id: str, use_gpu: bool = False, threads: int | None = None,
-                 runtime: str = "torch", ood_action: str = "out_of_scope"):
+                 runtime: str = "torch", ood_action: str = "out_of_scope", site_profile: Optional[str] = None):
         import torch
 
         if threads:
@@ -96,6 +97,13 @@ class Predictor:
         self.torch = torch
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model, self.card = load_artifact(model_path, self.device)
+        self.adaptation_id = None  # the site profile's id (medclf.model.adapt), before the runtime is built
+        if site_profile:
+            from medclf.model.adapt import apply_profile, read_profile
+
+            profile = read_profile(site_profile, self.card.model_id)
+            apply_profile(self.model, profile)
+            self.adaptation_id = profile.profile_id
         self.domain = load_domain(model_path, self.card)  # None: an artifact from before the guard
         self.reference = load_reference(model_path, self.card)  # None: an artifact from before drift
         # NHWC lets oneDNN/cuDNN pick faster convolution kernels (ResNet18 on CPU: +24%, same outputs).
@@ -164,6 +172,7 @@ class Predictor:
         out["threshold"] = np.full(n, np.nan if self.card.threshold is None else self.card.threshold, np.float64)
         out["model_id"] = [self.card.model_id] * n
         out["model_version"] = [self.card.created_at] * n
+        out["adaptation_id"] = [self.adaptation_id] * n
         out["run_id"] = [self.run_id] * n
         out["scored_at"] = [now] * n
         out["status"] = ["ok" if good else status for good, status in zip(ok, statuses)]
@@ -240,6 +249,8 @@ class ScoreSummary:
     out_of_scope_reasons: dict = field(default_factory=dict)
     """Out-of-scope rows of this run per reason (medclf.monitor.ood.REASONS keys)."""
     stage_seconds: dict = field(default_factory=dict)  # medclf.score.costs.STAGES -> busy seconds
+    adaptation: str = ""
+    """What score.adapt decided, and why (medclf.score.adaptation.AdaptDecision)."""
 
     @property
     def images_per_s(self) -> float:
@@ -253,6 +264,7 @@ class ScoreSummary:
             f"{self.not_images} not an image), failed {self.failed}, out of scope {self.out_of_scope}"
             f"{_by_reason(self.out_of_scope_reasons)}; "
             f"{self.seconds:.1f}s, {self.images_per_s:.1f} images/s -> {self.output}"
+            + (f"\n{self.adaptation}" if self.adaptation else "")
         ) + (f"\n{cost_line(self.stage_seconds, self.seen)}" if self.stage_seconds else "")
 
 
@@ -277,6 +289,7 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     if card.domain is None:
         log.warning("model %s has no domain record (trained before the out-of-scope guard): no ood_score, and "
                     "no modality or size check; retrain it to get them", card.model_id)
+    check_adapt_config(sc, card)
     listed = time.perf_counter()
     inputs = find_inputs(input_path, sc.extensions)
     list_seconds = time.perf_counter() - listed
@@ -296,10 +309,13 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
         skip = np.zeros(0, np.uint64) if rescore else scored_keys(output, card.model_id, fault)
         log.info("scoring %d files from %s with model %s (%d images already scored)", len(paths), input_path,
                  card.model_id, len(skip))
+        adaptation = prepare_adaptation(cfg, card, model_path, paths, output, run_id, input_path)
+        log.info("%s", adaptation)
         run_date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
         sink = CommitPerFileDatasink(storage.join(output, f"run_date={run_date}"), run_id,
                                      prediction_schema(card.classes), sc.rows_per_file, output, held.token, fault)
-        _scoring_dataset(cfg, paths, card, model_path, run_id, skip, roots).write_datasink(sink)
+        _scoring_dataset(cfg, paths, card, model_path, run_id, skip, roots,
+                         adaptation.profile_path).write_datasink(sink)
         statuses, files = dict(sink.statuses), [path for path, _ in sink.committed]
         if sink.first_rows < len(paths):
             lost = _write_lost_files(paths, output, card, run_id, run_date, sc.decode_retries, held.token)
@@ -313,7 +329,7 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
                         not_images=counts["skipped"], out_of_scope=counts["out_of_scope"],
                         files_listed=len(paths), filtered=inputs.filtered,
                         out_of_scope_reasons=_reason_counts(output, run_id) if counts["out_of_scope"] else {},
-                        stage_seconds={"list": list_seconds, **sink.stage_seconds})
+                        stage_seconds={"list": list_seconds, **sink.stage_seconds}, adaptation=str(adaptation))
 
 
 def _by_reason(reasons: dict) -> str:
@@ -331,7 +347,7 @@ def _reason_counts(output: str, run_id: str) -> dict:
 
 
 def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_id: str, skip: np.ndarray,
-                     roots: Optional[tuple] = None):
+                     roots: Optional[tuple] = None, site_profile: Optional[str] = None):
     """paths -> decode tasks -> inference actor pool: the Ray Dataset of prediction rows."""
     import ray.data
 
@@ -344,7 +360,7 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
         Predictor,
         fn_constructor_kwargs={"model_path": model_path, "run_id": run_id, "use_gpu": sc.use_gpu,
                                "threads": threads, "runtime": sc.runtime,
-                               "ood_action": cfg.ood.action},
+                               "ood_action": cfg.ood.action, "site_profile": site_profile},
         batch_size=sc.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(

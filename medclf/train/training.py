@@ -803,6 +803,14 @@ def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, v
         provenance=model_card.provenance(cfg, pd.concat([inputs.train, inputs.val]), inputs.classes),
         failure_modes=model_card.failure_modes(list(inputs.val["path"][select]), y[select], val_probs[select],
                                                inputs.classes, threshold, inputs.positive_index, cfg.report.show_paths))
+    if cfg.train.adapt_verdict:  # does score.adapt=bn help this model? (medclf.train.adapt_verdict)
+        from medclf.train.adapt_verdict import measure_verdict, verdict_line
+
+        card.adaptation = measure_verdict(model.eval(), cfg.model.arch, cfg.model.transfer,
+                                          gather_rows(val_batches(), select), y[select], inputs.positive_index,
+                                          temperature, cfg.preprocess.mean, cfg.preprocess.std,
+                                          cfg.score.adapt_sample, cfg.run.seed)
+        _say(verdict_line(card.adaptation))
     embedding = embed(model.eval(), cfg.model.arch, val_batches(), len(y))  # one pass, batch by batch
     domain = fit_domain(cfg, embedding, y, list(inputs.val["path"]))  # the out-of-scope guard (medclf.monitor.ood)
     card.domain = domain and domain.record.model_dump()

@@ -1,0 +1,87 @@
+"""Does label-free BatchNorm adaptation (medclf.model.adapt) help THIS model? Measured at the end of
+training on its own validation part (the family part when there is one), unshifted and under each
+acquisition shift of medclf.data.augment: ROC AUC with the training statistics vs with statistics
+re-estimated on that (shifted) set's own images (labels are used only to score, never to adapt).
+
+The rule (docs/adaptation.md), fixed before any measurement:
+  positive  when some BatchNorm layer is adaptable, the mean AUC change over all the sets (unshifted
+            and shifted) is above MIN_MEAN_GAIN, and no set loses more than MAX_LOSS (about two
+            standard errors of an AUC on a few hundred validation images: a smaller bound is noise);
+  negative  otherwise (also: nothing to adapt).
+The verdict and every number go into the artifact's card (`adaptation`); scoring refuses
+`score.adapt=bn` on a negative verdict without score.adapt_override, and `auto` never adapts it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import numpy as np
+import torch
+
+MIN_MEAN_GAIN = 0.0
+MAX_LOSS = 0.03
+
+
+def _auc(y: np.ndarray, probs: np.ndarray, positive_index: Optional[int]) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if positive_index is not None:
+        pos = (y == positive_index).astype(int)
+        return float(roc_auc_score(pos, probs[:, positive_index])) if len(np.unique(pos)) == 2 else float("nan")
+    present = np.unique(y)
+    if len(present) < 2:
+        return float("nan")
+    return float(np.mean([roc_auc_score((y == c).astype(int), probs[:, c]) for c in present]))
+
+
+def _probs(model: torch.nn.Module, x: torch.Tensor, temperature: float) -> np.ndarray:
+    from medclf.imaging.preprocess import to_model_input
+    from medclf.model.artifact import class_probabilities
+
+    with torch.inference_mode():
+        return np.concatenate([class_probabilities(model(to_model_input(x[i:i + 64])), temperature).numpy()
+                               for i in range(0, len(x), 64)])
+
+
+def measure_verdict(model: torch.nn.Module, arch: str, transfer: str, val_x: np.ndarray, y: np.ndarray,
+                    positive_index: Optional[int], temperature: float, mean: float, std: float,
+                    sample: int = 300, seed: int = 0, shifts: Optional[list[str]] = None) -> dict:
+    """The card's `adaptation` record: per set (as is + each shift) AUC without and with `bn`, the
+    verdict and the layers. `val_x`: preprocessed validation images (N, 1, S, S); `model` unchanged."""
+    from medclf.data.augment import ACQUISITION_SHIFTS, acquisition_shift
+    from medclf.model.adapt import adaptable_layers, fit_bn_statistics, tensor_batches
+
+    adapt, skipped = adaptable_layers(model, arch, transfer)
+    record = {"method": "bn", "transfer": transfer, "adapted_layers": adapt, "skipped_layers": skipped,
+              "rule": f"positive when the mean AUC change over all sets > {MIN_MEAN_GAIN} and no set loses more "
+                      f"than {MAX_LOSS}", "n": int(len(y)), "sample": int(min(sample, len(y))),
+              "seed": seed, "sets": []}
+    if not adapt:
+        return {**record, "verdict": "negative", "why": "nothing to adapt: " + (
+            "no BatchNorm layer" if not skipped else "every BatchNorm layer is frozen")}
+    x_all = torch.from_numpy(np.ascontiguousarray(val_x, np.float32))
+    pick = np.sort(np.random.default_rng(seed).permutation(len(x_all))[:sample])
+    for kind in ["as is", *(shifts if shifts is not None else ACQUISITION_SHIFTS)]:
+        x = acquisition_shift(x_all, kind, mean, std)
+        before = _auc(y, _probs(model, x, temperature), positive_index)
+        adapted = copy.deepcopy(model).eval()
+        fit_bn_statistics(adapted, arch, transfer, tensor_batches(x[pick].numpy()))
+        after = _auc(y, _probs(adapted, x, temperature), positive_index)
+        record["sets"].append({"shift": kind, "auc_none": before, "auc_bn": after, "delta": after - before})
+    deltas = np.array([s["delta"] for s in record["sets"]], float)
+    if np.isnan(deltas).any():
+        return {**record, "verdict": "negative", "why": "AUC undefined (one class only in validation)"}
+    mean_gain, worst = float(deltas.mean()), float(deltas.min())
+    positive = mean_gain > MIN_MEAN_GAIN and worst >= -MAX_LOSS
+    why = (f"mean AUC change over {len(deltas)} sets {mean_gain:+.4f}, worst set {worst:+.4f} "
+           f"({'meets' if positive else 'fails'} the rule)")
+    return {**record, "verdict": "positive" if positive else "negative", "why": why,
+            "mean_gain": mean_gain, "worst_delta": worst}
+
+
+def verdict_line(record: dict) -> str:
+    sets = ", ".join(f"{s['shift']} {s['auc_none']:.3f}->{s['auc_bn']:.3f}" for s in record.get("sets", []))
+    return (f"adaptation verdict {record['verdict']}: {record['why']}; {len(record['adapted_layers'])} layer(s) "
+            f"adaptable, {len(record['skipped_layers'])} frozen kept" + (f"; AUC none->bn: {sets}" if sets else ""))

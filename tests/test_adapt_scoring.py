@@ -1,0 +1,208 @@
+"""score.adapt with real Ray scoring on phantom archives (issue 32 part A): a shifted archive loses AUC
+without adaptation and regains it with `bn`; `auto` leaves an unshifted archive bit-identical and never
+adapts a model whose verdict is negative; every row carries the profile id; the verdict guard."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from medclf.config import ConfigError, load_config
+from medclf.data.phantoms import generate, write_shifted
+from medclf.data.predictions import read_predictions
+from medclf.imaging.decode import decode
+from medclf.imaging.preprocess import preprocess_gray, to_model_input
+from medclf.model.adapt import read_profile
+from medclf.model.artifact import ModelCard, build_model, load_card, republish_with_files, save_artifact
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.timeout(1200)
+GAMMA, CONTRAST = 0.5, 0.6  # a new detector: brighter mid-tones, flatter contrast (explored: AUC 0.94 -> 0.70)
+
+
+def labelled(root, n, seed):
+    m = generate(root, n_train=n, n_test=0, image_size=32, formats=("png",), seed=seed)
+    return [os.path.join(root, p) for p in m.path], (m.label == "POSITIVE").to_numpy().astype(int)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """small_cnn trained in-process (3 epochs, 600 phantoms; no Ray Train), its verdict measured by
+    medclf.train.adapt_verdict on 300 labelled validation phantoms, a drift reference on them; and a copy
+    whose card says the verdict is negative (same weights, same model id)."""
+    from medclf.monitor.reference import add_reference
+    from medclf.train.adapt_verdict import measure_verdict
+
+    base = tmp_path_factory.mktemp("adapt_models")
+    cfg = load_config(None, TINY)
+    spec = cfg.preprocess
+    train_paths, train_y = labelled(str(base / "train"), 600, 31)
+    val_paths, val_y = labelled(str(base / "val"), 300, 32)
+
+    def pixels(paths):
+        return np.stack([preprocess_gray(decode(open(p, "rb").read(), p).image, spec) for p in paths])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x, y = torch.from_numpy(pixels(train_paths)), torch.from_numpy(train_y)
+        torch.manual_seed(0)
+        model = build_model("small_cnn", 2)
+        opt = torch.optim.Adam(model.parameters(), 3e-3)
+        model.train()
+        for _ in range(3):
+            for b in torch.randperm(len(x)).split(32):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(to_model_input(x[b])), y[b]).backward()
+                opt.step()
+        model.eval()
+        verdict = measure_verdict(model, "small_cnn", "finetune", pixels(val_paths), val_y, 1, 1.0, spec.mean,
+                                  spec.std, sample=300, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    card = ModelCard(arch="small_cnn", classes=["NORMAL", "POSITIVE"], preprocess=spec.model_dump(),
+                     positive_class="POSITIVE", threshold=0.5, config={"model": {"transfer": "finetune"}},
+                     adaptation=verdict)
+    save_artifact(model, card, str(base / "plain"))
+    positive = str(base / "positive")
+    add_reference(str(base / "plain"), positive, val_paths, ["POSITIVE" if v else "NORMAL" for v in val_y])
+    negative = str(base / "negative")
+    card = load_card(positive)
+    card.adaptation = {**card.adaptation, "verdict": "negative"}
+    republish_with_files(positive, negative, card, {})
+    return {"positive": positive, "negative": negative, "verdict": verdict}
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    """A new archive (200 fresh phantoms) as it is and under the gamma + contrast shift; the labels stay
+    here, in the test: scoring gets folders of PNGs whose names say nothing of the class."""
+    base = tmp_path_factory.mktemp("adapt_archives")
+    paths, y = labelled(str(base / "clean"), 200, 33)
+    clean = str(base / "clean_flat")
+    os.makedirs(clean)
+    flat = []
+    for i, p in enumerate(paths):
+        dest = os.path.join(clean, f"image{i:05d}.png")
+        os.link(p, dest)
+        flat.append(dest)
+    shifted = write_shifted(paths, str(base / "shifted"), gamma=GAMMA, contrast=CONTRAST)
+    return {"clean": clean, "shifted": os.path.dirname(shifted[0]), "y": y}
+
+
+def config(tmp_path, *overrides):
+    return load_config(None, TINY + [f"run.root={tmp_path / 'runs'}", "score.num_actors=1", *overrides])
+
+
+def score(ray_cluster, cfg, model, archive, output, run_id):
+    from medclf.score.batch import run_scoring
+
+    summary = run_scoring(cfg, run_id, archive, model, output)
+    rows = read_predictions(output)
+    rows = rows[rows.run_id == run_id].copy()
+    rows["index"] = rows.path.str.extract(r"(\d+)\.png$")[0].astype(int)
+    return summary, rows.sort_values("index").reset_index(drop=True)
+
+
+def auc(rows, y):
+    from sklearn.metrics import roc_auc_score
+
+    assert (rows.status == "ok").all() and len(rows) == len(y)
+    return roc_auc_score(y[rows["index"]], rows.prob_POSITIVE)
+
+
+def test_the_phantom_models_verdict_is_positive(models):
+    v = models["verdict"]
+    assert v["verdict"] == "positive", v["why"]
+    assert [s["shift"] for s in v["sets"]][0] == "as is" and len(v["sets"]) == 6
+    assert len(v["adapted_layers"]) == 8 and v["skipped_layers"] == {}
+
+
+@pytest.mark.timeout(1200)
+def test_shifted_archive_loses_auc_and_bn_restores_it(ray_cluster, models, archives, tmp_path):
+    y = archives["y"]
+    _, clean = score(ray_cluster, config(tmp_path), models["positive"], archives["clean"], str(tmp_path / "c"), "c")
+    _, none = score(ray_cluster, config(tmp_path), models["positive"], archives["shifted"], str(tmp_path / "n"), "n")
+    summary, bn = score(ray_cluster, config(tmp_path, "score.adapt=bn"), models["positive"], archives["shifted"],
+                        str(tmp_path / "b"), "b")
+    auc_clean, auc_none, auc_bn = auc(clean, y), auc(none, y), auc(bn, y)
+    print(f"phantom AUC clean {auc_clean:.3f}, shifted {auc_none:.3f}, shifted + bn {auc_bn:.3f}")
+    assert auc_clean > 0.85
+    assert auc_none < auc_clean - 0.1  # the shift costs AUC
+    assert auc_bn > auc_none + 0.1 and auc_bn > auc_clean - 0.05  # adaptation gives it back
+    # provenance: one profile, its id in every row, the file beside the predictions, n = the whole archive
+    (profile_path,) = glob.glob(str(tmp_path / "b" / "_site_profiles" / "*.npz"))
+    profile = read_profile(profile_path, load_card(models["positive"]).model_id)
+    assert set(bn.adaptation_id) == {profile.profile_id} and os.path.basename(profile_path)[:-4] == profile.profile_id
+    assert profile.n_images == 200 and len(profile.layers) == 8
+    assert none.adaptation_id.isna().all() and clean.adaptation_id.isna().all()
+    assert "adapted" not in summary.adaptation or profile.profile_id[:12] in summary.adaptation
+    # the same archive under another sample gives another profile and id
+    from medclf.score.adaptation import prepare_adaptation
+
+    from medclf.imaging.stage import list_inputs
+
+    paths = list_inputs(archives["shifted"], [".png"])
+    other = prepare_adaptation(config(tmp_path, "score.adapt=bn", "score.adapt_sample=60"), load_card(models["positive"]),
+                               models["positive"], paths, str(tmp_path / "other"), "o")
+    assert other.adapted and other.profile_id != profile.profile_id
+    assert read_profile(other.profile_path).n_images == 60
+
+
+@pytest.mark.timeout(1200)
+def test_auto_leaves_an_unshifted_archive_bit_identical(ray_cluster, models, archives, tmp_path):
+    _, none = score(ray_cluster, config(tmp_path), models["positive"], archives["clean"], str(tmp_path / "n"), "n")
+    summary, auto = score(ray_cluster, config(tmp_path, "score.adapt=auto"), models["positive"], archives["clean"],
+                          str(tmp_path / "a"), "a")
+    assert "no drift" in summary.adaptation, summary.adaptation
+    assert auto.adaptation_id.isna().all()
+    np.testing.assert_array_equal(auto.prob_POSITIVE.to_numpy(), none.prob_POSITIVE.to_numpy())
+    assert not os.path.exists(tmp_path / "a" / "_site_profiles")
+
+
+def test_auto_adapts_a_shifted_archive_only_with_a_positive_verdict(models, archives, tmp_path):
+    """The driver's decision (no Ray needed: the sample is decoded and scored in the driver)."""
+    from medclf.imaging.stage import list_inputs
+    from medclf.score.adaptation import prepare_adaptation
+
+    paths = list_inputs(archives["shifted"], [".png"])
+    cfg = config(tmp_path, "score.adapt=auto", "score.adapt_sample=120")
+    yes = prepare_adaptation(cfg, load_card(models["positive"]), models["positive"], paths, str(tmp_path / "p"), "p")
+    assert yes.adapted and yes.flags and "drift flagged" in yes.reason, yes.reason
+    no = prepare_adaptation(cfg, load_card(models["negative"]), models["negative"], paths, str(tmp_path / "q"), "q")
+    assert not no.adapted and no.profile_path is None and "verdict is negative" in no.reason
+    assert not os.path.exists(tmp_path / "q")
+
+
+def test_bn_on_a_negative_verdict_fails_before_any_work(models, archives, tmp_path):
+    from medclf.score.batch import run_scoring
+
+    cfg = config(tmp_path, "score.adapt=bn")
+    with pytest.raises(ConfigError, match="verdict is negative.*adapt_override"):
+        run_scoring(cfg, "r", archives["shifted"], models["negative"], str(tmp_path / "out"))  # Ray never started
+    assert not os.path.exists(tmp_path / "out")
+    old = load_card(models["negative"])
+    old.adaptation = None  # an artifact trained before the verdict existed
+    from medclf.score.adaptation import check_adapt_config
+
+    with pytest.raises(ConfigError, match="verdict is absent"):
+        check_adapt_config(cfg.score, old)
+    check_adapt_config(config(tmp_path, "score.adapt=bn", "score.adapt_override=true").score, old)
+    # a site profile of another model is refused too
+    other = dataclasses.replace(load_card(models["positive"]), model_id="small_cnn-000000000000")
+    profile_dir = tmp_path / "prof"
+    from medclf.imaging.stage import list_inputs
+    from medclf.score.adaptation import prepare_adaptation
+
+    made = prepare_adaptation(config(tmp_path, "score.adapt=bn", "score.adapt_sample=20"),
+                              load_card(models["positive"]), models["positive"],
+                              list_inputs(archives["shifted"], [".png"]), str(profile_dir), "x")
+    from medclf.model.adapt import AdaptError
+
+    with pytest.raises(AdaptError, match="belongs to model"):
+        check_adapt_config(config(tmp_path, f"score.site_profile={made.profile_path}").score, other)
