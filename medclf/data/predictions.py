@@ -28,6 +28,8 @@ PREDICTION_COLUMNS = {
                  "null when not computed (error, skipped, out of scope by header, model without a domain record)",
     "model_id": "model artifact id (<arch>-<sha256 of weights, 12 hex>)",
     "model_version": "artifact creation time (UTC, ISO 8601)",
+    "calibration_id": "id of the site calibration file the probabilities, threshold and label were made with "
+                      "(medclf.model.site_calibration); null: the model card's own (and in files written before it)",
     "run_id": "id of the scoring run",
     "scored_at": "UTC time the row was scored",
     "status": "ok, error, skipped (not an image) or out_of_scope (not what the model was trained on: medclf.monitor.ood)",
@@ -50,7 +52,7 @@ def prediction_schema(classes: list[str]):
         ("series_instance_uid", pa.string()), ("frame", pa.int32()), ("predicted_label", pa.string()),
         *[(prob_column(c), pa.float32()) for c in classes],
         ("threshold", pa.float64()), ("ood_score", pa.float64()), ("model_id", pa.string()), ("model_version", pa.string()),
-        ("run_id", pa.string()), ("scored_at", pa.string()), ("status", pa.string()), ("error", pa.string()),
+        ("calibration_id", pa.string()), ("run_id", pa.string()), ("scored_at", pa.string()), ("status", pa.string()), ("error", pa.string()),
         ("error_kind", pa.string()),
         *[(name, pa.float64()) for name in (*STAT_COLUMNS, *EMB_COLUMNS)],
     ]
