@@ -205,7 +205,7 @@ def fit(logits: np.ndarray, y: np.ndarray, card, rule: str = "model", target_sen
             sensitivity_in_sample=float((p_pos[y_pos == 1] >= threshold).mean()),
             specificity_in_sample=float((p_pos[y_pos == 0] < threshold).mean()),
             model_threshold=card.threshold)
-        if rule != "keep":
+        if rule != "keep" and n_resamples > 0:  # 0: skipped (a benchmark drawing many samples)
             report["out_of_bag"] = oob_ci(y_pos, p_pos, rule, target, n_resamples, seed)
     cal = SiteCalibration(
         model_id=card.model_id, classes=list(card.classes), positive_class=card.positive_class,
