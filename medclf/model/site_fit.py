@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import numpy as np
@@ -218,15 +219,30 @@ def fit(logits: np.ndarray, y: np.ndarray, card, rule: str = "model", target_sen
 
 def labelled_sample(labelled: str, classes: list, extensions: list) -> tuple[list, list]:
     """(paths, labels) of a folder of class subfolders (`<dir>/<CLASS>/<file>`) or a manifest with
-    path and label columns, listed only: no image is read."""
-    from medclf.config import DataConfig
-    from medclf.data.labelled import discover
+    path and label columns, listed only: no image is read (labels are checked by check_sample)."""
+    from medclf import storage
+    from medclf.data.labelled import DatasetError, read_manifest
 
-    manifest = labelled.lower().endswith((".parquet", ".csv"))
-    cfg = DataConfig(manifest=labelled if manifest else None, root=None if manifest else labelled,
-                     extensions=extensions)
-    df = discover(cfg)  # labels outside the model's classes are checked by check_sample
-    return list(df["path"]), list(df["label"])
+    if labelled.lower().endswith((".parquet", ".csv")):
+        df = read_manifest(labelled)
+        if "label" not in df.columns:
+            raise DatasetError(f"{labelled}: manifest has no 'label' column")
+        return list(df["path"]), [str(v) for v in df["label"]]
+    if not storage.exists(labelled):
+        raise DatasetError(f"{labelled}: labelled folder not found")
+    paths = sorted(storage.list_files(labelled, extensions))
+    if not paths:
+        raise DatasetError(f"{labelled}: no image files ({', '.join(extensions)}) found")
+    local = not storage.is_remote(labelled)
+    root = (os.path.abspath(labelled) if local else labelled).rstrip("/")
+    labels = []
+    for p in paths:
+        q = os.path.abspath(p) if local else p
+        parts = q[len(root):].strip("/").split("/") if q.startswith(root + "/") else []
+        if len(parts) != 2:
+            raise DatasetError(f"{p}: expected <folder>/<CLASS>/<file> under {labelled}")
+        labels.append(parts[0])
+    return paths, labels
 
 
 def logits_of(model_path: str, paths: list, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, list]:
