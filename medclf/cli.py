@@ -112,6 +112,7 @@ def score_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", help="run the model on GPU, one per actor (score.use_gpu)")
     p.add_argument("--rescore", action="store_true",
                    help="score every file again, even those this model already scored (score.rescore)")
+    p.add_argument("--site-calibration", help="site calibration file from `medclf calibrate` (score.site_calibration)")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any file failed to score")
     return p
 
@@ -193,6 +194,48 @@ def export_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
+def calibrate_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    from medclf.model.site_fit import MAP_CHOICES, MIN_FILMS, MIN_PER_CLASS, THRESHOLD_RULES
+
+    p = argparse.ArgumentParser(
+        prog=prog, description="Few-shot site calibration: re-fit the temperature and the decision threshold on k "
+                               "labelled films of a new site; write a site calibration file (docs/site_calibration.md).")
+    p.add_argument("--model", required=True, help="model artifact folder, local or s3://")
+    p.add_argument("--labelled", required=True,
+                   help="the site's labelled films: a folder of class subfolders, or a manifest (.parquet/.csv with "
+                        "path and label)")
+    p.add_argument("--out", required=True, help="site calibration file to write (e.g. site_calibration.json)")
+    p.add_argument("--threshold-rule", default="model", choices=THRESHOLD_RULES,
+                   help="how the new threshold is chosen (default: the model's own rule; keep: the model's threshold)")
+    p.add_argument("--target-sensitivity", type=float, help="for target_sensitivity (default: the model's)")
+    p.add_argument("--map", default="auto", choices=MAP_CHOICES,
+                   help="temperature, platt (scale + bias), or auto: platt only where cross-validation shows it helps")
+    p.add_argument("--min-films", type=int, default=MIN_FILMS, help="refuse fewer labelled films (default %(default)s)")
+    p.add_argument("--min-per-class", type=int, default=MIN_PER_CLASS,
+                   help="refuse fewer films of any class (default %(default)s)")
+    p.add_argument("--extensions", nargs="+", default=[".png", ".jpg", ".jpeg", ".dcm"],
+                   help="image files to take from a folder (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (medclf's own loggers)")
+    return p
+
+
+def prior_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Label-free class-prior re-estimation (EM, Saerens et al. 2002) over the calibrated "
+                               "probabilities of a predictions folder; prints (and writes) the estimate and the moved "
+                               "threshold.")
+    p.add_argument("--predictions", required=True, help="predictions folder or s3:// prefix from `score`")
+    p.add_argument("--model", required=True, help="the model artifact whose rows are used")
+    p.add_argument("--scoring-run", help="only the rows of this scoring run id")
+    p.add_argument("--site-calibration", help="the site calibration those rows were scored with (its films' class "
+                                              "shares are the prior the probabilities were calibrated under)")
+    p.add_argument("--train-prior", nargs="+", type=float, help="class shares the probabilities were calibrated "
+                                                               "under, in class order (default: from the card)")
+    p.add_argument("--out", help="also write the report here as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (medclf's own loggers)")
+    return p
+
+
 def demo_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="End to end on phantoms: generate -> train -> score -> evaluate, in one run folder."
@@ -264,7 +307,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         extra.append("score.use_gpu=true")
     if args.rescore:
         extra.append("score.rescore=true")
-    cfg = _config_from(args, extra, {"score.input": "input", "score.model": "model", "score.output": "output"})
+    cfg = _config_from(args, extra, {"score.input": "input", "score.model": "model", "score.output": "output",
+                                     "score.site_calibration": "site_calibration"})
     from medclf.model.artifact import load_card
     from medclf.score.preflight import check_inputs, check_model, check_uid_key
 
@@ -472,6 +516,59 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from medclf.model import site_calibration, site_fit
+    from medclf.model.artifact import load_card
+
+    storage.check_input_url(args.model)
+    card = load_card(args.model)
+    paths, labels = site_fit.labelled_sample(args.labelled, card.classes, args.extensions)
+    # refused here, before any image is read, when k or a class count is too small
+    site_fit.check_sample(labels, card.classes, args.labelled, args.min_films, args.min_per_class)
+    logits, ok, errors = site_fit.logits_of(args.model, paths)
+    for message in errors:
+        print(f"left out: {message}", file=sys.stderr)
+    y = np.array([card.classes.index(lab) for lab in labels])
+    site_fit.check_sample([labels[i] for i in np.flatnonzero(ok)], card.classes,
+                          f"{args.labelled} (after {len(errors)} film(s) failed to decode)",
+                          args.min_films, args.min_per_class)
+    cal = site_fit.fit(logits[ok], y[ok], card, args.threshold_rule, args.target_sensitivity, args.map,
+                       source=args.labelled, failed=len(errors))
+    site_calibration.save(cal, args.out)
+    r = cal.report
+    print(f"site calibration {cal.calibration_id} for {card.model_id} -> {args.out}")
+    print(f"k={cal.fitted_on['k']} films {json.dumps(cal.fitted_on['per_class'])}; map {cal.map}: temperature "
+          f"{cal.temperature:.4f} (model {card.temperature:.4f}), bias {[round(b, 4) for b in cal.bias]}")
+    if cal.threshold is not None:
+        print(f"threshold {cal.threshold:.4f} (model {card.threshold}): {cal.threshold_rule}")
+        print(f"ECE on the k films (in sample) {r['ece_before']:.4f} -> {r['ece_after']:.4f}; log loss "
+              f"{r['log_loss_before']:.4f} -> {r['log_loss_after']:.4f}")
+        if "out_of_bag" in r:
+            o = r["out_of_bag"]
+            print(f"what k allows (95% CI, out-of-bag bootstrap, threshold re-chosen per resample): sensitivity "
+                  f"{o['sensitivity']:.3f} ({o['sensitivity_ci'][0]:.3f}-{o['sensitivity_ci'][1]:.3f}), specificity "
+                  f"{o['specificity']:.3f} ({o['specificity_ci'][0]:.3f}-{o['specificity_ci'][1]:.3f})")
+    return 0
+
+
+def cmd_prior(args: argparse.Namespace) -> int:
+    import json
+
+    from medclf.model import site_calibration
+    from medclf.model.artifact import load_card
+    from medclf.report.prior import prior_report
+
+    card = load_card(args.model)
+    cal = site_calibration.load(args.site_calibration, card) if args.site_calibration else None
+    report = prior_report(args.predictions, card, cal, args.scoring_run, args.train_prior)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        storage.write_atomic(args.out, json.dumps(report, indent=2).encode())
+    return 0
+
+
 def explain_into(cfg: Config, paths: list[str], model: str, output: str):
     from medclf.report.gradcam import run_explain
 
@@ -528,6 +625,8 @@ COMMANDS = {
     "serve": (serve_parser, cmd_serve),
     "runs": (runs_parser, cmd_runs),
     "demo": (demo_parser, cmd_demo),
+    "calibrate": (calibrate_parser, cmd_calibrate),
+    "prior": (prior_parser, cmd_prior),
 }
 
 

@@ -373,6 +373,9 @@ class ScoreConfig(_Section):
     """After scoring, compare this run's rows with the model's drift reference (section `drift`,
     medclf.monitor.drift) and write the report under `drift.output` (default `<run folder>/drift`); the
     job then exits 4 when a drift flag trips."""
+    site_calibration: Optional[str] = None
+    """A site calibration file from `medclf calibrate` (medclf.model.site_calibration): its temperature
+    (and bias) and threshold replace the card's; every row records its `calibration_id`."""
 
     @field_validator("extensions")
     @classmethod

@@ -32,6 +32,8 @@ PREDICTION_COLUMNS = {
     "model_version": "artifact creation time (UTC, ISO 8601)",
     "adaptation_id": "id (sha256) of the site profile the row was scored with (medclf.model.adapt); null: the "
                      "training statistics (score.adapt none, or files written before adaptation)",
+    "calibration_id": "id of the site calibration file the probabilities, threshold and label were made with "
+                      "(medclf.model.site_calibration); null: the model card's own (and in files written before it)",
     "run_id": "id of the scoring run",
     "scored_at": "UTC time the row was scored",
     "status": "ok, error, skipped (not an image) or out_of_scope (not what the model was trained on: medclf.monitor.ood)",
@@ -54,7 +56,7 @@ def prediction_schema(classes: list[str]):
         ("series_instance_uid", pa.string()), ("frame", pa.int32()), ("predicted_label", pa.string()),
         *[(prob_column(c), pa.float32()) for c in classes],
         ("threshold", pa.float64()), ("ood_score", pa.float64()), ("model_id", pa.string()), ("model_version", pa.string()),
-        ("adaptation_id", pa.string()),
+        ("adaptation_id", pa.string()), ("calibration_id", pa.string()),
         ("run_id", pa.string()), ("scored_at", pa.string()), ("status", pa.string()), ("error", pa.string()),
         ("error_kind", pa.string()),
         *[(name, pa.float64()) for name in (*STAT_COLUMNS, *EMB_COLUMNS)],

@@ -33,6 +33,7 @@ from medclf.score.adaptation import check_adapt_config, prepare_adaptation
 from medclf.score.lease import Lease, verify
 from medclf.data.predictions import prediction_schema, predictions_dataset
 from medclf.model.artifact import class_probabilities, load_artifact, load_card, penultimate, prob_column
+from medclf.model.site_calibration import load as load_site_calibration
 from medclf.monitor.ood import input_gate, load_domain, reason_kind, score_reason
 from medclf.monitor.reference import EMB_COLUMNS, STAT_COLUMNS, load_reference
 from medclf.imaging.preprocess import to_model_input
@@ -89,7 +90,8 @@ class Predictor:
     """Ray Data actor: holds the model, turns a batch of tensors into prediction rows."""
 
     def __init__(self, model_path: str, run_id: str, use_gpu: bool = False, threads: int | None = None,
-                 runtime: str = "torch", ood_action: str = "out_of_scope", site_profile: Optional[str] = None):
+                 runtime: str = "torch", ood_action: str = "out_of_scope", site_profile: Optional[str] = None,
+                 site_calibration: Optional[str] = None):
         import torch
 
         if threads:
@@ -104,6 +106,9 @@ class Predictor:
             profile = read_profile(site_profile, self.card.model_id)
             apply_profile(self.model, profile)
             self.adaptation_id = profile.profile_id
+        # A site's own temperature and threshold (medclf calibrate) replace the card's; None: the card's.
+        self.calibration = load_site_calibration(site_calibration, self.card) if site_calibration else None
+        self.threshold = self.calibration.threshold if self.calibration else self.card.threshold
         self.domain = load_domain(model_path, self.card)  # None: an artifact from before the guard
         self.reference = load_reference(model_path, self.card)  # None: an artifact from before drift
         # NHWC lets oneDNN/cuDNN pick faster convolution kernels (ResNet18 on CPU: +24%, same outputs).
@@ -140,7 +145,8 @@ class Predictor:
         started = time.perf_counter()
         if ok.any():
             logits, features = self.logits_and_features(batch["pixels"][ok] if not ok.all() else batch["pixels"])
-            probs[ok] = class_probabilities(torch.from_numpy(logits), self.card.temperature).numpy()
+            probs[ok] = (self.calibration.probabilities(logits) if self.calibration else
+                         class_probabilities(torch.from_numpy(logits), self.card.temperature).numpy())
             if self.domain is not None:
                 ood_scores[ok] = self.domain.scores(features, logits)
             if self.reference is not None:  # the embedding summary drift compares (medclf.monitor.drift)
@@ -155,7 +161,7 @@ class Predictor:
             statuses[i] = "out_of_scope"
             errors[i] = f"{batch['path'][i]}: {score_reason(ood_scores[i], self.domain.record)}"
         ok &= ~beyond
-        labels = predict_labels(probs, self.card.classes, self.card.positive_index, self.card.threshold)
+        labels = predict_labels(probs, self.card.classes, self.card.positive_index, self.threshold)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         out = {k: v for k, v in batch.items() if k != "pixels"}  # `first_row` rides along for the sink
         for key in ("checksum", "error_kind", *META_KEYS):
@@ -169,7 +175,8 @@ class Predictor:
         out["predicted_label"] = [lab if good else None for lab, good in zip(labels, ok)]
         for j, col in enumerate(self.prob_columns):
             out[col] = probs[:, j]
-        out["threshold"] = np.full(n, np.nan if self.card.threshold is None else self.card.threshold, np.float64)
+        out["threshold"] = np.full(n, np.nan if self.threshold is None else self.threshold, np.float64)
+        out["calibration_id"] = [self.calibration.calibration_id if self.calibration else None] * n
         out["model_id"] = [self.card.model_id] * n
         out["model_version"] = [self.card.created_at] * n
         out["adaptation_id"] = [self.adaptation_id] * n
@@ -286,6 +293,8 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
     rescore = sc.rescore if rescore is None else rescore
     storage.check_input_url(input_path)  # the inputs' kind and the model are checked before any work
     card = load_card(model_path)  # fail fast on a bad artifact, before any Ray work
+    if sc.site_calibration:  # a bad or another model's calibration file fails here too
+        load_site_calibration(sc.site_calibration, card)
     if card.domain is None:
         log.warning("model %s has no domain record (trained before the out-of-scope guard): no ood_score, and "
                     "no modality or size check; retrain it to get them", card.model_id)
@@ -360,7 +369,8 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
         Predictor,
         fn_constructor_kwargs={"model_path": model_path, "run_id": run_id, "use_gpu": sc.use_gpu,
                                "threads": threads, "runtime": sc.runtime,
-                               "ood_action": cfg.ood.action, "site_profile": site_profile},
+                               "ood_action": cfg.ood.action, "site_profile": site_profile,
+                               "site_calibration": sc.site_calibration},
         batch_size=sc.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
