@@ -18,6 +18,7 @@ import numpy as np
 from medclf import storage
 from medclf.config import PreprocessConfig
 from medclf.imaging.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
+from medclf.imaging.dicomweb import is_dicomweb, read_instance
 from medclf.monitor.ood import input_out_of_scope
 from medclf.imaging.preprocess import preprocess_gray
 from medclf.imaging.privacy import protect_uid
@@ -69,7 +70,8 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
     row: dict = {"path": path, "size": -1, "checksum": None, "frame": None, "status": None, "error": None,
                  "error_kind": None, "pixels": None, "first_row": True}
     try:
-        data = storage.read_input(path, max_file_bytes) if data is None else data
+        if data is None:  # a PACS instance (medclf.imaging.dicomweb) or a file
+            data = read_instance(path, max_file_bytes) if is_dicomweb(path) else storage.read_input(path, max_file_bytes)
         row.update(size=len(data), checksum=hashlib.sha256(data).hexdigest())
         if _in(skip_keys, scored_key(path, row["checksum"])):
             yield {**row, "status": ALREADY_SCORED}
