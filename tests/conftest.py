@@ -15,6 +15,10 @@ from medclf.imaging.privacy import UID_KEY_ENV
 
 # score.uids=hash (the default) needs a site key; set before Ray starts, so workers and jobs see it.
 os.environ.setdefault(UID_KEY_ENV, "test-site-key")
+# The test PACS's user (tests/test_pacs.py): credentials reach Ray's read tasks through the environment only,
+# so they are set before Ray starts, as a site sets them for its workers.
+os.environ.setdefault("MEDCLF_DICOMWEB_USER", "medclf-test")
+os.environ.setdefault("MEDCLF_DICOMWEB_PASSWORD", "test-password-not-secret")
 # On a loaded 2-core machine the raylet's dashboard agent can take over Ray's 30 s default to register,
 # and the node then dies at start-up; the tests wait longer instead of failing on load.
 os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")

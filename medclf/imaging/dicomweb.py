@@ -2,8 +2,10 @@
 
 Source URL: `dicomweb://host:port/dicom-web?StudyDate=20260101-20260131&ModalitiesInStudy=DX`
 (`dicomwebs://` for HTTPS). Query keys: StudyDate (a DICOM date range, either end open),
-ModalitiesInStudy, StudyInstanceUID (study level), Modality, SeriesInstanceUID (series level), and
-`increment=true` (only what arrived since the last committed run: medclf.score.pacs).
+ModalitiesInStudy, StudyInstanceUID (study level), Modality, SeriesInstanceUID (series level);
+`increment=true` (only what arrived since the last committed run: medclf.score.pacs) with
+`lookback_days=N` [1]; `results=sr` [default: one DICOM SR per scored image sent back by STOW-RS]
+or `results=none`.
 
 Each listed instance becomes one input path, `<source>/studies/<study>/series/<series>/instances/<sop>`,
 so the run's keys are the SOP Instance UID (+ frame) and exactly-once works as for files. Under
@@ -22,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -53,6 +56,8 @@ class Source:
     study_filters: dict = field(default_factory=dict)
     series_filters: dict = field(default_factory=dict)
     increment: bool = False
+    lookback_days: int = 1
+    results: str = "sr"
 
 
 def is_dicomweb(path) -> bool:
@@ -80,9 +85,17 @@ def parse_source(url: str) -> Source:
             if value.lower() not in ("true", "false", "1", "0"):
                 raise DicomwebError(f"{src.url}: increment={value!r}: expected true or false")
             src.increment = value.lower() in ("true", "1")
+        elif key == "lookback_days":
+            if not value.isdigit():
+                raise DicomwebError(f"{src.url}: lookback_days={value!r}: expected a whole number of days >= 0")
+            src.lookback_days = int(value)
+        elif key == "results":
+            if value not in ("sr", "none"):
+                raise DicomwebError(f"{src.url}: results={value!r}: expected sr or none")
+            src.results = value
         else:
             raise DicomwebError(f"{src.url}: unknown query key {key!r}; expected one of "
-                                f"{[*STUDY_KEYS, *SERIES_KEYS, 'increment']}")
+                                f"{[*STUDY_KEYS, *SERIES_KEYS, 'increment', 'lookback_days', 'results']}")
     date = src.study_filters.get("StudyDate")
     if date is not None and not (_DATE_RANGE.match(date) and date not in ("", "-")):
         raise DicomwebError(f"{src.url}: StudyDate={date!r}: expected YYYYMMDD, YYYYMMDD-YYYYMMDD, or a range "
@@ -135,16 +148,34 @@ def _value(item: dict, tag: str) -> Optional[str]:
     return values[0]
 
 
+QIDO_PAGE = 500  # results per QIDO-RS request
+
+
+def _search(method, *uids, filters: Optional[dict] = None) -> list[dict]:
+    """All results of a QIDO-RS search, page by page (limit/offset). Our own loop: dicomweb-client's
+    `get_remaining` asks for a page past the end, which Orthanc 1.10 leaves unanswered. A server that
+    ignores `offset` would repeat its first page: a page with nothing new ends the loop."""
+    out, seen, offset = [], set(), 0
+    while True:
+        page = method(*uids, search_filters=dict(filters or {}), limit=QIDO_PAGE, offset=offset)
+        new = [item for item in page if json.dumps(item, sort_keys=True) not in seen]
+        seen.update(json.dumps(item, sort_keys=True) for item in new)
+        out += new
+        if len(page) < QIDO_PAGE or not new:
+            return out
+        offset += len(page)
+
+
 def list_instances(src: Source, study_filters: Optional[dict] = None) -> list[Instance]:
     """QIDO-RS: studies matching the study filters, their series matching the series filters, their instances."""
     c = client(src.http_base)
     filters = src.study_filters if study_filters is None else study_filters
     out = []
-    for study in c.search_for_studies(search_filters=dict(filters), get_remaining=True):
+    for study in _search(c.search_for_studies, filters=filters):
         s = _value(study, "0020000D")
-        for series in c.search_for_series(s, search_filters=dict(src.series_filters), get_remaining=True):
+        for series in _search(c.search_for_series, s, filters=src.series_filters):
             se = _value(series, "0020000E")
-            for inst in c.search_for_instances(s, se, get_remaining=True):
+            for inst in _search(c.search_for_instances, s, se):
                 out.append(Instance(s, se, _value(inst, "00080018")))
     return sorted(set(out), key=lambda i: (i.study, i.series, i.sop))
 

@@ -57,6 +57,7 @@ class LocalOrthanc:
         self.user, self.password = user, password
         self._own_folder = folder is None
         self.folder = folder or tempfile.mkdtemp(prefix="medclf-orthanc-")
+        os.makedirs(self.folder, exist_ok=True)
         self.http_port, self.dicom_port = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.dicomweb = f"{self.url}/dicom-web"
