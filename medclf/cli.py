@@ -89,7 +89,8 @@ def score_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         prog=prog, description="Score image files (PNG/JPEG/DICOM) with a model artifact; write predictions Parquet."
     )
     _add_common(p)
-    p.add_argument("--input", help="folder, glob, s3:// prefix or manifest of files to score (score.input)")
+    p.add_argument("--input", help="folder, glob, s3:// prefix, manifest of files, or dicomweb://host/path?query "
+                   "(a PACS: docs/pacs.md) to score (score.input)")
     p.add_argument("--model", help="model artifact folder, local or s3:// (score.model)")
     p.add_argument("--output", help="predictions folder (score.output); default <run folder>/predictions")
     p.add_argument("--batch-size", type=int, help="images per inference batch (score.batch_size)")
@@ -254,6 +255,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     if cfg.score.explain_flagged and not load_card(cfg.score.model).positive_class:
         raise ConfigError("score.explain_flagged needs a binary model with a positive class; "
                           "use `medclf explain --target CLASS` for multi-class models")
+    from medclf.imaging.dicomweb import is_dicomweb
+
+    pacs = is_dicomweb(cfg.score.input)  # a PACS over DICOMweb (docs/pacs.md)
+    if pacs:
+        from medclf.score.pacs import check_pacs_input, run_pacs_scoring
+
+        check_pacs_input(cfg)  # a bad URL, half-set credentials or a missing site key fail before Ray starts
     init_ray(cfg)
     use_shared_root(cfg)
     if cfg.score.output:
@@ -262,8 +270,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     run_dir = run_folder(cfg, run_id)
     output = cfg.score.output or storage.join(run_dir, "predictions")
     save_resolved_config(cfg, run_dir, "score")
-    summary = run_scoring(cfg, run_id, cfg.score.input, cfg.score.model, output)
-    print(summary)
+    if pacs:
+        pacs_run = run_pacs_scoring(cfg, run_id, cfg.score.input, cfg.score.model, output)
+        summary = pacs_run.scoring
+        print(pacs_run)
+    else:
+        summary = run_scoring(cfg, run_id, cfg.score.input, cfg.score.model, output)
+        print(summary)
     log_job(cfg, "score", run_id, load_card(cfg.score.model).model_id, dataclasses.asdict(summary))
     if cfg.score.explain_flagged:
         from medclf.report.gradcam import flagged_paths

@@ -158,6 +158,29 @@ def test_wrong_credentials_are_a_transient_error(pacs, phantom_root, monkeypatch
 
 # -- with Ray: the whole job --------------------------------------------------------------------------------------
 
+class _Model:
+    def __init__(self, path):
+        from medclf.model.artifact import load_card
+
+        self.model_path, self.card = path, load_card(path)
+
+
+@pytest.fixture(scope="module")
+def pacs_model(tmp_path_factory):
+    """A small_cnn artifact with seeded random weights for the phantoms' 32 px DICOM: the SR and row checks need
+    a real model and real scores, not a trained one (and Ray Train's run would cost minutes and memory)."""
+    import torch
+
+    from medclf.model.artifact import ModelCard, build_model, save_artifact
+
+    torch.manual_seed(0)
+    card = ModelCard(arch="small_cnn", classes=["NORMAL", "POSITIVE"], preprocess={"image_size": 32},
+                     positive_class="POSITIVE", threshold=0.5)
+    path = str(tmp_path_factory.mktemp("pacs_model") / "model")
+    save_artifact(build_model("small_cnn", 2).eval(), card, path)
+    return _Model(path)
+
+
 def _cfg(phantom_root, tmp_path, *extra):
     return load_config(None, TINY + [f"data.root={phantom_root}", f"run.root={tmp_path / 'runs'}",
                                      "score.rows_per_file=4", *extra])
@@ -181,7 +204,7 @@ def _srs(pacs) -> list:
 @needs_orthanc
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_round_trip_scores_the_pacs_and_the_srs_say_what_the_predictions_say(ray_cluster, trained_model, pacs,
+def test_round_trip_scores_the_pacs_and_the_srs_say_what_the_predictions_say(ray_cluster, pacs_model, pacs,
                                                                               phantom_root, tmp_path, caplog):
     from medclf.score.batch import run_scoring
     from medclf.score.pacs import run_pacs_scoring
@@ -190,7 +213,7 @@ def test_round_trip_scores_the_pacs_and_the_srs_say_what_the_predictions_say(ray
     cfg = _cfg(phantom_root, tmp_path)
     output = str(tmp_path / "predictions")
     run = run_pacs_scoring(cfg, "night1", _source_url(pacs, "ModalitiesInStudy=DX&increment=true"),
-                           trained_model.model_path, output)
+                           pacs_model.model_path, output)
     assert run.listed == len(sops) == 24 and run.scoring.scored == 24 and run.scoring.failed == 0
     assert run.sr_sent == 24 and run.sr_failed == 0 and run.watermark
 
@@ -204,7 +227,7 @@ def test_round_trip_scores_the_pacs_and_the_srs_say_what_the_predictions_say(ray
     # The same DICOM files scored from local disk in the same session give the same probabilities.
     manifest = str(tmp_path / "local.csv")
     pd.DataFrame({"path": list(sops.values())}).to_csv(manifest, index=False)
-    run_scoring(cfg, "local", manifest, trained_model.model_path, str(tmp_path / "local_predictions"))
+    run_scoring(cfg, "local", manifest, pacs_model.model_path, str(tmp_path / "local_predictions"))
     local = _rows(str(tmp_path / "local_predictions")).set_index("path")
 
     srs = _srs(pacs)
@@ -215,7 +238,7 @@ def test_round_trip_scores_the_pacs_and_the_srs_say_what_the_predictions_say(ray
         assert sr.Modality == "SR" and sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
         by_sop[values["source"][1]] = (sr, values)
     assert set(by_sop) == set(sops)
-    card = trained_model.card
+    card = pacs_model.card
     for sop, path in sops.items():
         sr, v = by_sop[sop]
         source = pydicom.dcmread(path, stop_before_pixels=True)
@@ -234,12 +257,12 @@ def test_round_trip_scores_the_pacs_and_the_srs_say_what_the_predictions_say(ray
 
     # The next night: the query starts at the watermark less a day (these studies are older: none listed).
     again = run_pacs_scoring(cfg, "night2", _source_url(pacs, "ModalitiesInStudy=DX&increment=true"),
-                             trained_model.model_path, output)
+                             pacs_model.model_path, output)
     day_before = (datetime.strptime(run.watermark, "%Y%m%d") - timedelta(days=1)).strftime("%Y%m%d")
     assert again.window == {"ModalitiesInStudy": "DX", "StudyDate": f"{day_before}-"}
     assert again.listed == 0 and again.scoring.seen == 0 and again.sr_sent == 0
     # A full re-run of the same query: every image already scored, no row and no SR twice.
-    full = run_pacs_scoring(cfg, "night3", _source_url(pacs, "ModalitiesInStudy=DX"), trained_model.model_path, output)
+    full = run_pacs_scoring(cfg, "night3", _source_url(pacs, "ModalitiesInStudy=DX"), pacs_model.model_path, output)
     assert full.listed == 24 and full.scoring.scored == 0 and full.scoring.already_scored == 24 and full.sr_sent == 0
     assert len(_rows(output)) == 24 and len(_srs(pacs)) == 24
 
@@ -247,7 +270,7 @@ def test_round_trip_scores_the_pacs_and_the_srs_say_what_the_predictions_say(ray
 @needs_orthanc
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_pacs_killed_mid_run_then_the_next_run_completes_nothing_lost_or_twice(ray_cluster, trained_model,
+def test_pacs_killed_mid_run_then_the_next_run_completes_nothing_lost_or_twice(ray_cluster, pacs_model,
                                                                                 phantom_root, tmp_path):
     """Orthanc dies (SIGKILL, from its own request filter) at the 6th WADO-RS instance request of the run."""
     from medclf.score.pacs import run_pacs_scoring
@@ -274,7 +297,7 @@ end
         cfg = _cfg(phantom_root, tmp_path)
         output = str(tmp_path / "predictions")
         url = _source_url(pacs, "ModalitiesInStudy=DX&increment=true")
-        first = run_pacs_scoring(cfg, "night1", url, trained_model.model_path, output)
+        first = run_pacs_scoring(cfg, "night1", url, pacs_model.model_path, output)
         assert not pacs.running()
         rows = _rows(output)
         assert len(rows) == 24 and 0 < first.scoring.scored < 24  # some read before it died, none lost
@@ -287,7 +310,7 @@ end
         flag.unlink()
         pacs.start()
         dicomweb._CLIENTS.clear()
-        second = run_pacs_scoring(cfg, "night2", url, trained_model.model_path, output)
+        second = run_pacs_scoring(cfg, "night2", url, pacs_model.model_path, output)
         assert second.scoring.scored == first.scoring.failed and second.scoring.already_scored == first.scoring.scored
         assert second.watermark
         rows = _rows(output)
@@ -301,7 +324,7 @@ end
 @needs_orthanc
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_study_deleted_between_query_and_retrieve_is_a_permanent_error_row(ray_cluster, trained_model, pacs,
+def test_study_deleted_between_query_and_retrieve_is_a_permanent_error_row(ray_cluster, pacs_model, pacs,
                                                                            phantom_root, tmp_path, monkeypatch):
     from medclf.score import pacs as pacs_job
 
@@ -320,7 +343,7 @@ def test_study_deleted_between_query_and_retrieve_is_a_permanent_error_row(ray_c
     monkeypatch.setattr(pacs_job, "list_instances", list_then_delete)
     output = str(tmp_path / "predictions")
     run = pacs_job.run_pacs_scoring(_cfg(phantom_root, tmp_path), "night1", _source_url(pacs),
-                                    trained_model.model_path, output)
+                                    pacs_model.model_path, output)
     gone = len(deleted["sops"])
     assert gone >= 1 and run.scoring.failed == gone and run.scoring.scored == 24 - gone
     rows = _rows(output)
@@ -330,3 +353,18 @@ def test_study_deleted_between_query_and_retrieve_is_a_permanent_error_row(ray_c
     assert run.sr_sent == 24 - gone and run.watermark  # permanent errors do not hold the increment back
     sr_sources = {read_sr(sr)["source"][1] for sr in _srs(pacs)}
     assert sr_sources == set(sops) - deleted["sops"]
+
+
+def test_cli_refuses_a_bad_pacs_source_before_ray_starts(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for url, says in [("dicomweb://admin:s3cret@127.0.0.1:1/dicom-web", "credentials in the URL are refused"),
+                      ("dicomweb://127.0.0.1:1/dicom-web?StudyDate=yesterday", "StudyDate='yesterday'")]:
+        proc = subprocess.run([sys.executable, "-m", "medclf.cli", "score", "--input", url, "--model", str(tmp_path),
+                               "--set", f"run.root={tmp_path / 'runs'}"], capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert says in proc.stderr and "s3cret" not in proc.stderr + proc.stdout
+        assert "Started a local Ray instance" not in proc.stderr and not (tmp_path / "runs").exists()

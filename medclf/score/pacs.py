@@ -55,9 +55,9 @@ class PacsRun:
                 f"SR sent {self.sr_sent}, SR failed {self.sr_failed}; {moved}")
 
 
-def check_pacs_input(cfg: Config) -> Source:
+def check_pacs_input(cfg: Config, url: Optional[str] = None) -> Source:
     """Everything checkable before Ray starts: the URL, the credentials' presence, the UID policy's key."""
-    src = parse_source(cfg.score.input)
+    src = parse_source(url or cfg.score.input)
     check_credentials()
     check_uid_policy(cfg.score.uids, uid_key(cfg.score.uid_key))
     if cfg.score.uids != "keep" and not site_key():
@@ -90,7 +90,7 @@ def run_pacs_scoring(cfg: Config, run_id: str, url: str, model_path: str, output
                      rescore: Optional[bool] = None) -> PacsRun:
     from medclf.model.artifact import load_card
 
-    src = check_pacs_input(cfg)
+    src = check_pacs_input(cfg, url)
     card = load_card(model_path)
     listed_through = datetime.now(timezone.utc).strftime("%Y%m%d")  # before listing: later arrivals come next time
     window = study_window(src, output)
