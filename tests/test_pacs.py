@@ -214,7 +214,8 @@ def test_round_trip_scores_the_pacs_and_the_srs_say_what_the_predictions_say(ray
     output = str(tmp_path / "predictions")
     run = run_pacs_scoring(cfg, "night1", _source_url(pacs, "ModalitiesInStudy=DX&increment=true"),
                            pacs_model.model_path, output)
-    assert run.listed == len(sops) == 24 and run.scoring.scored == 24 and run.scoring.failed == 0
+    assert run.listed == len(sops) == 24
+    assert run.scoring.scored == 24 and run.scoring.failed == 0
     assert run.sr_sent == 24 and run.sr_failed == 0 and run.watermark
 
     rows = _rows(output)
@@ -261,7 +262,8 @@ def test_round_trip_scores_the_pacs_and_the_srs_say_what_the_predictions_say(ray
     day_before = (datetime.strptime(run.watermark, "%Y%m%d") - timedelta(days=1)).strftime("%Y%m%d")
     assert again.window == {"ModalitiesInStudy": "DX", "StudyDate": f"{day_before}-"}
     assert again.listed == 0 and again.scoring.seen == 0 and again.sr_sent == 0
-    # A full re-run of the same query: every image already scored, no row and no SR twice.
+    # A full re-run of the same query: every image already scored, no row and no SR twice; the SR series
+    # now in these studies are not listed (nothing to score).
     full = run_pacs_scoring(cfg, "night3", _source_url(pacs, "ModalitiesInStudy=DX"), pacs_model.model_path, output)
     assert full.listed == 24 and full.scoring.scored == 0 and full.scoring.already_scored == 24 and full.sr_sent == 0
     assert len(_rows(output)) == 24 and len(_srs(pacs)) == 24

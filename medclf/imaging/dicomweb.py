@@ -148,6 +148,7 @@ def _value(item: dict, tag: str) -> Optional[str]:
     return values[0]
 
 
+NON_IMAGE_MODALITIES = ("SR", "KO", "PR", "DOC")  # series never listed: structured reports, key objects, states
 QIDO_PAGE = 500  # results per QIDO-RS request
 
 
@@ -174,6 +175,8 @@ def list_instances(src: Source, study_filters: Optional[dict] = None) -> list[In
     for study in _search(c.search_for_studies, filters=filters):
         s = _value(study, "0020000D")
         for series in _search(c.search_for_series, s, filters=src.series_filters):
+            if _value(series, "00080060") in NON_IMAGE_MODALITIES:
+                continue  # reports, among them our own SRs: nothing to score, and listed again every night
             se = _value(series, "0020000E")
             for inst in _search(c.search_for_instances, s, se):
                 out.append(Instance(s, se, _value(inst, "00080018")))
