@@ -15,7 +15,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # `make demo` installs without the test extras; `make test` adds them.
 EXTRAS ?=
 
-.PHONY: install install-test demo test test-fast shell clean-runs
+.PHONY: install install-test demo test test-fast shell clean-runs system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,17 @@ demo: $(STAMP)
 	$(PY) -m medclf.cli demo --config configs/demo.yaml
 	@echo "next: put medclf on PATH with 'source $(VENV)/bin/activate' (or 'make shell'), then 'medclf --help'"
 
-test: install-test
+# System packages some tests need: Orthanc and its DICOMweb plugin (the PACS of tests/test_pacs.py).
+# Installed only when missing, quietly; without apt-get (or root/sudo) it says so and the tests skip.
+system-deps:
+	@if command -v Orthanc >/dev/null 2>&1 && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
+	  S=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
+	  { $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq orthanc orthanc-dicomweb; } \
+	    >/dev/null 2>&1 || echo "system-deps: could not install orthanc orthanc-dicomweb; the PACS tests will skip"; \
+	else echo "system-deps: Orthanc missing and no apt-get with root; the PACS tests will skip"; fi
+
+test: install-test system-deps
 	$(PY) -m pytest -q
 
 # The inner loop: every test that starts no Ray (tests that start Ray carry the `ray` marker).

@@ -103,7 +103,8 @@ def score_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         prog=prog, description="Score image files (PNG/JPEG/DICOM) with a model artifact; write predictions Parquet."
     )
     _add_common(p)
-    p.add_argument("--input", help="folder, glob, s3:// prefix or manifest of files to score (score.input)")
+    p.add_argument("--input", help="folder, glob, s3:// prefix, manifest of files, or dicomweb://host/path?query "
+                   "(a PACS: docs/pacs.md) to score (score.input)")
     p.add_argument("--model", help="model artifact folder, local or s3:// (score.model)")
     p.add_argument("--output", help="predictions folder (score.output); default <run folder>/predictions")
     _add_extensions(p)
@@ -310,12 +311,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     cfg = _config_from(args, extra, {"score.input": "input", "score.model": "model", "score.output": "output",
                                      "score.site_calibration": "site_calibration"})
     from medclf.model.artifact import load_card
+    from medclf.imaging.dicomweb import is_dicomweb
     from medclf.score.preflight import check_inputs, check_model, check_uid_key
 
-    check_locations(cfg.score.input, cfg.score.output)  # schemes first (medclf.imaging.confine): exit 2, no I/O
+    pacs = is_dicomweb(cfg.score.input)  # a PACS over DICOMweb (docs/pacs.md)
+    check_locations(None if pacs else cfg.score.input, cfg.score.output)  # schemes first (medclf.imaging.confine)
     check_model(cfg.score.model)  # user errors here, before Ray starts or a run folder is made
-    listed = check_inputs(cfg.score.input, cfg.score.extensions)
-    check_uid_key(cfg.score.uids, cfg.score.uid_key, listed.paths, cfg.score.extensions, cfg.score.uid_key_file)
+    if pacs:
+        from medclf.score.pacs import check_pacs_input, run_pacs_scoring
+
+        check_pacs_input(cfg)  # a bad URL, half-set credentials or a missing site key fail before Ray starts
+    else:
+        listed = check_inputs(cfg.score.input, cfg.score.extensions)
+        check_uid_key(cfg.score.uids, cfg.score.uid_key, listed.paths, cfg.score.extensions, cfg.score.uid_key_file)
 
     if cfg.score.explain_flagged and not load_card(cfg.score.model).positive_class:
         raise ConfigError("score.explain_flagged needs a binary model with a positive class; "
@@ -333,11 +341,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     output = cfg.score.output or storage.join(run_dir, "predictions")
     save_resolved_config(cfg, run_dir, "score")
     try:
-        summary = run_scoring(cfg, run_id, cfg.score.input, cfg.score.model, output)
+        if pacs:
+            pacs_run = run_pacs_scoring(cfg, run_id, cfg.score.input, cfg.score.model, output)
+            summary = pacs_run.scoring
+        else:
+            summary = run_scoring(cfg, run_id, cfg.score.input, cfg.score.model, output)
     except (UserError, FileNotFoundError):  # refused (exit 2 or 3): leave no run folder behind
         discard_unused_run_folder(run_dir, existed, "score")
         raise
-    print(summary)
+    print(pacs_run if pacs else summary)
     log_job(cfg, "score", run_id, load_card(cfg.score.model).model_id, dataclasses.asdict(summary))
     if cfg.score.explain_flagged:
         from medclf.report.gradcam import flagged_paths

@@ -17,6 +17,10 @@ from medclf.imaging.privacy import UID_KEY_ENV
 os.environ.setdefault(UID_KEY_ENV, "test-site-key")
 # Serving refuses to start without a bearer token (medclf.score.auth); Serve replicas read it from their env.
 os.environ.setdefault("MEDCLF_SERVE_TOKEN", "test-serve-token-0123456789abcdef")
+# The test PACS's user (tests/test_pacs.py): credentials reach Ray's read tasks through the environment only,
+# so they are set before Ray starts, as a site sets them for its workers.
+os.environ.setdefault("MEDCLF_DICOMWEB_USER", "medclf-test")
+os.environ.setdefault("MEDCLF_DICOMWEB_PASSWORD", "test-password-not-secret")
 # On a loaded 2-core machine the raylet's dashboard agent can take over Ray's 30 s default to register,
 # and the node then dies at start-up; the tests wait longer instead of failing on load.
 os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")

@@ -19,6 +19,7 @@ import numpy as np
 from medclf import storage
 from medclf.config import PreprocessConfig
 from medclf.imaging.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
+from medclf.imaging.dicomweb import is_dicomweb, read_instance
 from medclf.monitor.ood import image_out_of_scope, input_out_of_scope
 from medclf.imaging.preprocess import preprocess_gray
 from medclf.imaging import confine
@@ -74,7 +75,9 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
                  "error_kind": None, "pixels": None, "first_row": True}
     started = time.perf_counter()
     try:
-        if data is None:
+        if data is None and is_dicomweb(path):  # a PACS instance (medclf.imaging.dicomweb)
+            data = read_instance(path, max_file_bytes)
+        elif data is None:
             confine.check(path, roots)  # symlinks resolved; /proc, /sys, /dev always refused
             # One read; the checksum is taken from these bytes in memory, never by reading the file again.
             data = storage.read_input(confine.normalise(path), max_file_bytes)
