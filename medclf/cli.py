@@ -199,8 +199,8 @@ def calibrate_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     from medclf.model.site_fit import MAP_CHOICES, MIN_FILMS, MIN_PER_CLASS, THRESHOLD_RULES
 
     p = argparse.ArgumentParser(
-        prog=prog, description="Few-shot site calibration: re-fit the temperature and the decision threshold on k "
-                               "labelled films of a new site; write a site calibration file (docs/site_calibration.md).")
+        prog=prog, description="Re-fit the temperature and threshold on k labelled films of a new site. The result is a "
+                               "site calibration file that scoring and serving apply (docs/site_calibration.md).")
     p.add_argument("--model", required=True, help="model artifact folder, local or s3://")
     p.add_argument("--labelled", required=True,
                    help="the site's labelled films: a folder of class subfolders, or a manifest (.parquet/.csv with "
@@ -316,12 +316,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     pacs = is_dicomweb(cfg.score.input)  # a PACS over DICOMweb (docs/pacs.md)
     check_locations(None if pacs else cfg.score.input, cfg.score.output)  # schemes first (medclf.imaging.confine)
-    check_model(cfg.score.model)  # user errors here, before Ray starts or a run folder is made
     if pacs:
         from medclf.score.pacs import check_pacs_input, run_pacs_scoring
 
         check_pacs_input(cfg)  # a bad URL, half-set credentials or a missing site key fail before Ray starts
-    else:
+    check_model(cfg.score.model)  # user errors here, before Ray starts or a run folder is made
+    if not pacs:
         listed = check_inputs(cfg.score.input, cfg.score.extensions)
         check_uid_key(cfg.score.uids, cfg.score.uid_key, listed.paths, cfg.score.extensions, cfg.score.uid_key_file)
 
