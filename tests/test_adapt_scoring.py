@@ -142,6 +142,17 @@ def test_shifted_archive_loses_auc_and_bn_restores_it(ray_cluster, models, archi
     assert profile.n_images == 200 and len(profile.layers) == 8
     assert none.adaptation_id.isna().all() and clean.adaptation_id.isna().all()
     assert "adapted" not in summary.adaptation or profile.profile_id[:12] in summary.adaptation
+    # the endpoint's Predictor (medclf serve --site-profile) answers the same under that profile, to 1e-5
+    import pyarrow as pa
+
+    from medclf.imaging.stage import load_images
+    from medclf.score.batch import Predictor
+
+    served = Predictor(models["positive"], "serve", threads=1, site_profile=profile_path)
+    table = pa.concat_tables([served(b) for b in load_images({"path": np.array(list(bn.path), object)},
+                                                            served.card.preprocess, rows_per_batch=16)])
+    np.testing.assert_allclose(table.column("prob_POSITIVE").to_numpy(), bn.prob_POSITIVE.to_numpy(), atol=1e-5)
+    assert set(table.column("adaptation_id").to_pylist()) == {profile.profile_id}
     # the same archive under another sample gives another profile and id
     from medclf.score.adaptation import prepare_adaptation
 
