@@ -217,3 +217,14 @@ def test_bn_on_a_negative_verdict_fails_before_any_work(models, archives, tmp_pa
 
     with pytest.raises(AdaptError, match="belongs to model"):
         check_adapt_config(config(tmp_path, f"score.site_profile={made.profile_path}").score, other)
+
+
+@pytest.mark.timeout(1200)
+def test_training_stores_the_verdict_in_the_card(trained_model):
+    """The Ray Train run of the shared fixture measured the verdict at its end (medclf.train.adapt_verdict)."""
+    record = load_card(trained_model.model_path).adaptation
+    assert record["verdict"] in ("positive", "negative") and record["why"]
+    assert [s["shift"] for s in record["sets"]][0] == "as is" and len(record["sets"]) == 6
+    assert len(record["adapted_layers"]) == 8 and record["transfer"] == "finetune"
+    assert all(0.0 <= s["auc_none"] <= 1.0 and 0.0 <= s["auc_bn"] <= 1.0 for s in record["sets"]
+               if s["auc_none"] == s["auc_none"])
