@@ -92,8 +92,8 @@ def load_validation(splits: str, part: str, limit: int | None, seed: int) -> pd.
         raise SystemExit(f"{splits}: no validation rows of part {part!r}")
     if limit and limit < len(df):
         frac = limit / len(df)
-        df = df.groupby("label", group_keys=False).apply(lambda g: g.sample(max(1, round(len(g) * frac)),
-                                                                           random_state=seed))
+        keep = [g.sample(max(1, round(len(g) * frac)), random_state=seed).index for _, g in df.groupby("label")]
+        df = df.loc[sorted(np.concatenate(keep))]
     return df.reset_index(drop=True)
 
 
