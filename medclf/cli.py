@@ -171,6 +171,7 @@ def serve_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--model", help="model artifact folder, local or s3:// (serve.model)")
     p.add_argument("--host", help="address to listen on (serve.host); default 127.0.0.1")
     p.add_argument("--port", type=int, help="port (serve.port); default 8000")
+    p.add_argument("--site-profile", help="site profile (.npz) of this model to answer with (serve.site_profile)")
     return p
 
 
@@ -485,10 +486,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     extra = [f"serve.port={args.port}"] if args.port else []
-    cfg = _config_from(args, extra, {"serve.model": "model", "serve.host": "host"})
+    cfg = _config_from(args, extra, {"serve.model": "model", "serve.host": "host",
+                                     "serve.site_profile": "site_profile"})
+    from medclf.model.artifact import load_card
     from medclf.score.preflight import check_model
 
     check_model(cfg.serve.model)  # a missing or bad artifact fails here, before Ray starts
+    if cfg.serve.site_profile:  # as must a profile of another model, or an altered one
+        from medclf.model.adapt import read_profile
+
+        read_profile(cfg.serve.site_profile, load_card(cfg.serve.model).model_id)
     from medclf.score.auth import serve_token
     from medclf.score.serve import run_server
 

@@ -488,6 +488,9 @@ class ServeConfig(_Section):
     runtime: Literal["torch", "onnxruntime"] = "torch"
     threads: Optional[int] = Field(None, ge=1)
     """Intra-op threads per replica; default: its CPUs (at least 1)."""
+    site_profile: Optional[str] = None
+    """Answer with this site profile's BatchNorm statistics (medclf.model.adapt; a scoring run's
+    `<predictions>/_site_profiles/<id>.npz`), as batch scoring under it did; answers carry its id."""
     frames: Literal["middle", "all", "refuse"] = "middle"
     """Multi-frame DICOM: answer for the middle frame (one answer per study), every frame, or refuse."""
     max_file_mb: float = Field(64.0, gt=0)

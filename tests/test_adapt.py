@@ -207,3 +207,20 @@ def test_killed_pass_leaves_no_half_written_profile(tmp_path):
     assert out.returncode == 0, out.stderr
     (done,) = [n for n in os.listdir(tmp_path) if n.endswith(".npz")]
     assert read_profile(str(tmp_path / done), "m").layers
+
+
+def test_prediction_files_without_adaptation_id_are_still_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from medclf.data.predictions import prediction_schema, read_predictions
+
+    old = pa.schema([f for f in prediction_schema(["A", "B"]) if f.name != "adaptation_id"])  # before issue 32
+    folder = tmp_path / "run_date=2026-01-01"
+    folder.mkdir()
+    pq.write_table(pa.table({f.name: pa.array([None], f.type) for f in old}, schema=old), folder / "part-old.parquet")
+    new = prediction_schema(["A", "B"])
+    pq.write_table(pa.table({f.name: pa.array(["abc" if f.name == "adaptation_id" else None], f.type) for f in new},
+                            schema=new), folder / "part-new.parquet")
+    rows = read_predictions(str(tmp_path))
+    assert sorted(rows.adaptation_id.fillna("null")) == ["abc", "null"]

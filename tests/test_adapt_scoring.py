@@ -142,6 +142,17 @@ def test_shifted_archive_loses_auc_and_bn_restores_it(ray_cluster, models, archi
     assert profile.n_images == 200 and len(profile.layers) == 8
     assert none.adaptation_id.isna().all() and clean.adaptation_id.isna().all()
     assert "adapted" not in summary.adaptation or profile.profile_id[:12] in summary.adaptation
+    # the endpoint's Predictor (medclf serve --site-profile) answers the same under that profile, to 1e-5
+    import pyarrow as pa
+
+    from medclf.imaging.stage import load_images
+    from medclf.score.batch import Predictor
+
+    served = Predictor(models["positive"], "serve", threads=1, site_profile=profile_path)
+    table = pa.concat_tables([served(b) for b in load_images({"path": np.array(list(bn.path), object)},
+                                                            served.card.preprocess, rows_per_batch=16)])
+    np.testing.assert_allclose(table.column("prob_POSITIVE").to_numpy(), bn.prob_POSITIVE.to_numpy(), atol=1e-5)
+    assert set(table.column("adaptation_id").to_pylist()) == {profile.profile_id}
     # the same archive under another sample gives another profile and id
     from medclf.score.adaptation import prepare_adaptation
 
@@ -206,3 +217,14 @@ def test_bn_on_a_negative_verdict_fails_before_any_work(models, archives, tmp_pa
 
     with pytest.raises(AdaptError, match="belongs to model"):
         check_adapt_config(config(tmp_path, f"score.site_profile={made.profile_path}").score, other)
+
+
+@pytest.mark.timeout(1200)
+def test_training_stores_the_verdict_in_the_card(trained_model):
+    """The Ray Train run of the shared fixture measured the verdict at its end (medclf.train.adapt_verdict)."""
+    record = load_card(trained_model.model_path).adaptation
+    assert record["verdict"] in ("positive", "negative") and record["why"]
+    assert [s["shift"] for s in record["sets"]][0] == "as is" and len(record["sets"]) == 6
+    assert len(record["adapted_layers"]) == 8 and record["transfer"] == "finetune"
+    assert all(0.0 <= s["auc_none"] <= 1.0 and 0.0 <= s["auc_bn"] <= 1.0 for s in record["sets"]
+               if s["auc_none"] == s["auc_none"])
