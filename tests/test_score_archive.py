@@ -173,7 +173,10 @@ def test_hostile_inputs_become_error_rows_quickly(ray_cluster, trained_model, ph
     summary = run_scoring(cfg, "hostile", str(manifest), trained_model.model_path, str(tmp_path / "pred"))
     pred = read_predictions(str(tmp_path / "pred")).set_index("path")
     ok = sum(problem is None for problem in entries.values())
-    assert len(pred) == len(entries) and (summary.failed, summary.scored) == (len(entries) - ok, ok)
+    wrong = {p: (pred.loc[p, "status"], pred.loc[p, "error"]) for p, problem in entries.items()
+             if p in pred.index and (pred.loc[p, "status"] == "ok") != (problem is None)}
+    assert not wrong and len(pred) == len(entries), wrong  # names the entry whose row is not what it should be
+    assert (summary.failed, summary.scored) == (len(entries) - ok, ok)
     refused = pred[pred.error.fillna("").str.contains("allowed_roots|never read|file:// URL")]
     assert (refused.error_kind == "permanent").all() and (refused["size"] == -1).all()  # never read, never retried
     for path, problem in entries.items():
