@@ -154,6 +154,7 @@ def serve_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--model", help="model artifact folder, local or s3:// (serve.model)")
     p.add_argument("--host", help="address to listen on (serve.host); default 127.0.0.1")
     p.add_argument("--port", type=int, help="port (serve.port); default 8000")
+    p.add_argument("--site-calibration", help="site calibration file from `medclf calibrate` (serve.site_calibration)")
     return p
 
 
@@ -443,12 +444,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     extra = [f"serve.port={args.port}"] if args.port else []
-    cfg = _config_from(args, extra, {"serve.model": "model", "serve.host": "host"})
+    cfg = _config_from(args, extra, {"serve.model": "model", "serve.host": "host",
+                                     "serve.site_calibration": "site_calibration"})
     if not cfg.serve.model:
         raise ConfigError("serve needs a model (--model or serve.model)")
     from medclf.model.artifact import load_card
 
-    load_card(cfg.serve.model)  # a bad artifact fails here, before Ray starts
+    card = load_card(cfg.serve.model)  # a bad artifact fails here, before Ray starts
+    if cfg.serve.site_calibration:  # and so does a bad or another model's calibration file
+        from medclf.model.site_calibration import load as load_site_calibration
+
+        load_site_calibration(cfg.serve.site_calibration, card)
     from medclf.score.serve import run_server
 
     init_ray(cfg)

@@ -446,6 +446,9 @@ class ServeConfig(_Section):
     """Multi-frame DICOM: answer for the middle frame (one answer per study), every frame, or refuse."""
     max_file_mb: float = Field(64.0, gt=0)
     """Larger request bodies are refused (413) before decoding."""
+    site_calibration: Optional[str] = None
+    """A site calibration file (`medclf calibrate`): its temperature and threshold replace the card's,
+    as in batch scoring (score.site_calibration); answers carry its `calibration_id`."""
 
 
 class TrackingConfig(_Section):

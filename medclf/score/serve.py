@@ -63,7 +63,8 @@ class Classifier:
     def __init__(self, model_path: str, config: dict):
         self.cfg = ServeConfig.model_validate(config)
         threads = self.cfg.threads or max(1, int(self.cfg.cpus_per_replica))
-        self.predictor = Predictor(model_path, "serve", self.cfg.use_gpu, threads, self.cfg.runtime)
+        self.predictor = Predictor(model_path, "serve", self.cfg.use_gpu, threads, self.cfg.runtime,
+                                   site_calibration=self.cfg.site_calibration)
         self.card = self.predictor.card
         self.spec = self.card.preprocess_spec
         self.gate = input_gate(self.card)  # the modality / size checks batch scoring's decode stage makes
@@ -145,7 +146,7 @@ class Classifier:
             "error": row["error"],
             "error_kind": row["error_kind"],
         }
-        for extra in ("ood_score",):  # columns the predictions carry when the model records them
+        for extra in ("ood_score", "calibration_id"):  # columns the predictions carry when the model records them
             if extra in row:
                 out[extra] = _json_value(row[extra])
         return out
