@@ -181,33 +181,3 @@ def test_scoring_with_a_calibration_file_follows_its_threshold_and_records_its_i
     with pytest.raises(site_calibration.SiteCalibrationError, match="fitted for model"):
         run_scoring(tiny_config, "cal-run-2", str(tmp_path / "shifted"), str(other), str(tmp_path / "p2"))
 
-
-@pytest.mark.timeout(600)
-def test_serve_deployment_applies_the_calibration_file_like_scoring(phantom_model, tmp_path):
-    """The Serve deployment class, in this process (no HTTP): same probabilities as the file's map on
-    the model's logits (to 1e-5), its threshold decides, every answer carries the calibration id."""
-    import asyncio
-
-    from medclf.score.serve import Classifier
-
-    paths, labels = _shifted_archive(tmp_path, n=40)
-    card = load_card(phantom_model)
-    logits, ok, _ = site_fit.logits_of(phantom_model, paths)
-    fitted = site_fit.fit(logits, np.array([card.classes.index(lab) for lab in labels]), card, n_resamples=0)
-    p = fitted.probabilities(logits)[:, card.positive_index]
-    cal = site_calibration.finish(dataclasses.replace(fitted, threshold=float(np.median(p)), calibration_id=""))
-    cal_path = str(tmp_path / "site_calibration.json")
-    site_calibration.save(cal, cal_path)
-    classifier = Classifier(phantom_model, {"site_calibration": cal_path, "max_batch_size": 8})
-
-    async def ask_all():
-        return await asyncio.gather(*(classifier.predict_rows(classifier.rows(open(path, "rb").read())[0])
-                                      for path in paths))
-
-    answers = asyncio.run(ask_all())
-    served = np.array([a["probabilities"][card.positive_class] for a in answers])
-    np.testing.assert_allclose(served, p, atol=1e-5)
-    assert all(a["calibration_id"] == cal.calibration_id and a["threshold"] == pytest.approx(cal.threshold)
-               for a in answers)
-    expected = np.where(p >= cal.threshold, card.positive_class, card.classes[1 - card.positive_index])
-    assert [a["label"] for a in answers] == list(expected)
