@@ -172,6 +172,7 @@ def serve_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (serve.host); default 127.0.0.1")
     p.add_argument("--port", type=int, help="port (serve.port); default 8000")
     p.add_argument("--site-profile", help="site profile (.npz) of this model to answer with (serve.site_profile)")
+    p.add_argument("--site-calibration", help="site calibration file from `medclf calibrate` (serve.site_calibration)")
     return p
 
 
@@ -487,15 +488,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     extra = [f"serve.port={args.port}"] if args.port else []
     cfg = _config_from(args, extra, {"serve.model": "model", "serve.host": "host",
-                                     "serve.site_profile": "site_profile"})
+                                     "serve.site_profile": "site_profile",
+                                     "serve.site_calibration": "site_calibration"})
     from medclf.model.artifact import load_card
     from medclf.score.preflight import check_model
 
     check_model(cfg.serve.model)  # a missing or bad artifact fails here, before Ray starts
+    card = load_card(cfg.serve.model)
     if cfg.serve.site_profile:  # as must a profile of another model, or an altered one
         from medclf.model.adapt import read_profile
 
-        read_profile(cfg.serve.site_profile, load_card(cfg.serve.model).model_id)
+        read_profile(cfg.serve.site_profile, card.model_id)
+    if cfg.serve.site_calibration:  # and so does a bad or another model's calibration file
+        from medclf.model.site_calibration import load as load_site_calibration
+
+        load_site_calibration(cfg.serve.site_calibration, card)
     from medclf.score.auth import serve_token
     from medclf.score.serve import run_server
 

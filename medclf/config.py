@@ -504,6 +504,9 @@ class ServeConfig(_Section):
     """File holding the bearer token (a mounted Kubernetes Secret); default: MEDCLF_SERVE_TOKEN (medclf.score.auth)."""
     insecure_no_auth: bool = False
     """Serve without a token when none is configured: local development on 127.0.0.1 only."""
+    site_calibration: Optional[str] = None
+    """A site calibration file (`medclf calibrate`): its temperature and threshold replace the card's,
+    as in batch scoring (score.site_calibration); answers carry its `calibration_id`."""
 
 
 class TrackingConfig(_Section):

@@ -180,3 +180,4 @@ def test_scoring_with_a_calibration_file_follows_its_threshold_and_records_its_i
                   str(other))
     with pytest.raises(site_calibration.SiteCalibrationError, match="fitted for model"):
         run_scoring(tiny_config, "cal-run-2", str(tmp_path / "shifted"), str(other), str(tmp_path / "p2"))
+

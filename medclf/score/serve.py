@@ -73,7 +73,7 @@ class Classifier:
         self.token = serve_token(self.cfg.token_file, self.cfg.insecure_no_auth)
         threads = self.cfg.threads or max(1, int(self.cfg.cpus_per_replica))
         self.predictor = Predictor(model_path, "serve", self.cfg.use_gpu, threads, self.cfg.runtime, ood_action,
-                                   site_profile=self.cfg.site_profile)
+                                   site_profile=self.cfg.site_profile, site_calibration=self.cfg.site_calibration)
         self.card = self.predictor.card
         self.spec = self.card.preprocess_spec
         self.gate = input_gate(self.card, ood_action)  # the checks batch scoring's decode stage makes
@@ -161,7 +161,7 @@ class Classifier:
             "error": row["error"],
             "error_kind": row["error_kind"],
         }
-        for extra in ("ood_score", "adaptation_id"):  # columns the predictions carry when the model records them
+        for extra in ("ood_score", "adaptation_id", "calibration_id"):  # columns the predictions carry
             if extra in row:
                 out[extra] = _json_value(row[extra])
         return out
