@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import os
 import sys
 import tempfile

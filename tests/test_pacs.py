@@ -6,12 +6,10 @@ from __future__ import annotations
 import glob
 import http.server
 import io
-import json
 import os
 import threading
 from datetime import datetime, timedelta
 
-import numpy as np
 import pandas as pd
 import pydicom
 import pytest
