@@ -11,13 +11,13 @@ each into a fresh output, `--repeats` times. Reported: images/s per repeat, mean
 (t over repeats). A systems measure on this machine (2 shared CPU cores), not a model result.
 
     .venv/bin/python benchmarks/pacs_throughput.py --n 100 --repeats 3
+    .venv/bin/python benchmarks/pacs_throughput.py --shared ../../shared   # from a worktree under wt/
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import io
 import os
 import sys
 import tempfile
@@ -45,6 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shared", default=SHARED, help="the shared data folder [../shared next to the checkout]")
     args = ap.parse_args()
 
     os.environ.setdefault("MEDCLF_DICOMWEB_USER", "bench")
@@ -62,9 +63,9 @@ def main() -> None:
     from medclf.score.pacs import run_pacs_scoring
     from score_throughput import make_model
 
-    jpegs = sorted(glob.glob(os.path.join(SHARED, "data", "chest_xray", "train", "*", "*.jpeg")))[: args.n]
+    jpegs = sorted(glob.glob(os.path.join(args.shared, "data", "chest_xray", "train", "*", "*.jpeg")))[: args.n]
     if len(jpegs) < args.n:
-        sys.exit(f"need {args.n} JPEGs under {SHARED}/data/chest_xray/train, found {len(jpegs)}")
+        sys.exit(f"need {args.n} JPEGs under {args.shared}/data/chest_xray/train, found {len(jpegs)}")
     tmp = tempfile.mkdtemp(prefix="medclf-pacs-bench-")
     folder = os.path.join(tmp, "dicom")
     os.makedirs(folder)
