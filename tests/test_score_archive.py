@@ -139,8 +139,8 @@ def test_files_without_extension_multiframe_and_reruns(ray_cluster, trained_mode
 
 @pytest.mark.timeout(300)  # a FIFO or /dev/zero that were read would block or run until this fires
 def test_hostile_inputs_become_error_rows_quickly(ray_cluster, trained_model, phantom_root, tmp_path):
-    good = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(phantom_root, "test")) for f in sorted(fs)
-                if f.endswith(".png"))
+    good, other = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(phantom_root, "test")) for f in sorted(fs)
+                   if f.endswith(".png")][:2]
     fifo = tmp_path / "pipe.dcm"
     os.mkfifo(fifo)  # a reader would block forever
     zero = tmp_path / "zero.dcm"
@@ -160,7 +160,7 @@ def test_hostile_inputs_become_error_rows_quickly(ray_cluster, trained_model, ph
         "/proc/self/environ": "resolves to /proc (never read)",
         str(tmp_path / ".." / ".." / "etc" / "hosts"): "outside score.allowed_roots",
         "file://relative/x.png": "file:// URL with a host or a relative path",
-        f"file://{good}": None,  # normalised to its local path
+        f"file://{other}": None,  # normalised to its local path
         str(big): "big.dcm: file is 3.0 MiB, over the 2 MiB limit (score.max_file_mb); not read",
         str(tmp_path / "bomb.dcm"): "bomb.dcm: image is 60000x60000 (3600 Mpx), over the 64 Mpx limit",
         f"zip://inner.png::{archive}": "only local paths and s3:// URLs are read",

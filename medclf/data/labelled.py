@@ -45,7 +45,8 @@ def read_manifest(path: str) -> pd.DataFrame:
     base = path.rsplit("/", 1)[0] if "/" in path else "."
     df = df.copy()
     local_base = not storage.is_remote(base)
-    df["path"] = [p if (storage.is_remote(p) or p.startswith("/"))
+    # URLs stay as written (file:// included: medclf.imaging.confine normalises or refuses it per entry)
+    df["path"] = [p if ("://" in p or p.startswith("/"))
                   else (os.path.abspath(os.path.join(base, p)) if local_base else storage.join(base, p))
                   for p in df["path"]]
     return df
