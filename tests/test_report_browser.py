@@ -8,6 +8,7 @@ import re
 import pytest
 
 from tests.browser import VIEWPORT, chromium, inspect
+from tests.test_drift import drift_model, pool  # noqa: F401 (fixtures)
 from tests.test_evaluate import CLASSES, scored  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(chromium() is None, reason="no Chromium binary on PATH (apt-get install chromium, "
@@ -42,3 +43,27 @@ def test_evaluation_report_in_a_browser(scored, tmp_path):
     found = check_page(os.path.join(out, "summary.html"), str(tmp_path / "summary_first_screen.png"),
                        ["small_cnn-abc", pred, f"{len(y)}", "ROC AUC", "sensitivity", "specificity"])
     assert len(found["images"]) == 7
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_drift_report_in_a_browser(drift_model, pool, tmp_path):
+    """A real drift report: the shared tiny model with a drift reference (tests/test_drift.py's
+    fixtures, which train it with Ray), two nights of scored phantoms, the second brightened."""
+    from medclf.config import DriftConfig
+    from medclf.data.phantoms import write_shifted
+    from medclf.model.artifact import load_card
+    from medclf.monitor.drift import run_drift
+    from tests.test_drift import score_table, write_night
+
+    predictions = str(tmp_path / "predictions")
+    base = pool.path.tolist()
+    write_night(predictions, score_table(drift_model, base[:200]), "2026-11-01", "night0")
+    shifted = write_shifted(base[200:400], str(tmp_path / "gamma"), gamma=0.6)
+    write_night(predictions, score_table(drift_model, shifted), "2026-11-02", "night1")
+    out = str(tmp_path / "drift")
+    run_drift(DriftConfig(), drift_model, predictions, out, run_id="night1")
+    found = check_page(os.path.join(out, "drift.html"), str(tmp_path / "drift_first_screen.png"),
+                       [load_card(drift_model).model_id, predictions, "n = 200 rows", "positive rate",
+                        "DRIFT: "])
+    assert len(found["images"]) == 2  # histograms and the two-night time series
