@@ -386,7 +386,8 @@ def drift_html(table: pd.DataFrame, model_id: str, what: str, pictures: list[str
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Drift report {html.escape(what)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} td,th{{padding:2px 8px;text-align:right}}
-.scroll{{overflow-x:auto;max-width:100%}} td:last-child{{text-align:left;min-width:24em}} p{{overflow-wrap:anywhere}}
+.scroll{{overflow-x:auto;max-width:100%}} table{{font-size:0.85em}} td{{white-space:nowrap}}
+td:last-child{{text-align:left;white-space:normal;min-width:14em}} p{{overflow-wrap:anywhere}}
 .headline{{font-weight:bold}} .bad{{color:#b00;font-weight:bold}} .good{{color:#070;font-weight:bold}}</style></head><body>
 <h1>Drift report: {html.escape(what)}</h1><p>Model {html.escape(model_id)}.{source} Each statistic is compared with the
 model's validation images (its drift reference); p-values are Holm-adjusted over this table. docs/usage.md, "Drift
