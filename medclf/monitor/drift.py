@@ -325,7 +325,8 @@ def run_drift(dc: DriftConfig, model_path: str, predictions: str, output: str, r
     if history["run_date"].nunique() > 1 if not history.empty else False:
         files.append(_write(output, "drift_timeseries.png", drift_timeseries(history)))
     what = _selection(run_id, run_date, date_from, date_to)
-    page = drift_html(table, card.model_id, what, [f.rsplit("/", 1)[-1] for f in files if f.endswith(".png")])
+    page = drift_html(table, card.model_id, what, [f.rsplit("/", 1)[-1] for f in files if f.endswith(".png")],
+                      predictions, len(rows))
     files.append(_write(output, "drift.html", page.encode()))
     result = DriftResult(table, output, files)
     log.info("drift of %s (%d rows): %s", what, len(rows),
@@ -361,18 +362,34 @@ def _history(rows: pd.DataFrame, reference, domain, card, dc: DriftConfig) -> pd
     return pd.concat(nights, ignore_index=True)
 
 
-def drift_html(table: pd.DataFrame, model_id: str, what: str, pictures: list[str]) -> str:
-    """The summary page: verdict, the table (flags first), and the plots beside it."""
+def _headline(table: pd.DataFrame) -> str:
+    """The rates with their 95% (Wilson) CIs against validation: the first screen's figures."""
+    parts = []
+    for r in table[table["kind"] == "rate"].itertuples():
+        ci = f" (95% CI {r.ci_low:.3f}-{r.ci_high:.3f})" if pd.notna(r.ci_low) else ""
+        parts.append(f"{r.statistic.replace('_', ' ')} {r.value:.3f}{ci}, validation {r.reference:.3f}")
+    return f"<p class='headline'>{html.escape('; '.join(parts))}.</p>" if parts else ""
+
+
+def drift_html(table: pd.DataFrame, model_id: str, what: str, pictures: list[str], predictions: str = "",
+               n_rows: Optional[int] = None) -> str:
+    """The summary page: what was compared (model, data, n), verdict, the rates with CIs, the table
+    (flags first, in a box that scrolls so the page stays within 1280 px) and the plots."""
     flagged = table[table["flag"]]
     verdict = (f"<p class='bad'>DRIFT: {len(flagged)} flag(s): {html.escape(', '.join(flagged['statistic']))}</p>"
                if len(flagged) else "<p class='good'>No drift flag.</p>")
     shown = table.sort_values(["flag", "p_adjusted"], ascending=[False, True])
     body = shown.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-", border=0)
     images = "".join(f"<h2>{html.escape(p)}</h2><img src='{html.escape(p)}' style='max-width:100%'>" for p in pictures)
+    source = (f" Predictions {html.escape(predictions)}" if predictions else "") + \
+        (f", n = {n_rows} rows." if n_rows is not None else "")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Drift report {html.escape(what)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 8px;text-align:right}}
-.bad{{color:#b00;font-weight:bold}} .good{{color:#070;font-weight:bold}}</style></head><body>
-<h1>Drift report: {html.escape(what)}</h1><p>Model {html.escape(model_id)}. Each statistic is compared with the
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} td,th{{padding:2px 8px;text-align:right}}
+.scroll{{overflow-x:auto;max-width:100%}} table{{font-size:0.85em}} td{{white-space:nowrap}}
+td:last-child{{text-align:left;white-space:normal;min-width:14em}} p{{overflow-wrap:anywhere}}
+.headline{{font-weight:bold}} .bad{{color:#b00;font-weight:bold}} .good{{color:#070;font-weight:bold}}</style></head><body>
+<h1>Drift report: {html.escape(what)}</h1><p>Model {html.escape(model_id)}.{source} Each statistic is compared with the
 model's validation images (its drift reference); p-values are Holm-adjusted over this table. docs/usage.md, "Drift
-reports", says what each flag means and what to do.</p>{verdict}{body}{images}</body></html>"""
+reports", says what each flag means and what to do.</p>{verdict}{_headline(table)}<div class="scroll">{body}</div>
+{images}</body></html>"""

@@ -404,12 +404,30 @@ def _coverage_fact(sel: Optional[dict]) -> str:
 
 def _table_html(table: pd.DataFrame, columns: list[str]) -> str:
     cols = [c for c in columns if c in table.columns]
-    return table[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-", border=0)
+    # In a scrolling box: a wide table (15 metric columns with CIs) scrolls inside it, not the page.
+    body = table[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-", border=0)
+    return f'<div class="scroll">{body}</div>'
+
+
+def _headline(metrics: pd.DataFrame, n: int) -> str:
+    """The first screen's figures: the stored operating point's AUC, sensitivity and specificity (or
+    accuracy) with their 95% CIs."""
+    row = metrics.iloc[0]
+    parts = []
+    for name, label in (("roc_auc", "ROC AUC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                        ("accuracy", "accuracy")):
+        if name in row and pd.notna(row[name]):
+            lo, hi = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+            ci = f" (95% CI {lo:.3f}-{hi:.3f})" if pd.notna(lo) and pd.notna(hi) else " (no CI)"
+            parts.append(f"{label} {row[name]:.3f}{ci}")
+    return (f"<p class='headline'>On {n} images, at the {html.escape(str(row['rule']))} operating point: "
+            f"{html.escape('; '.join(parts))}.</p>")
 
 
 def summary_html(summary: dict, tables: dict, pictures: dict) -> str:
     """One self-contained page: what was evaluated, the headline figures with CIs, tables, plots."""
     metrics = tables["metrics"].copy()
+    headline = _headline(metrics, summary["n_evaluated"])
     for m in ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "roc_auc"):
         if f"{m}_ci_low" in metrics:
             metrics[m] = [f"{v:.3f} ({lo:.3f}-{hi:.3f})" if pd.notna(lo) else f"{v:.3f}"
@@ -447,10 +465,13 @@ body {{ font-family: sans-serif; max-width: 1100px; margin: 1em auto; color: #22
 table {{ border-collapse: collapse; margin: 0.5em 0 1.2em; font-size: 0.9em; }}
 th, td {{ padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: left; }}
 figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
-figure img {{ max-width: 520px; }} .wide img {{ max-width: 1050px; }}
+figure img {{ max-width: 520px; }} .wide img {{ max-width: 100%; }}
+.scroll {{ overflow-x: auto; max-width: 100%; }} .headline {{ font-size: 1.1em; font-weight: bold; }}
+.facts td {{ overflow-wrap: anywhere; }} .scroll td, .scroll th {{ white-space: nowrap; }}
 </style></head><body>
 <h1>Evaluation report</h1>
-<table>{fact_rows}</table>
+{headline}
+<table class="facts">{fact_rows}</table>
 <h2>Operating points</h2>
 <p>95% confidence intervals (stratified bootstrap) in brackets. <i>stored</i> is the threshold the model chose
 on its own validation data; rules marked <i>on_this_data</i> are chosen on these labels (optimistic).</p>
