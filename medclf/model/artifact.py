@@ -486,8 +486,7 @@ def validate_card(raw, card_path: str) -> ModelCard:
                                             and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
                                             for k, v in files.items())):
         raise bad("files", "must map plain file names to sha256 hex digests")
-    from medclf.monitor.ood import DomainRecord
-    from medclf.monitor.reference import ReferenceRecord
+    from medclf.model.records import DomainRecord, ReferenceRecord
 
     for name, record_type, what in (("domain", DomainRecord, "domain record"),
                                     ("reference", ReferenceRecord, "drift reference")):

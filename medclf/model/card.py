@@ -77,7 +77,7 @@ def failure_modes(paths: list[str], y: np.ndarray, probs: np.ndarray, classes: l
                   n: int = 8) -> list[dict]:
     """The most confident validation errors (what the report's gallery shows), most confident first.
     Files are named by a short hash unless `show_paths` (names often carry a patient's)."""
-    from medclf.score.batch import predict_labels
+    from medclf.model.decision import predict_labels
 
     predicted = np.array([classes.index(p) for p in predict_labels(probs, classes, positive_index, threshold)])
     wrong = np.flatnonzero(predicted != y)

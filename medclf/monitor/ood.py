@@ -35,58 +35,24 @@ import io
 import logging
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from medclf.model.artifact import ModelCard, ModelError, penultimate, read_artifact_arrays
+from medclf.model.records import DOMAIN_FILE, DomainRecord  # noqa: F401 (DOMAIN_FILE: read here by callers)
 from medclf.monitor.content import REASONS as CONTENT_REASONS, content_reason
 from medclf.monitor.header import REASONS as HEADER_REASONS, header_reason
 from medclf.imaging.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
 
-DOMAIN_FILE = "domain.npz"
 SCORES = ("mahalanobis", "energy", "max_softmax")
 
 # Each out-of-scope reason starts with one of these phrases; `reason_kind` maps them back for counts.
 REASONS = {"modality": "DICOM modality", "too_small": "image too small", "ood_score": "ood_score",
            **HEADER_REASONS, **CONTENT_REASONS}
-
-
-class DomainRecord(BaseModel):
-    """The small part of the domain record, stored in model.json as `domain`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    score: Literal["mahalanobis", "energy", "max_softmax"]
-    threshold: float
-    """ood_score above this: out_of_scope."""
-    quantile: float
-    """The threshold is this quantile of the out-of-fold validation scores."""
-    validation_flag_rate: float
-    """Share of validation images whose out-of-fold score is above the threshold."""
-    modalities: list[str]
-    """DICOM modalities accepted (empty: any). Files without the tag (JPEG/PNG) are not judged by it."""
-    min_size: int
-    """Images with a side shorter than this (px) are out_of_scope."""
-    smallest_side_seen: int
-    photometric_seen: list[str]
-    formats_seen: list[str]
-    modalities_seen: list[str]
-    input_stats: dict[str, float]
-    """Of the preprocessed validation images: mean and sd of the per-image mean and sd."""
-    n_fit: int
-    feature_dim: int
-    pca_dim: Optional[int] = None
-    file: str = DOMAIN_FILE
-    views: list[str] = []
-    """DICOM header rules (medclf.monitor.header; from `data.views` etc.): empty lists accept any value."""
-    body_parts: list[str] = []
-    lateralities: list[str] = []
-    allow_missing: bool = True
 
 
 @dataclass

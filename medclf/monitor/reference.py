@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from medclf.model.artifact import ModelCard, ModelError, class_probabilities, read_artifact_arrays
+from medclf.model.records import REFERENCE_FILE, ReferenceRecord  # noqa: F401 (REFERENCE_FILE: read here by callers)
 
 log = logging.getLogger(__name__)
 
-REFERENCE_FILE = "reference.npz"
 EMB_PCS = 4
 MAX_ROWS = 2000
 # Per-image statistics: predictions columns and reference arrays share these names.
@@ -61,28 +60,6 @@ def image_stats(image: np.ndarray) -> dict[str, float]:
     return {"img_mean": float(pixels.mean()), "img_sd": float(pixels.std()), "img_p5": float(p5),
             "img_p50": float(p50), "img_p95": float(p95), "img_height": float(height), "img_width": float(width),
             "img_aspect": float(width / height)}
-
-
-class ReferenceRecord(BaseModel):
-    """The small part of the drift reference, stored in model.json as `reference`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    n: int
-    """Validation images the reference was measured on."""
-    positive_class: Optional[str]
-    prevalence: Optional[float]
-    """Share of validation images of the positive class."""
-    predicted_positive_rate: Optional[float]
-    """Share of validation images at or above the stored threshold."""
-    format_mix: dict[str, int]
-    modality_mix: dict[str, int]
-    """DICOM modality counts; `none` for files without one (JPEG/PNG)."""
-    has_ood_scores: bool
-    emb_pcs: int
-    emb_variance_explained: list[float]
-    n_emb: int
-    file: str = REFERENCE_FILE
 
 
 @dataclass

@@ -130,7 +130,7 @@ def sample_drift_flags(cfg: Config, card, model_path: str, batch: dict, run_id: 
     """Names of the drift statistics that flag on the sample scored with the unadapted model (the rows
     scoring would write), or None without a drift reference."""
     from medclf.monitor.drift import compare
-    from medclf.score.batch import Predictor
+    from medclf.score.predictor import Predictor
 
     predictor = Predictor(model_path, run_id, threads=max(1, int(cfg.score.torch_threads or 1)),
                           ood_action=cfg.ood.action)

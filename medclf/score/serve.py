@@ -40,7 +40,7 @@ from medclf.model.artifact import prob_column
 from medclf.model.card import public_card
 from medclf.monitor.ood import input_gate
 from medclf.score.auth import UNAUTHORIZED_BODY, authorized, is_liveness, serve_token
-from medclf.score.batch import Predictor
+from medclf.score.predictor import Predictor
 from medclf.score.upload import TooLarge, read_limited
 
 UPLOAD_NAME = "upload"  # what error texts call the request's file (its own name may carry a patient's)

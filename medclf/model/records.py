@@ -1,0 +1,69 @@
+"""The small records a model artifact carries in model.json beside its weights: the out-of-scope
+guard's domain record (medclf.monitor.ood) and the drift reference (medclf.monitor.reference).
+
+They live here, with the artifact format, so that validating model.json (medclf.model.artifact)
+needs nothing from the monitor package that reads and fits them: the arrays stay in the monitor."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+DOMAIN_FILE = "domain.npz"
+REFERENCE_FILE = "reference.npz"
+
+
+class DomainRecord(BaseModel):
+    """The small part of the domain record, stored in model.json as `domain`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: Literal["mahalanobis", "energy", "max_softmax"]
+    threshold: float
+    """ood_score above this: out_of_scope."""
+    quantile: float
+    """The threshold is this quantile of the out-of-fold validation scores."""
+    validation_flag_rate: float
+    """Share of validation images whose out-of-fold score is above the threshold."""
+    modalities: list[str]
+    """DICOM modalities accepted (empty: any). Files without the tag (JPEG/PNG) are not judged by it."""
+    min_size: int
+    """Images with a side shorter than this (px) are out_of_scope."""
+    smallest_side_seen: int
+    photometric_seen: list[str]
+    formats_seen: list[str]
+    modalities_seen: list[str]
+    input_stats: dict[str, float]
+    """Of the preprocessed validation images: mean and sd of the per-image mean and sd."""
+    n_fit: int
+    feature_dim: int
+    pca_dim: Optional[int] = None
+    file: str = DOMAIN_FILE
+    views: list[str] = []
+    """DICOM header rules (medclf.monitor.header; from `data.views` etc.): empty lists accept any value."""
+    body_parts: list[str] = []
+    lateralities: list[str] = []
+    allow_missing: bool = True
+
+
+class ReferenceRecord(BaseModel):
+    """The small part of the drift reference, stored in model.json as `reference`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int
+    """Validation images the reference was measured on."""
+    positive_class: Optional[str]
+    prevalence: Optional[float]
+    """Share of validation images of the positive class."""
+    predicted_positive_rate: Optional[float]
+    """Share of validation images at or above the stored threshold."""
+    format_mix: dict[str, int]
+    modality_mix: dict[str, int]
+    """DICOM modality counts; `none` for files without one (JPEG/PNG)."""
+    has_ood_scores: bool
+    emb_pcs: int
+    emb_variance_explained: list[float]
+    n_emb: int
+    file: str = REFERENCE_FILE
