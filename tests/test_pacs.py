@@ -254,6 +254,8 @@ def test_round_trip_scores_the_pacs_and_the_srs_say_what_the_predictions_say(ray
         assert v["threshold"] == pytest.approx(card.threshold)
         assert (v["model_id"], v["model_version"], v["run_id"]) == (card.model_id, card.created_at, "night1")
         assert "not a diagnosis" in v["comment"] and "reason" not in v
+        # no site profile or calibration in this run: the SR says nothing of them (absent, not empty)
+        assert "adaptation_id" not in v and "calibration_id" not in v and pd.isna(ref["adaptation_id"])
 
     # The next night: the query starts at the watermark less a day (these studies are older: none listed).
     again = run_pacs_scoring(cfg, "night2", _source_url(pacs, "ModalitiesInStudy=DX&increment=true"),
@@ -369,3 +371,21 @@ def test_cli_refuses_a_bad_pacs_source_before_ray_starts(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert says in proc.stderr and "s3cret" not in proc.stderr + proc.stdout
         assert "Started a local Ray instance" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def test_sr_names_the_site_profile_and_calibration_it_was_scored_with():
+    """No PACS needed: an SR built for a row scored under a site profile and a site calibration carries
+    both ids, and reads back to the same values (rendered as text, as a viewer lists them)."""
+    from pydicom.data import get_testdata_file
+
+    from medclf.report.dicom_sr import Result, build_sr, render_text
+
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    result = Result(status="ok", probabilities={"NORMAL": 0.25, "PNEUMONIA": 0.75}, finding="PNEUMONIA",
+                    threshold=0.5, model_id="m-1", model_version="2026-12-04T00:00:00", run_id="night9",
+                    adaptation_id="a" * 64, calibration_id="sitecal-" + "b" * 16)
+    values = read_sr(build_sr(source, result))
+    assert (values["adaptation_id"], values["calibration_id"]) == ("a" * 64, "sitecal-" + "b" * 16)
+    assert values["finding"] == "PNEUMONIA" and values["probabilities"]["PNEUMONIA"] == pytest.approx(0.75)
+    text = render_text(build_sr(source, result))
+    assert "Site profile (label-free adaptation): " + "a" * 64 in text and "Site calibration: sitecal-" in text

@@ -32,6 +32,8 @@ ITEMS = {
     "MODEL_ID": ("MCMID", SCHEME, "Model id"),
     "MODEL_VERSION": ("MCMVER", SCHEME, "Model version"),
     "RUN_ID": ("MCRUN", SCHEME, "Scoring run"),
+    "ADAPTATION_ID": ("MCADAPT", SCHEME, "Site profile (label-free adaptation)"),
+    "CALIBRATION_ID": ("MCCAL", SCHEME, "Site calibration"),
     "STATUS": ("MCSTAT", SCHEME, "Result status"),
     "REASON": ("MCOOS", SCHEME, "Out-of-scope reason"),
 }
@@ -51,6 +53,8 @@ class Result:
     run_id: str
     reason: Optional[str] = None  # out of scope: why
     frame: Optional[int] = None  # 0-based, None for a single-frame image
+    adaptation_id: Optional[str] = None  # the site profile scoring used (medclf.model.adapt); None: none
+    calibration_id: Optional[str] = None  # the site calibration file (medclf.model.site_calibration); None: none
 
 
 def sr_uid(source_sop: str, frame: Optional[int], model_id: str, run_id: str) -> str:
@@ -87,8 +91,10 @@ def build_sr(source, result: Result, instance_number: int = 1):
     if result.reason:
         items.append(hd.sr.TextContentItem(concept("REASON"), result.reason, relationship_type=contains))
     for key, value in (("MODEL_ID", result.model_id), ("MODEL_VERSION", result.model_version),
-                       ("RUN_ID", result.run_id)):
-        items.append(hd.sr.TextContentItem(concept(key), value, relationship_type=contains))
+                       ("RUN_ID", result.run_id), ("ADAPTATION_ID", result.adaptation_id),
+                       ("CALIBRATION_ID", result.calibration_id)):
+        if value is not None:  # absent: the model's own statistics / calibration
+            items.append(hd.sr.TextContentItem(concept(key), value, relationship_type=contains))
     items.append(hd.sr.ImageContentItem(concept("SOURCE"), source.SOPClassUID, source.SOPInstanceUID,
                                         referenced_frame_numbers=None if result.frame is None else result.frame + 1,
                                         relationship_type=contains))

@@ -133,7 +133,8 @@ def _model_rows(output: str, card, paths: set) -> list[dict]:
     from medclf.model.artifact import prob_column
 
     cols = ["path", "frame", "status", "error", "error_kind", "predicted_label", "threshold", "model_id",
-            "model_version", "run_id", "scored_at", *[prob_column(c) for c in card.classes]]
+            "model_version", "run_id", "scored_at", "adaptation_id", "calibration_id",
+            *[prob_column(c) for c in card.classes]]
     wanted = (pc.field("model_id") == card.model_id) & pc.field("path").isin(pa.array(sorted(paths), pa.string()))
     return predictions_dataset(output).to_table(columns=cols, filter=wanted).to_pylist()
 
@@ -182,7 +183,8 @@ def send_results(src: Source, rows: list[dict], by_path: dict, card) -> tuple[in
                                if row[prob_column(cl)] is not None and row[prob_column(cl)] == row[prob_column(cl)]},
                 threshold=row["threshold"] if row["threshold"] == row["threshold"] else None,
                 model_id=row["model_id"], model_version=row["model_version"], run_id=row["run_id"],
-                reason=None if scored else reason, frame=row["frame"])
+                reason=None if scored else reason, frame=row["frame"],
+                adaptation_id=row["adaptation_id"], calibration_id=row["calibration_id"])
             pending.append(build_sr(metadata[inst], result, instance_number=1 + (row["frame"] or 0)))
         except (requests.RequestException, ValueError, AttributeError) as exc:
             failed += 1
