@@ -105,7 +105,9 @@ def test_score_explains_flagged_files_and_bad_files_are_rows(demo_model, tmp_pat
     (src / "broken.png").write_bytes(b"not a png")
     rc = main(["score", "--config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"),
                "--input", str(src), "--model", trained.model_path, "--run-root", str(tmp_path / "runs"),
-               "--run-id", "s1", "--set", "score.explain_flagged=true", "--set", "score.cpus_per_actor=0.5"])
+               "--run-id", "s1", "--set", "score.explain_flagged=true", "--set", "score.cpus_per_actor=0.5",
+               # the links point outside the input folder: reading there is allowed explicitly (medclf.imaging.confine)
+               "--set", f"score.allowed_roots=[{src}, {data}]"])
     assert rc == 0
     pred = pd.read_parquet(tmp_path / "runs" / "s1" / "predictions")
     flagged = set(pred.loc[pred.predicted_label == "POSITIVE", "path"])

@@ -227,8 +227,12 @@ def test_round_trip_scores_the_pacs_and_the_srs_say_what_the_predictions_say(ray
     # The same DICOM files scored from local disk in the same session give the same probabilities.
     manifest = str(tmp_path / "local.csv")
     pd.DataFrame({"path": list(sops.values())}).to_csv(manifest, index=False)
-    run_scoring(cfg, "local", manifest, pacs_model.model_path, str(tmp_path / "local_predictions"))
+    # the manifest lists files outside its own folder: allowed explicitly (medclf.imaging.confine)
+    local_cfg = cfg.model_copy(update={"score": cfg.score.model_copy(
+        update={"allowed_roots": sorted({os.path.dirname(p) for p in sops.values()})})})
+    run_scoring(local_cfg, "local", manifest, pacs_model.model_path, str(tmp_path / "local_predictions"))
     local = _rows(str(tmp_path / "local_predictions")).set_index("path")
+    assert set(local["status"]) == {"ok"}, local["error"].dropna().head(3).tolist()
 
     srs = _srs(pacs)
     assert len(srs) == 24
