@@ -90,7 +90,7 @@ def test_planted_uid_key_is_in_no_file_log_or_answer(ray_cluster, phantom_root, 
             except urllib.error.HTTPError as exc:
                 answers.append(exc.read())
     finally:
-        serve.delete("medclf-leak")
+        serve.shutdown()  # the proxy too: the next test's endpoint starts Serve on a port of its own
 
     written = [os.path.join(d, n) for d, _, names in os.walk(runs) for n in names]
     assert any(p.endswith("score_config.yaml") for p in written) and any(p.endswith("model.json") for p in written)

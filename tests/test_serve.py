@@ -67,6 +67,7 @@ def endpoint(ray_cluster, served_model, phantom_root):
     from medclf.config import load_config
     from medclf.score.serve import run_server
 
+    serve.shutdown()  # a Serve an earlier test left running would keep its own proxy port (a no-op otherwise)
     port = _free_port()
     cfg = load_config(None, [f"serve.port={port}", "serve.cpus_per_replica=0.5", "serve.max_batch_size=16",
                              "serve.batch_wait_timeout_s=0.2"])
