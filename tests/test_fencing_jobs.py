@@ -13,17 +13,14 @@ from medclf.data.predictions import read_predictions
 from medclf.score.lease import read_lease
 from tests.test_score_recovery import LEASE_SECONDS, model, score_job  # noqa: F401 (fixture)
 
-# Skipped: on the shared 2-core test machine the second job waited on CPUs that the paused first job's
-# actors and parked write task still held (the full suite failed here in session 19, the worktree run
-# passed once). The same fencing guarantees are tested without a second job in tests/test_fencing.py
-# (a publish stalled past a takeover adds nothing, local and S3). Re-enable on a cluster with CPUs to spare.
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500),
-              pytest.mark.skip(reason="paused-driver takeover as two jobs needs more CPUs than the 2-core test "
-                                      "machine leaves (tests/test_fencing.py covers the guarantee)")]
+# Each job starts a Ray of its own, as two scheduler runs on two machines would: on one shared 2-CPU
+# cluster the second job waited for the CPUs that the paused first job's actor and parked write tasks
+# still held, and never started. The S3 server (s3_bucket) is the session's moto on 127.0.0.1.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_paused_driver_takeover_gives_no_duplicates(ray_cluster, model, phantom_root, tmp_path, request,  # noqa: F811
+def test_paused_driver_takeover_gives_no_duplicates(model, phantom_root, tmp_path, request,  # noqa: F811
                                                     where):
     if where == "s3":
         from tests.test_score_s3 import upload_test_split
@@ -35,7 +32,8 @@ def test_paused_driver_takeover_gives_no_duplicates(ray_cluster, model, phantom_
         archive, out = os.path.join(phantom_root, "test"), str(tmp_path / "pred")
         n = sum(f.endswith(".png") for _, _, fs in os.walk(archive) for f in fs)
     go = tmp_path / "go"
-    first = score_job(archive, model, out, tmp_path, "first", fault=f"before_commit:wait={go}", wait=False)
+    first = score_job(archive, model, out, tmp_path, "first", fault=f"before_commit:wait={go}", wait=False,
+                      own_ray=True)
     try:
         deadline = time.time() + 400
         while not os.path.exists(f"{go}.parked") and first.poll() is None and time.time() < deadline:
@@ -43,7 +41,7 @@ def test_paused_driver_takeover_gives_no_duplicates(ray_cluster, model, phantom_
         assert os.path.exists(f"{go}.parked"), first.communicate()[1][-3000:] if first.poll() is not None else ""
         os.kill(first.pid, signal.SIGSTOP)  # the driver is paused: its lease is no longer renewed
         time.sleep(LEASE_SECONDS + 0.5)
-        second = score_job(archive, model, out, tmp_path, "second")
+        second = score_job(archive, model, out, tmp_path, "second", own_ray=True)
         assert second.returncode == 0, second.stderr[-3000:]
         assert "took over the expired lease of run first" in second.stderr
     finally:

@@ -20,12 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEASE_SECONDS = 2.0
 
 
-def score_job(input_dir, model, output, tmp_path, run_id, fault=None, once=None, wait=True):
+def score_job(input_dir, model, output, tmp_path, run_id, fault=None, once=None, wait=True, own_ray=False):
+    """`jobs/score.py` as a subprocess: on the tests' session cluster, or (own_ray) on a Ray of its own,
+    as two scheduler runs on two machines would be."""
     import ray
 
+    where = ["--set", "ray.num_cpus=2"] if own_ray else ["--set", f"ray.address={ray.get_runtime_context().gcs_address}"]
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "score.py"), "--config", os.path.join(ROOT, "configs", "demo.yaml"),
            "--input", str(input_dir), "--model", model, "--output", str(output), "--run-root", str(tmp_path / "runs"),
-           "--run-id", run_id, "--set", f"ray.address={ray.get_runtime_context().gcs_address}",
+           "--run-id", run_id, *where,
            "--set", "score.cpus_per_actor=0.5", "--set", "score.extensions=[.png]", "--set", "score.rows_per_file=4",
            "--set", "score.batch_size=4", "--set", "score.decode_batch_size=4",
            "--set", f"score.lease_seconds={LEASE_SECONDS}"]
