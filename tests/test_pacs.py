@@ -393,3 +393,73 @@ def test_sr_names_the_site_profile_and_calibration_it_was_scored_with():
     assert values["finding"] == "PNEUMONIA" and values["probabilities"]["PNEUMONIA"] == pytest.approx(0.75)
     text = render_text(build_sr(source, result))
     assert "Site profile (label-free adaptation): " + "a" * 64 in text and "Site calibration: sitecal-" in text
+
+
+def _wait_until_every_series_is_stable(pacs, seconds: float = 60) -> None:
+    """Orthanc logs StableSeries StableAge (1 s here) after a series' last instance: wait for every series."""
+    deadline = datetime.now() + timedelta(seconds=seconds)
+    while True:
+        stable = {c["ID"] for c in pacs.rest("GET", "/changes?limit=100000")["Changes"]
+                  if c["ChangeType"] == "StableSeries"}
+        waiting = set(pacs.rest("GET", "/series")) - stable
+        if not waiting:
+            return
+        assert datetime.now() < deadline, f"{len(waiting)} series not stable after {seconds} s"
+        threading.Event().wait(0.5)
+
+
+@needs_orthanc
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_arrival_increment_lists_what_the_pacs_received_since_the_last_clean_run(ray_cluster, pacs_model, pacs,
+                                                                                 phantom_root, tmp_path):
+    """increment=arrival reads Orthanc's change log: a prior that arrives late, with a StudyDate long
+    before the last run (which increment=date would never list again), is in the next night's run; the
+    SRs sent back do not bring their studies back."""
+    from medclf.score.pacs import run_pacs_scoring
+
+    files = sorted(glob.glob(os.path.join(phantom_root, "test", "*", "*.dcm")))
+    first, late = files[::2], files[1::2]
+    for path in first:
+        assert pacs.upload(open(path, "rb").read())["Status"] == "Success"
+    _wait_until_every_series_is_stable(pacs)
+    cfg = _cfg(phantom_root, tmp_path)
+    output = str(tmp_path / "predictions")
+    url = _source_url(pacs, "ModalitiesInStudy=DX&increment=arrival")
+    night1 = run_pacs_scoring(cfg, "night1", url, pacs_model.model_path, output)
+    assert night1.listed == len(first) and night1.scoring.scored == len(first) and night1.since_change is None
+    assert night1.sr_sent == len(first) and night1.watermark
+
+    late_sops = set()
+    for path in late:  # priors imported late: StudyDate years before the watermark
+        ds = pydicom.dcmread(path)
+        ds.StudyDate = "19990101"
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        assert pacs.upload(buf.getvalue())["Status"] == "Success"
+        late_sops.add(ds.SOPInstanceUID)
+    _wait_until_every_series_is_stable(pacs)  # night1's SR series too
+
+    night2 = run_pacs_scoring(cfg, "night2", url, pacs_model.model_path, output)
+    assert night2.since_change is not None and night2.window == {"ModalitiesInStudy": "DX"}
+    assert night2.listed == len(late) and night2.scoring.scored == len(late) and night2.scoring.already_scored == 0
+    assert night2.sr_sent == len(late) and night2.watermark
+    rows = _rows(output)
+    assert len(rows) == len(files) and rows["path"].is_unique and set(rows["status"]) == {"ok"}
+    assert sorted(read_sr(sr)["source"][1] for sr in _srs(pacs) if read_sr(sr)["run_id"] == "night2") == \
+        sorted(late_sops)
+
+    # Nothing received since (the SR series night2 sent are reports, not listed): nothing listed.
+    _wait_until_every_series_is_stable(pacs)  # night2's SR series too, so that night3 reads past them
+    night3 = run_pacs_scoring(cfg, "night3", url, pacs_model.model_path, output)
+    assert night3.listed == 0 and night3.scoring.seen == 0 and night3.sr_sent == 0
+    assert night3.since_change > night2.since_change
+
+
+def test_arrival_increment_needs_orthanc_dicomweb_root():
+    assert parse_source("dicomweb://pacs:8042/dicom-web?increment=arrival").increment == "arrival"
+    assert parse_source("dicomweb://pacs:8042/dicom-web?increment=true").increment == "date"
+    with pytest.raises(DicomwebError, match="increment=arrival reads Orthanc's change log"):
+        parse_source("dicomweb://pacs:8042/wado?increment=arrival")
+    with pytest.raises(DicomwebError, match="expected arrival"):
+        parse_source("dicomweb://pacs:8042/dicom-web?increment=yes")

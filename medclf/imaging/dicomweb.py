@@ -3,8 +3,9 @@
 Source URL: `dicomweb://host:port/dicom-web?StudyDate=20260101-20260131&ModalitiesInStudy=DX`
 (`dicomwebs://` for HTTPS). Query keys: StudyDate (a DICOM date range, either end open),
 ModalitiesInStudy, StudyInstanceUID (study level), Modality, SeriesInstanceUID (series level);
-`increment=true` (only what arrived since the last committed run: medclf.score.pacs) with
-`lookback_days=N` [1]; `results=sr` [default: one DICOM SR per scored image sent back by STOW-RS]
+`increment=arrival` (the series the PACS received since the last clean run, from Orthanc's change
+log: medclf.score.pacs) or `increment=date` (= `true`: StudyDate from the last clean run less
+`lookback_days=N` [1], for any DICOMweb server); `results=sr` [default: one DICOM SR per scored image sent back by STOW-RS]
 or `results=none`.
 
 Each listed instance becomes one input path, `<source>/studies/<study>/series/<series>/instances/<sop>`,
@@ -42,6 +43,7 @@ SERIES_KEYS = ("Modality", "SeriesInstanceUID")
 DICOMWEB_RETRIES = 5  # attempts on 429/503
 BACKOFF_MS = 500  # dicomweb-client waits 2^n * this between attempts (1 s, 2 s, 4 s, 8 s)
 RETRY_CODES = (429, 503)
+INCREMENTS = {"arrival": "arrival", "date": "date", "true": "date", "1": "date", "false": "", "0": ""}
 _DATE_RANGE = re.compile(r"^(\d{8})?-?(\d{8})?$")
 
 
@@ -55,7 +57,7 @@ class Source:
     http_base: str  # http(s)://host:port/path: what the client talks to
     study_filters: dict = field(default_factory=dict)
     series_filters: dict = field(default_factory=dict)
-    increment: bool = False
+    increment: str = ""  # "": the whole query every run; "date": by StudyDate; "arrival": Orthanc's change log
     lookback_days: int = 1
     results: str = "sr"
 
@@ -82,9 +84,10 @@ def parse_source(url: str) -> Source:
         elif key in SERIES_KEYS:
             src.series_filters[key] = value
         elif key == "increment":
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise DicomwebError(f"{src.url}: increment={value!r}: expected true or false")
-            src.increment = value.lower() in ("true", "1")
+            if value.lower() not in INCREMENTS:
+                raise DicomwebError(f"{src.url}: increment={value!r}: expected arrival (what the PACS received since "
+                                    "the last clean run; Orthanc), date (by StudyDate; any server), or false")
+            src.increment = INCREMENTS[value.lower()]
         elif key == "lookback_days":
             if not value.isdigit():
                 raise DicomwebError(f"{src.url}: lookback_days={value!r}: expected a whole number of days >= 0")
@@ -96,6 +99,9 @@ def parse_source(url: str) -> Source:
         else:
             raise DicomwebError(f"{src.url}: unknown query key {key!r}; expected one of "
                                 f"{[*STUDY_KEYS, *SERIES_KEYS, 'increment', 'lookback_days', 'results']}")
+    if src.increment == "arrival" and not src.http_base.endswith("/dicom-web"):
+        raise DicomwebError(f"{src.url}: increment=arrival reads Orthanc's change log beside its DICOMweb root, "
+                            "which must end in /dicom-web (Orthanc's default); with another server use increment=date")
     date = src.study_filters.get("StudyDate")
     if date is not None and not (_DATE_RANGE.match(date) and date not in ("", "-")):
         raise DicomwebError(f"{src.url}: StudyDate={date!r}: expected YYYYMMDD, YYYYMMDD-YYYYMMDD, or a range "
@@ -167,20 +173,90 @@ def _search(method, *uids, filters: Optional[dict] = None) -> list[dict]:
         offset += len(page)
 
 
-def list_instances(src: Source, study_filters: Optional[dict] = None) -> list[Instance]:
-    """QIDO-RS: studies matching the study filters, their series matching the series filters, their instances."""
+def list_instances(src: Source, study_filters: Optional[dict] = None,
+                   only_series: Optional[set] = None) -> list[Instance]:
+    """QIDO-RS: studies matching the study filters, their series matching the series filters, their instances.
+
+    only_series: {(StudyInstanceUID, SeriesInstanceUID)} to restrict the listing to (the arrival
+    increment); each study is still matched against the study filters, each series against the series'."""
     c = client(src.http_base)
     filters = src.study_filters if study_filters is None else study_filters
+    if only_series is None:
+        studies = [_value(study, "0020000D") for study in _search(c.search_for_studies, filters=filters)]
+    else:
+        wanted = sorted({study for study, _ in only_series})
+        studies = [s for s in wanted if _search(c.search_for_studies, filters={**filters, "StudyInstanceUID": s})]
     out = []
-    for study in _search(c.search_for_studies, filters=filters):
-        s = _value(study, "0020000D")
+    for s in studies:
         for series in _search(c.search_for_series, s, filters=src.series_filters):
             if _value(series, "00080060") in NON_IMAGE_MODALITIES:
                 continue  # reports, among them our own SRs: nothing to score, and listed again every night
             se = _value(series, "0020000E")
+            if only_series is not None and (s, se) not in only_series:
+                continue
             for inst in _search(c.search_for_instances, s, se):
                 out.append(Instance(s, se, _value(inst, "00080018")))
     return sorted(set(out), key=lambda i: (i.study, i.series, i.sop))
+
+
+CHANGES_PAGE = 1000  # change-log entries per request
+
+
+def orthanc_root(src: Source) -> str:
+    """Orthanc's REST API sits beside its DICOMweb root: http://host:8042/dicom-web -> http://host:8042."""
+    return src.http_base[: -len("/dicom-web")]
+
+
+def _rest_get(session, url: str, **params):
+    """GET on Orthanc's REST API, with the same retries as DICOMweb (429/503, exponential back-off);
+    None when the resource is gone (deleted since the change was logged)."""
+    import time
+
+    import requests
+
+    for attempt in range(DICOMWEB_RETRIES):
+        try:
+            resp = session.get(url, params=params, timeout=60)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise DicomwebError(f"{url}: the PACS is unreachable ({type(exc).__name__})") from None
+        if resp.status_code in RETRY_CODES and attempt + 1 < DICOMWEB_RETRIES:
+            time.sleep(2 ** attempt * BACKOFF_MS / 1000)
+            continue
+        if resp.status_code in (404, 410):
+            return None
+        if resp.status_code >= 400:
+            raise DicomwebError(f"{url}: the PACS answered HTTP {resp.status_code}")
+        return resp.json()
+
+
+def last_change(src: Source) -> int:
+    """The newest entry of Orthanc's change log (what a first arrival run records as its watermark)."""
+    return int(_rest_get(_session(), f"{orthanc_root(src)}/changes", last="")["Last"])
+
+
+def series_received_since(src: Source, seq: int) -> tuple[set, int]:
+    """({(StudyInstanceUID, SeriesInstanceUID)} of the image series Orthanc received after change `seq`,
+    the last change read).
+
+    Orthanc logs `StableSeries` when a series has received nothing for `StableAge` seconds (60 by
+    default): a series still arriving is left to the next run, and a series that receives more later
+    is logged again. Report series (our own SRs among them) are left out here, so sending results
+    does not bring a study back the next night."""
+    session, root = _session(), orthanc_root(src)
+    found, series_cache = set(), {}
+    while True:
+        page = _rest_get(session, f"{root}/changes", since=seq, limit=CHANGES_PAGE)
+        for change in page["Changes"]:
+            if change["ChangeType"] != "StableSeries" or change["ID"] in series_cache:
+                continue
+            series = _rest_get(session, f"{root}/series/{change['ID']}")
+            study = _rest_get(session, f"{root}/studies/{series['ParentStudy']}") if series else None
+            series_cache[change["ID"]] = None
+            if series and study and series["MainDicomTags"].get("Modality") not in NON_IMAGE_MODALITIES:
+                found.add((study["MainDicomTags"]["StudyInstanceUID"], series["MainDicomTags"]["SeriesInstanceUID"]))
+        seq = int(page["Last"])
+        if page["Done"] or not page["Changes"]:
+            return found, seq
 
 
 def _cipher(key: str):

@@ -72,6 +72,7 @@ class LocalOrthanc:
             "AuthenticationEnabled": True,
             "RegisteredUsers": {user: password},
             "HttpThreadsCount": 8,
+            "StableAge": 1,  # seconds before a series counts as received whole (the arrival increment reads it)
             "Plugins": [dicomweb_plugin()],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
         }

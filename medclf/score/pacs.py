@@ -5,14 +5,16 @@
     -> one Comprehensive SR per scored image (medclf.report.dicom_sr), STOW-RS to the PACS
     -> the watermark, when the run left nothing to try again.
 
-The increment. DICOMweb has no standard "received since" query (QIDO matches StudyDate, not the
-arrival time), so `increment=true` queries StudyDate from the last watermark minus `lookback_days`
-onward. The watermark (`<output>/_dicomweb_watermark-<query hash>.json`, the date the last clean run
-listed through) moves only after a run with no transient error, so instances a failed night missed
-are listed again; anything listed twice is skipped by the skip keys (SOP Instance UID path, bytes,
-frame), so overlap costs a re-download, never a duplicate row. A study whose StudyDate is older than
-the window when it reaches the PACS (a prior imported late) is not in the increment: score such
-studies with an explicit StudyDate range.
+The increment, one of two kinds; each keeps a watermark (`<output>/_dicomweb_watermark-<query
+hash>.json`) that moves only after a run with no transient error and no SR left unsent, so what a
+failed night missed is listed again. Anything listed twice is skipped by the skip keys (SOP
+Instance UID path, bytes, frame): overlap costs a re-download, never a duplicate row or SR.
+- `increment=arrival` (Orthanc): the series the PACS received since the last clean run, read from
+  Orthanc's change log (`StableSeries` entries after the stored change number), then matched
+  against the query over QIDO-RS. Exact: a prior imported weeks late is in the next night's run.
+- `increment=date` (any DICOMweb server; DICOMweb has no "received since" query): StudyDate from
+  the last clean run's date less `lookback_days` onward. A study whose StudyDate is older than that
+  window when it reaches the PACS is not in the increment.
 
 The SRs carry the source's patient and study attributes (DICOM requires them); those are read by
 this driver from WADO-RS metadata for the SR only, and never written to the predictions or logs.
@@ -32,7 +34,8 @@ from typing import Optional
 from medclf import storage
 from medclf.config import Config
 from medclf.imaging.dicomweb import (DicomwebError, Instance, Source, _search, check_credentials, client,
-                                     instance_path, list_instances, parse_source, site_key)
+                                     instance_path, last_change, list_instances, parse_source,
+                                     series_received_since, site_key)
 from medclf.imaging.privacy import check_uid_policy, uid_key
 from medclf.score.batch import ScoreSummary, run_scoring
 
@@ -45,13 +48,15 @@ class PacsRun:
     scoring: ScoreSummary
     listed: int = 0
     window: dict = field(default_factory=dict)  # the study-level query this run used
+    since_change: Optional[int] = None  # increment=arrival: the change-log number this run listed after
     sr_sent: int = 0
     sr_failed: int = 0
     watermark: Optional[str] = None  # the date now stored, None when it did not move
 
     def __str__(self) -> str:
         moved = f"watermark -> {self.watermark}" if self.watermark else "watermark not moved"
-        return (f"{self.scoring}\nPACS: {self.listed} instance(s) listed ({self.window or 'no study filter'}); "
+        since = f", received after change {self.since_change}" if self.since_change is not None else ""
+        return (f"{self.scoring}\nPACS: {self.listed} instance(s) listed ({self.window or 'no study filter'}{since}); "
                 f"SR sent {self.sr_sent}, SR failed {self.sr_failed}; {moved}")
 
 
@@ -72,11 +77,16 @@ def watermark_path(output: str, src: Source) -> str:
     return storage.join(output, f"_dicomweb_watermark-{hashlib.sha256(query.encode()).hexdigest()[:12]}.json")
 
 
+def read_watermark(output: str, src: Source) -> Optional[dict]:
+    path = watermark_path(output, src)
+    return json.loads(storage.read_bytes(path)) if src.increment and storage.exists(path) else None
+
+
 def study_window(src: Source, output: str) -> dict:
-    """The study-level QIDO filters: the source's, with StudyDate starting at the watermark under increment."""
+    """The study-level QIDO filters: the source's, with StudyDate starting at the watermark under increment=date."""
     filters = dict(src.study_filters)
     path = watermark_path(output, src)
-    if not src.increment or not storage.exists(path):
+    if src.increment != "date" or not storage.exists(path):
         return filters
     through = datetime.strptime(json.loads(storage.read_bytes(path))["through"], "%Y%m%d")
     start = (through - timedelta(days=src.lookback_days)).strftime("%Y%m%d")
@@ -94,11 +104,27 @@ def run_pacs_scoring(cfg: Config, run_id: str, url: str, model_path: str, output
     card = load_card(model_path)
     listed_through = datetime.now(timezone.utc).strftime("%Y%m%d")  # before listing: later arrivals come next time
     window = study_window(src, output)
-    instances = list_instances(src, window)
-    log.info("DICOMweb %s: %d instance(s) match %s", src.url, len(instances), window or "no study filter")
+    since = change = None
+    if src.increment == "arrival":
+        mark = read_watermark(output, src)
+        since = mark.get("change") if mark else None
+        if since is not None and last_change(src) < since:
+            log.warning("DICOMweb %s: the PACS's change log ends before this output's watermark (change %d): a new "
+                        "or restored PACS database; listing the whole query once", src.url, since)
+            since = None
+        if since is None:  # the first run lists the whole query; the log is read from here on
+            change = last_change(src)
+            instances = list_instances(src, window)
+        else:
+            received, change = series_received_since(src, int(since))
+            instances = list_instances(src, window, only_series=received)
+    else:
+        instances = list_instances(src, window)
+    log.info("DICOMweb %s: %d instance(s) match %s%s", src.url, len(instances), window or "no study filter",
+             f", received after change {since}" if since is not None else "")
     key = site_key()
     by_path = {instance_path(src, inst, cfg.score.uids, key): inst for inst in instances}
-    run = PacsRun(ScoreSummary(output, 0, 0, 0, 0, 0.0, []), len(instances), window)
+    run = PacsRun(ScoreSummary(output, 0, 0, 0, 0, 0.0, []), len(instances), window, since)
     if instances:
         with tempfile.TemporaryDirectory(prefix="medclf-pacs-") as tmp:
             import pandas as pd
@@ -118,7 +144,7 @@ def run_pacs_scoring(cfg: Config, run_id: str, url: str, model_path: str, output
     else:
         storage.write_atomic(watermark_path(output, src), json.dumps(
             {"source": src.url, "study_filters": src.study_filters, "series_filters": src.series_filters,
-             "through": listed_through, "run_id": run_id}).encode())
+             "through": listed_through, "change": change, "run_id": run_id}).encode())
         run.watermark = listed_through
     return run
 
