@@ -6,14 +6,16 @@ the content checks (medclf.monitor.content), then a feature-space detector. Thre
 detectors are compared on the same images and the same penultimate features:
 
   * mahalanobis: min Mahalanobis distance to the class means, shared Ledoit-Wolf covariance
-    (Lee et al. 2018; medclf.monitor.ood's default);
-  * knn: distance to the k-th nearest reference feature after L2 normalisation (Sun et al. 2022, k=10);
+    (Lee et al. 2018);
+  * knn: distance to the k-th nearest reference feature after L2 normalisation (Sun et al. 2022, k=10;
+    medclf.monitor.ood's default);
   * energy: -logsumexp of the logits (Liu et al. 2020).
 
 The threshold must carry across parts of the archive, so it is never judged on the part it was
 fitted on: with the family-held-out validation of the run (val_group `family` and `patient`),
-each detector is fitted on one part (reference features, and the threshold = the `--quantile`
-of that part's out-of-fold / leave-one-out scores) and applied to the other part, both ways.
+each detector is fitted on one part as training fits it (medclf.monitor.ood: reference features, and
+the threshold = the `--quantile` of that part's out-of-fold scores, folds by patient) and applied to
+the other part, both ways. `stored` rows: the model's own domain record, as scoring applies it.
 False refusals are measured on the other part; refusals on every out-of-domain set.
 
 Sets (every figure with its 95% Wilson interval):
@@ -47,52 +49,28 @@ from medclf.imaging.preprocess import preprocess_gray
 from medclf.model.artifact import load_artifact
 from medclf.monitor.content import content_reason
 from medclf.monitor.drift import wilson
-from medclf.monitor.ood import (_score, features_and_logits, fit_gaussian, input_gate, input_out_of_scope,
+from medclf.data.labelled import patient_id_of
+from medclf.monitor.ood import (KNN_K, _score, features_and_logits, fit_reference, input_gate, input_out_of_scope,
                                 out_of_fold_scores)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KNN_K = 10
 
 
 # ---------------------------------------------------------------- detectors
 
 
-def _unit(f: np.ndarray) -> np.ndarray:
-    f = np.asarray(f, np.float64)
-    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-
-
-def knn_scores(ref: np.ndarray, x: np.ndarray, k: int = KNN_K, skip_self: bool = False) -> np.ndarray:
-    """Distance to the k-th nearest reference feature (unit vectors); skip_self: x is ref (leave-one-out)."""
-    r, q = torch.from_numpy(_unit(ref)), torch.from_numpy(_unit(x))
-    out = []
-    for i in range(0, len(q), 512):
-        d = torch.cdist(q[i:i + 512], r)
-        out.append(d.topk(k + int(skip_self), largest=False).values[:, -1])
-    return torch.cat(out).numpy()
-
-
 class Detector:
-    """A detector fitted on reference features/logits/labels; threshold = quantile of held-out reference scores."""
+    """A detector fitted as medclf.monitor.ood.fit_domain fits it: the reference on these features,
+    the threshold = the quantile of out-of-fold scores, folds by patient when `groups` are given."""
 
-    def __init__(self, kind: str, f, logits, y, quantile: float):
-        self.kind = kind
-        if kind == "mahalanobis":
-            self.arrays = fit_gaussian(f, y)
-            held = out_of_fold_scores("mahalanobis", f, logits, y)
-        elif kind == "knn":
-            self.ref = f
-            held = knn_scores(f, f, skip_self=True)
-        else:
-            held = _score(kind, {}, f, logits)
+    def __init__(self, kind: str, f, logits, y, quantile: float, groups=None):
+        self.kind, self.k = kind, KNN_K
+        self.arrays = fit_reference(kind, f, y)
+        held = out_of_fold_scores(kind, f, logits, y, groups=groups, k=KNN_K)
         self.threshold = float(np.quantile(held, quantile))
 
     def scores(self, f, logits) -> np.ndarray:
-        if self.kind == "mahalanobis":
-            return _score("mahalanobis", self.arrays, f, logits)
-        if self.kind == "knn":
-            return knn_scores(self.ref, f)
-        return _score(self.kind, {}, f, logits)
+        return _score(self.kind, self.arrays, f, logits, self.k)
 
 
 # ---------------------------------------------------------------- images
@@ -200,8 +178,10 @@ def main(argv=None) -> int:
 
     sets: dict[str, dict] = {}  # name -> {"stage": [reason...], "x", "f", "logits", "y", "in_domain"}
 
+    patient_regex = load_config(args.config).data.patient_regex if args.config else None
+
     def add_files(name, paths, in_domain, labels=None):
-        reasons, images, y = [], [], []
+        reasons, images, y, groups = [], [], [], []
         undecodable = 0
         for i, path in enumerate(paths):
             reason, image = load(path, gate)
@@ -212,14 +192,15 @@ def main(argv=None) -> int:
             if reason is None:
                 images.append(image)
                 y.append(labels[i] if labels is not None else -1)
+                groups.append(patient_id_of(path, patient_regex))
         x, f, logits = embed_images(model, card, images)
-        sets[name] = {"stage": reasons, "x": x, "f": f, "logits": logits, "y": np.array(y), "in_domain": in_domain}
+        sets[name] = {"stage": reasons, "x": x, "f": f, "logits": logits, "y": np.array(y), "in_domain": in_domain,
+                      "groups": groups}
         print(f"{name}: {len(paths)} files ({undecodable} undecodable), {time.time() - start:.0f}s", file=sys.stderr)
 
     if args.splits:
         splits = pd.read_parquet(args.splits)
         val = splits[splits.split == "val"]
-        base = os.path.dirname(os.path.abspath(args.splits))
         for part in ("family", "patient"):
             rows = val[val.val_group == part]
             if args.max_val and len(rows) > args.max_val:
@@ -251,12 +232,12 @@ def main(argv=None) -> int:
     print(f"embedded everything, {time.time() - start:.0f}s", file=sys.stderr)
 
     rows = []
-    directions = [("family", "patient"), ("patient", "family")] if args.splits else [(None, None)]
+    directions = ([("family", "patient"), ("patient", "family")] if args.splits else []) + [(None, None)]
     for kind in ("mahalanobis", "knn", "energy"):
         for fit_part, test_part in directions:
             if fit_part:
                 ref = sets[f"chest_{fit_part}"]
-                det = Detector(kind, ref["f"], ref["logits"], ref["y"], args.quantile)
+                det = Detector(kind, ref["f"], ref["logits"], ref["y"], args.quantile, ref["groups"])
             else:
                 det = _stored_detector(args.model, card, kind)
                 if det is None:
@@ -264,6 +245,8 @@ def main(argv=None) -> int:
             for name, s in sets.items():
                 if fit_part and name == f"chest_{fit_part}":
                     continue  # never judged on the part it was fitted on
+                if not fit_part and args.splits and (name.startswith("chest_") or name.startswith("shifted")):
+                    continue  # the stored record was fitted on all of validation
                 if fit_part and name.startswith("shifted") and fit_part == "patient":
                     continue  # shifted copies of the fit part
                 stage = np.array([r is not None for r in s["stage"]])
@@ -286,14 +269,14 @@ def main(argv=None) -> int:
 
 
 def _stored_detector(path, card, kind):
-    """The model's own stored domain record (mahalanobis only): what scoring applies today."""
+    """The model's own stored domain record: what scoring applies."""
     from medclf.monitor.ood import load_domain
 
     domain = load_domain(path, card)
     if domain is None or kind != domain.record.score:
         return None
     det = Detector.__new__(Detector)
-    det.kind, det.arrays, det.threshold = kind, domain.arrays, domain.record.threshold
+    det.kind, det.arrays, det.threshold, det.k = kind, domain.arrays, domain.record.threshold, domain.record.k
     return det
 
 

@@ -77,7 +77,9 @@ def test_training_records_the_domain_and_the_threshold_is_the_validation_quantil
     assert card.files[DOMAIN_FILE] and os.path.exists(os.path.join(guarded, DOMAIN_FILE))
     assert record.modalities == ["CR", "DX"] and record.formats_seen == ["png"]
     assert record.photometric_seen == ["MONOCHROME2"] and record.smallest_side_seen == 32 and record.min_size == 16
-    assert record.score == "mahalanobis" and record.feature_dim == 128  # the small CNN's last width
+    assert record.score == "knn" and record.k == 10 and record.feature_dim == 128  # the small CNN's last width
+    bank = domain.arrays["bank"]  # the validation features, unit length
+    assert bank.shape == (record.n_fit, 128) and np.allclose(np.linalg.norm(bank, axis=1), 1, atol=1e-5)
     val = domain.arrays["validation_scores"]
     assert len(val) == record.n_fit >= 4 and record.quantile == 0.95
     assert record.threshold == pytest.approx(np.quantile(val, 0.95))
@@ -121,8 +123,9 @@ def test_ct_slice_small_png_and_noise_are_out_of_scope(guarded, phantom_root, tm
     # feature-space out of scope: probabilities kept for audit, no label, the score and the reason
     assert by_score.prob_POSITIVE.notna().all() and by_score.error.str.contains("above the threshold").all()
     assert refused.predicted_label.isna().all()
-    # the same score either way (up to float32 batch-composition noise: the two runs batch different rows)
-    np.testing.assert_allclose(flag_rows.loc[by_score.index, "ood_score"], by_score.ood_score, rtol=1e-4)
+    # the same score either way (up to float32 batch-composition noise: the two runs batch different rows;
+    # kNN distances near 0 amplify it, hence an absolute tolerance too)
+    np.testing.assert_allclose(flag_rows.loc[by_score.index, "ood_score"], by_score.ood_score, rtol=1e-4, atol=1e-4)
     ok = rows[rows.status == "ok"]
     assert ok.predicted_label.notna().all() and ok.error.isna().all()
     assert (rows.loc[held_out, "status"] == "ok").mean() >= 0.75  # in-domain mostly passes (quantile 0.95)
@@ -266,3 +269,25 @@ def test_old_predictions_without_ood_score_still_read(tmp_path):
     pq.write_table(table, folder / "part-old.parquet")
     rows = read_predictions(str(tmp_path / "pred"))
     assert "ood_score" in rows.columns and rows.ood_score.isna().all()
+
+
+def test_knn_score_is_the_distance_to_the_kth_nearest_reference_and_folds_keep_patients_together():
+    from medclf.monitor.ood import fold_of, knn_distance, out_of_fold_scores, unit_bank
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(50, 8))
+    query = rng.normal(size=(7, 8))
+    exact = np.sort(np.linalg.norm(unit_bank(query).astype(np.float64)[:, None] - unit_bank(ref).astype(np.float64)[None],
+                                   axis=2), axis=1)[:, 2]  # third nearest
+    np.testing.assert_allclose(knn_distance(unit_bank(ref), query, 3), exact, atol=2e-3)
+    assert knn_distance(unit_bank(ref), ref[:5], 1) == pytest.approx(0, abs=2e-3)  # a bank row is its own nearest
+    # Folds by patient: never a patient in two folds; so a patient's twin films cannot vouch for each other.
+    groups = [f"p{i // 2}" for i in range(40)]
+    fold = fold_of(40, groups, 10, seed=0)
+    assert all(fold[i] == fold[i + 1] for i in range(0, 40, 2)) and len(set(fold)) == 10
+    twins = np.repeat(rng.normal(size=(20, 8)), 2, axis=0)  # every patient has two identical films
+    labels, logits = np.zeros(40, int), np.zeros((40, 2))
+    by_image = out_of_fold_scores("knn", twins, logits, labels, k=1)
+    by_patient = out_of_fold_scores("knn", twins, logits, labels, groups=groups, k=1)
+    assert by_image.min() == pytest.approx(0, abs=2e-3)  # some twin was in another fold: distance 0
+    assert by_patient.min() > 0.05  # the threshold then comes from other patients' films, as at a new site

@@ -19,7 +19,7 @@ class DomainRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    score: Literal["mahalanobis", "energy", "max_softmax"]
+    score: Literal["knn", "mahalanobis", "energy", "max_softmax"]
     threshold: float
     """ood_score above this: out_of_scope."""
     quantile: float
@@ -39,6 +39,8 @@ class DomainRecord(BaseModel):
     n_fit: int
     feature_dim: int
     pca_dim: Optional[int] = None
+    k: Optional[int] = None
+    """kNN score: the neighbour rank (None for other scores, and for records before kNN)."""
     file: str = DOMAIN_FILE
     views: list[str] = []
     """DICOM header rules (medclf.monitor.header; from `data.views` etc.): empty lists accept any value."""

@@ -102,8 +102,13 @@ def fit_reference(card: ModelCard, embedding, val_y: np.ndarray, val_paths: list
         raise ModelError(f"the drift reference needs at least {EMB_PCS + 1} validation images, got {len(val_y)}")
     features, logits = embedding.features, embedding.logits
     probs = class_probabilities(torch.from_numpy(logits), card.temperature).numpy()
-    ood_scores = None if domain is None else out_of_fold_scores(
-        domain.record.score, features, logits, np.asarray(val_y), domain.record.pca_dim, seed)
+    if domain is None:
+        ood_scores = None
+    elif domain.record.n_fit == len(val_y) and len(domain.arrays.get("validation_scores", ())) == len(val_y):
+        ood_scores = domain.arrays["validation_scores"]  # training: the same images, folds drawn by patient
+    else:
+        ood_scores = out_of_fold_scores(domain.record.score, features, logits, np.asarray(val_y),
+                                        domain.record.pca_dim, seed, k=domain.record.k or 10)
     facts = [_file_stats(p) for p in val_paths]
     arrays = {name: np.array([f["stats"][name] for f in facts]) for name in STAT_COLUMNS}
     center = features.mean(axis=0).astype(np.float64)
