@@ -58,7 +58,7 @@ system-deps:
 	else echo "system-deps: Chromium missing and no apt-get with root; the browser tests of the reports will skip"; fi
 
 test: install-test system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 # The inner loop: every test that starts no Ray (tests that start Ray carry the `ray` marker).
 test-fast: install-test
