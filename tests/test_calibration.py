@@ -19,7 +19,7 @@ from medclf.report.metrics import expected_calibration_error
 from medclf.model.artifact import CARD_FILE, class_probabilities, load_artifact, prob_column
 from medclf.data.phantoms import generate
 from medclf.imaging.preprocess import preprocess_gray, to_model_input
-from medclf.train.training import STATE_FILE
+from medclf.train.loop import STATE_FILE
 
 
 def test_fit_temperature_recovers_a_known_overconfidence():

@@ -5,7 +5,7 @@ import pytest
 
 from medclf.config import load_config
 from medclf.data.labelled import DatasetError, assign_validation, discover
-from medclf.train.training import prepare_data
+from medclf.train.inputs import prepare_data
 
 
 def cfg_for(root, *extra):

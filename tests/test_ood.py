@@ -244,7 +244,7 @@ def test_embedding_from_batches_in_any_order_matches_the_whole_array():
 
 
 def test_gather_rows_returns_the_selected_images_in_row_order():
-    from medclf.train.training import gather_rows
+    from medclf.train.finish import gather_rows
 
     x = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((10, 1, 2, 2), np.float32)
     rows = np.array([1, 0, 1, 1, 0, 0, 1, 0, 0, 1], bool)
