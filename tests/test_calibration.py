@@ -16,7 +16,8 @@ from medclf.config import PreprocessConfig
 from medclf.data.labelled import read_manifest
 from medclf.imaging.decode import decode
 from medclf.report.metrics import expected_calibration_error
-from medclf.model.artifact import CARD_FILE, class_probabilities, load_artifact, prob_column
+from medclf.model.artifact import CARD_FILE, class_probabilities, load_artifact
+from medclf.data.predictions import prob_column
 from medclf.data.phantoms import generate
 from medclf.imaging.preprocess import preprocess_gray, to_model_input
 from medclf.train.loop import STATE_FILE

@@ -11,9 +11,9 @@ from medclf.config import load_config
 from medclf.data.labelled import DatasetError
 from medclf.imaging.decode import decode
 from medclf.report.evaluate import run_evaluation
-from medclf.model.artifact import class_probabilities, load_artifact, prob_column
+from medclf.model.artifact import class_probabilities, load_artifact
+from medclf.data.predictions import prob_column, read_predictions
 from medclf.imaging.preprocess import preprocess
-from medclf.data.predictions import read_predictions
 from medclf.score.batch import run_scoring
 from tests.conftest import TINY
 

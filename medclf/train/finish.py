@@ -182,7 +182,7 @@ def write_validation_report(cfg: Config, val: pd.DataFrame, classes: list[str], 
                             card: ModelCard, output: str, what: str) -> None:
     """The evaluation report (medclf.report.evaluate, same tables and plots) of the kept epoch on validation."""
     from medclf.report.evaluate import write_report
-    from medclf.model.artifact import prob_column
+    from medclf.data.predictions import prob_column
 
     frame = pd.DataFrame({"path": val["path"].to_numpy(), "label": val["label"].to_numpy(), "status": "ok",
                           "threshold": np.nan if card.threshold is None else card.threshold,
