@@ -11,11 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
-from medclf.model.calibration import fit_temperature, negative_log_likelihood, softmax_with_temperature
+from medclf.model.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    softmax_with_temperature,
+)
 from medclf.config import PreprocessConfig
-from medclf.data.labelled import read_manifest
+from medclf.imaging.manifest import read_manifest
 from medclf.imaging.decode import decode
-from medclf.report.metrics import expected_calibration_error
 from medclf.model.artifact import CARD_FILE, class_probabilities, load_artifact
 from medclf.data.predictions import prob_column
 from medclf.data.phantoms import generate

@@ -4,7 +4,8 @@ import shutil
 import pytest
 
 from medclf.config import load_config
-from medclf.data.labelled import DatasetError, assign_validation, discover
+from medclf.data.labelled import assign_validation, discover
+from medclf.imaging.manifest import DatasetError
 from medclf.train.inputs import prepare_data
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medclf.config import load_config
-from medclf.data.labelled import DatasetError
+from medclf.imaging.manifest import DatasetError
 from medclf.imaging.decode import decode
 from medclf.report.evaluate import run_evaluation
 from medclf.model.artifact import class_probabilities, load_artifact

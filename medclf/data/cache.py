@@ -131,7 +131,7 @@ def _cache_rows(batch: dict, index: dict, labels: np.ndarray, spec: dict) -> dic
 def _check_build(path: str, expected: int) -> None:
     import pyarrow.parquet as pq
 
-    from medclf.data.labelled import DatasetError
+    from medclf.imaging.manifest import DatasetError
 
     arrow_fs, arrow_path = storage.arrow_filesystem(path)
     errors = [e for e in pq.read_table(arrow_path, columns=["error"], filesystem=arrow_fs).column("error").to_pylist()

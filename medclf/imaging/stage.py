@@ -20,6 +20,7 @@ from medclf import storage
 from medclf.config import PreprocessConfig
 from medclf.imaging.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
 from medclf.imaging.dicomweb import is_dicomweb, read_instance
+from medclf.imaging.manifest import read_manifest
 from medclf.imaging.scope import image_out_of_scope, input_out_of_scope
 from medclf.imaging.preprocess import preprocess_gray
 from medclf.imaging import confine
@@ -198,8 +199,6 @@ def find_inputs(source: str, extensions: Iterable[str]) -> Inputs:
     """
     storage.check_input_url(source)
     if source.lower().endswith((".parquet", ".csv")) and storage.exists(source) and not storage.isdir(source):
-        from medclf.data.labelled import read_manifest
-
         return Inputs(list(read_manifest(source)["path"]))
     if not any(ch in source for ch in "*?[") and not storage.exists(source):
         raise FileNotFoundError(f"{source}: scoring input not found")

@@ -29,19 +29,18 @@ import numpy as np
 import pandas as pd
 
 from medclf import storage
-from medclf.data.labelled import DatasetError, read_manifest
+from medclf.imaging.manifest import DatasetError, read_manifest
 from medclf.errors import UserError
 from medclf.report.metrics import (
     bootstrap_ci,
-    calibration_table,
-    choose_threshold,
     classification_metrics,
     confusion_table,
-    expected_calibration_error,
     per_class_table,
     pr_points,
     roc_points,
 )
+from medclf.model.calibration import calibration_table, expected_calibration_error
+from medclf.model.decision import choose_threshold
 from medclf.data.predictions import prob_column, read_predictions
 from medclf.report.selective import risk_coverage, risk_coverage_plot, selective_summary
 

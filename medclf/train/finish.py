@@ -22,7 +22,8 @@ from medclf.model.calibration import softmax_with_temperature
 from medclf.monitor.ood import embed, fit_domain
 from medclf.monitor.reference import fit_reference
 from medclf.ops.logs import say
-from medclf.report.metrics import choose_threshold, classification_metrics
+from medclf.report.metrics import classification_metrics
+from medclf.model.decision import choose_threshold
 from medclf.train.inputs import TrainingInputs
 
 
@@ -107,7 +108,7 @@ def gather_rows(batches: Iterable, rows: np.ndarray) -> np.ndarray:
 def fit_calibration(log_probs: np.ndarray, y: np.ndarray, positive_index, fitted_on: str) -> tuple[float, dict]:
     """Temperature fitted on validation log-probabilities; log loss and ECE before and after."""
     from medclf.model.calibration import fit_temperature_checked, negative_log_likelihood
-    from medclf.report.metrics import expected_calibration_error
+    from medclf.model.calibration import expected_calibration_error
 
     fit = fit_temperature_checked(log_probs, y)  # warns itself when the fit sat on a bound
     temperature = fit.temperature
