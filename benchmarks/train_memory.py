@@ -32,7 +32,7 @@ sys.path.insert(0, HERE)
 from medclf.config import load_config  # noqa: E402
 from medclf.data.phantoms import PATIENT_REGEX  # noqa: E402
 from medclf.ops.runs import init_ray  # noqa: E402
-from medclf.train.training import run_training  # noqa: E402
+from medclf.train.driver import run_training  # noqa: E402
 from treerss import TreeRSS  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(HERE), "..", "shared")
@@ -75,7 +75,7 @@ def mark_phases(rss: TreeRSS) -> None:
     """Name the part of run_training that is running, for the per-phase peaks: the cache build, the
     workers' feed, Ray Train's fit and the driver's finish step, by wrapping the library's own
     functions (this process runs one training and exits)."""
-    import medclf.train.training as train_mod
+    import medclf.train.driver as train_mod
 
     def marked(phase, fn):
         def run(*args, **kwargs):

@@ -36,14 +36,9 @@ from medclf.config import load_config  # noqa: E402
 from medclf.report.metrics import binary_metrics  # noqa: E402
 from medclf.model.artifact import class_probabilities, load_artifact  # noqa: E402
 from medclf.imaging.preprocess import to_model_input  # noqa: E402
-from medclf.train.training import (  # noqa: E402
-    TrainingParts,
-    preprocess_all,
-    prepare_data,
-    run_training,
-    validation_groups,
-    worker_config,
-)
+from medclf.train.driver import run_training  # noqa: E402
+from medclf.train.inputs import prepare_data, preprocess_all, validation_groups  # noqa: E402
+from medclf.train.parts import TrainingParts, worker_config  # noqa: E402
 
 
 def plain_loop_images_per_s(cfg, df, classes, n_images: int, threads: int) -> float:

@@ -78,7 +78,7 @@ two worker processes, each training on its half of every batch. After each epoch
 validate, and the best epoch is kept. Then the model is **calibrated** (a temperature fitted on
 validation, so a probability of 0.8 means right about 80% of the time) and a decision
 **threshold** is chosen on validation."""),
-code("""from medclf.train.training import run_training
+code("""from medclf.train.driver import run_training
 
 run_dir = os.path.join(work, "runs", "train")
 result = run_training(cfg, run_dir)

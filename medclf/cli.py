@@ -269,7 +269,8 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from medclf.train.training import prepare_data, run_training
+    from medclf.train.driver import run_training
+    from medclf.train.inputs import prepare_data
 
     extra = []
     if args.epochs:
@@ -606,7 +607,7 @@ def explain_into(cfg: Config, paths: list[str], model: str, output: str):
 def cmd_demo(args: argparse.Namespace) -> int:
     from medclf.data.phantoms import generate
     from medclf.score.batch import run_scoring
-    from medclf.train.training import run_training
+    from medclf.train.driver import run_training
 
     t0 = time.time()
     cfg = _config_from(args)

@@ -94,7 +94,7 @@ class DataConfig(_Section):
     are often JPEG/PNG without the tag, so it comes from here. Empty: any modality."""
     views: list[str] = Field(default_factory=list)
     """DICOM views this model is for (ViewPosition, e.g. [PA, AP]); with `body_parts` and `lateralities`
-    recorded in the domain and judged at scoring (medclf.monitor.header). Empty: any."""
+    recorded in the domain and judged at scoring (medclf.imaging.header). Empty: any."""
     body_parts: list[str] = Field(default_factory=list)
     """DICOM BodyPartExamined values this model is for (e.g. [CHEST]). Empty: any."""
     lateralities: list[str] = Field(default_factory=list)
@@ -412,8 +412,8 @@ class OODConfig(_Section):
     action: Literal["flag", "out_of_scope"] = "out_of_scope"
     """What scoring and serving do with an input outside the model's domain (docs/ood.md). `out_of_scope`
     (the default): no label, status out_of_scope with the reason, for an ood_score over the stored
-    threshold, for pixels the content checks refuse (blank, near-constant, noise: medclf.monitor.content)
-    and for DICOM headers outside `data.views` / `body_parts` / `lateralities` (medclf.monitor.header).
+    threshold, for pixels the content checks refuse (blank, near-constant, noise: medclf.imaging.content)
+    and for DICOM headers outside `data.views` / `body_parts` / `lateralities` (medclf.imaging.header).
     `flag`: the behaviour before refusal was the default: those are scored, ood_score written for
     review. A wrong modality or a too-small image is out_of_scope either way."""
 

@@ -100,7 +100,7 @@ def ray_cluster(s3_server):
 @pytest.fixture(scope="session")
 def trained_model(ray_cluster, phantom_root, tmp_path_factory):
     """A 1-epoch model trained with Ray Train on the tiny phantoms (shared by scoring tests)."""
-    from medclf.train.training import run_training
+    from medclf.train.driver import run_training
 
     run_dir = str(tmp_path_factory.mktemp("train_run"))
     cfg = load_config(None, TINY + [f"data.root={phantom_root}", f"run.root={run_dir}"])

@@ -22,9 +22,11 @@ from medclf.data.phantoms import generate, render
 from medclf.imaging.decode import open_images
 from medclf.imaging.stage import load_images
 from medclf.model.artifact import ModelCard, build_model, load_card, save_artifact
-from medclf.monitor.content import content_reason, measures
-from medclf.monitor.header import header_reason
-from medclf.monitor.ood import add_domain, input_gate, reason_kind
+from medclf.imaging.content import content_reason, measures
+from medclf.imaging.header import header_reason
+from medclf.monitor.ood import add_domain
+from medclf.model.records import input_gate
+from medclf.imaging.scope import reason_kind
 from medclf.score.batch import Predictor
 from tests.conftest import TINY
 

@@ -11,15 +11,20 @@ import pandas as pd
 import pytest
 import torch
 
-from medclf.model.calibration import fit_temperature, negative_log_likelihood, softmax_with_temperature
+from medclf.model.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    softmax_with_temperature,
+)
 from medclf.config import PreprocessConfig
-from medclf.data.labelled import read_manifest
+from medclf.imaging.manifest import read_manifest
 from medclf.imaging.decode import decode
-from medclf.report.metrics import expected_calibration_error
-from medclf.model.artifact import CARD_FILE, class_probabilities, load_artifact, prob_column
+from medclf.model.artifact import CARD_FILE, class_probabilities, load_artifact
+from medclf.data.predictions import prob_column
 from medclf.data.phantoms import generate
 from medclf.imaging.preprocess import preprocess_gray, to_model_input
-from medclf.train.training import STATE_FILE
+from medclf.train.loop import STATE_FILE
 
 
 def test_fit_temperature_recovers_a_known_overconfidence():

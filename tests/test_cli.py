@@ -70,7 +70,7 @@ def test_run_id_must_be_one_safe_path_segment(run_id, tmp_path, capsys):
 
 def test_user_errors_share_one_base_class_and_exit_2(tmp_path, capsys):
     from medclf.config import ConfigError
-    from medclf.data.labelled import DatasetError
+    from medclf.imaging.manifest import DatasetError
     from medclf.imaging.decode import DecodeError, NotAnImage
     from medclf.errors import UserError
     from medclf.report.evaluate import EvaluationError

@@ -4,8 +4,9 @@ import shutil
 import pytest
 
 from medclf.config import load_config
-from medclf.data.labelled import DatasetError, assign_validation, discover
-from medclf.train.training import prepare_data
+from medclf.data.labelled import assign_validation, discover
+from medclf.imaging.manifest import DatasetError
+from medclf.train.inputs import prepare_data
 
 
 def cfg_for(root, *extra):

@@ -15,9 +15,12 @@ from medclf.config import DriftConfig, load_config
 from medclf.monitor.drift import DRIFT_EXIT, compare, holm, psi, wilson
 from medclf.imaging.stage import load_images
 from medclf.model.artifact import ModelError, load_artifact, load_card
-from medclf.monitor.ood import input_gate, load_domain
+from medclf.monitor.ood import load_domain
+from medclf.model.records import input_gate
 from medclf.data.phantoms import generate, write_ct_like, write_shifted
-from medclf.monitor.reference import EMB_COLUMNS, REFERENCE_FILE, STAT_COLUMNS, image_stats, load_reference
+from medclf.monitor.reference import REFERENCE_FILE, load_reference
+from medclf.data.predictions import EMB_COLUMNS
+from medclf.imaging.stats import STAT_COLUMNS, image_stats
 from medclf.score.batch import Predictor
 from tests.conftest import TINY
 

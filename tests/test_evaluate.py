@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from medclf.report.evaluate import EvaluationError, run_evaluation
-from medclf.model.artifact import prob_column
-from medclf.data.predictions import prediction_schema
+from medclf.data.predictions import prediction_schema, prob_column
 
 CLASSES = ["NORMAL", "POSITIVE"]
 

@@ -75,7 +75,7 @@ def test_patient_scheme_marks_its_validation_rows():
 def test_family_scheme_config_errors_are_clear():
     with pytest.raises(ConfigError, match="family_regex and data.holdout_families and/or"):
         load_config(None, ["data.val_scheme=family", "data.family_regex='(x)'"])
-    from medclf.data.labelled import DatasetError
+    from medclf.imaging.manifest import DatasetError
     with pytest.raises(DatasetError, match=r"holdout_families \['CT'\] match no file name"):
         assign_validation(archive(), DataConfig(val_scheme="family", family_regex=REGEX_FAMILY,
                                                 holdout_families=["CT"]), seed=0)

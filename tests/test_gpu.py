@@ -13,7 +13,7 @@ import torch
 from medclf.config import load_config
 from medclf.data.predictions import prob_column, read_predictions
 from medclf.score.batch import run_scoring
-from medclf.train.training import run_training
+from medclf.train.driver import run_training
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600),

@@ -48,7 +48,7 @@ def demo_model(ray_cluster, tmp_path_factory):
     """The demo recipe (configs/demo.yaml: small CNN, 64 px phantoms) trained with Ray Train."""
     from medclf.config import load_config
     from medclf.data.phantoms import generate
-    from medclf.train.training import run_training
+    from medclf.train.driver import run_training
 
     root = tmp_path_factory.mktemp("demo")
     data = str(root / "data")

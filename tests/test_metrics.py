@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from medclf.report.metrics import binary_metrics, choose_threshold, classification_metrics, confusion_table
+from medclf.report.metrics import binary_metrics, classification_metrics, confusion_table
+from medclf.model.decision import choose_threshold
 
 
 def test_binary_metrics_against_hand_count():
@@ -51,7 +52,8 @@ def test_multiclass_and_confusion():
 
 
 def test_calibration_brier_and_ece_by_hand():
-    from medclf.report.metrics import brier_score, calibration_table, expected_calibration_error
+    from medclf.report.metrics import brier_score
+    from medclf.model.calibration import calibration_table, expected_calibration_error
 
     y = np.array([0, 1, 1, 0, 1])
     p = np.array([0.05, 0.15, 0.85, 0.95, 0.95])

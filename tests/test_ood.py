@@ -18,7 +18,8 @@ from sklearn.metrics import roc_auc_score
 from medclf.config import load_config
 from medclf.imaging.stage import load_images
 from medclf.model.artifact import CARD_FILE, ModelError, build_model, load_artifact, penultimate
-from medclf.monitor.ood import DOMAIN_FILE, load_domain, reason_kind
+from medclf.monitor.ood import DOMAIN_FILE, load_domain
+from medclf.imaging.scope import reason_kind
 from medclf.score.batch import Predictor
 from tests.conftest import TINY
 
@@ -45,7 +46,7 @@ def guarded(trained_model, tmp_path_factory):
 def score_rows(model_path, paths, ood_action="out_of_scope"):
     """The decode stage and the model stage as plain functions (no Ray), as scoring runs them."""
     from medclf.model.artifact import load_card
-    from medclf.monitor.ood import input_gate
+    from medclf.model.records import input_gate
 
     card = load_card(model_path)
     predictor = Predictor(model_path, "run", threads=1, ood_action=ood_action)
@@ -247,7 +248,7 @@ def test_embedding_from_batches_in_any_order_matches_the_whole_array():
 
 
 def test_gather_rows_returns_the_selected_images_in_row_order():
-    from medclf.train.training import gather_rows
+    from medclf.train.finish import gather_rows
 
     x = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((10, 1, 2, 2), np.float32)
     rows = np.array([1, 0, 1, 1, 0, 0, 1, 0, 0, 1], bool)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from medclf.config import load_config
-from medclf.data.labelled import DatasetError
+from medclf.imaging.manifest import DatasetError
 from medclf.imaging.decode import decode
 from medclf.report.evaluate import run_evaluation
-from medclf.model.artifact import class_probabilities, load_artifact, prob_column
+from medclf.model.artifact import class_probabilities, load_artifact
+from medclf.data.predictions import prob_column, read_predictions
 from medclf.imaging.preprocess import preprocess
-from medclf.data.predictions import read_predictions
 from medclf.score.batch import run_scoring
 from tests.conftest import TINY
 
@@ -102,7 +102,7 @@ def test_unreadable_training_image_fails_before_training(ray_cluster, phantom_ro
     shutil.copytree(os.path.join(phantom_root, "train"), root / "train")
     (root / "train" / "NORMAL" / "P99999_0.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     cfg = load_config(None, TINY + [f"data.root={root}", f"run.root={tmp_path}"])
-    from medclf.train.training import run_training
+    from medclf.train.driver import run_training
 
     with pytest.raises(DatasetError, match=r"(?s)1 unreadable image\(s\) in the (train|val) split.*P99999_0.png: corrupt or truncated PNG"):
         run_training(cfg, str(tmp_path / "run"))

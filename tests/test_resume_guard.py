@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from medclf.config import load_config
-from medclf.train.training import FINGERPRINT_FILE, ResumeError, check_resume, rng_state, run_fingerprint, set_rng_state
+from medclf.train.inputs import FINGERPRINT_FILE, ResumeError, check_resume, run_fingerprint
+from medclf.train.loop import rng_state, set_rng_state
 
 DF = pd.DataFrame({"path": ["a.png", "b.png"], "label": ["NORMAL", "POSITIVE"], "split": ["train", "val"]})
 

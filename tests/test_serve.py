@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medclf.model.artifact import load_card, prob_column
+from medclf.model.artifact import load_card
+from medclf.data.predictions import prob_column
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 

@@ -14,7 +14,7 @@ import pytest
 from medclf.model import prior_shift, site_calibration, site_fit
 from medclf.model.artifact import ModelCard
 from medclf.model.site_calibration import SiteCalibrationError
-from medclf.report.metrics import expected_calibration_error
+from medclf.model.calibration import expected_calibration_error
 
 CLASSES = ["NORMAL", "POSITIVE"]
 

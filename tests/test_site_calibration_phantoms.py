@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from medclf.cli import main
-from medclf.data.predictions import read_predictions
+from medclf.data.predictions import prob_column, read_predictions
 from medclf.data.phantoms import generate, write_shifted
 from medclf.model import site_calibration, site_fit
-from medclf.model.artifact import ModelCard, build_model, load_card, prob_column, save_artifact
-from medclf.report.metrics import expected_calibration_error
+from medclf.model.artifact import ModelCard, build_model, load_card, save_artifact
+from medclf.model.calibration import expected_calibration_error
 
 
 @pytest.fixture

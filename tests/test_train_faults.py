@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from medclf.config import load_config
-from medclf.train.training import run_training
+from medclf.train.driver import run_training
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]

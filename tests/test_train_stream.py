@@ -10,7 +10,9 @@ import pytest
 from medclf import storage
 from medclf.data.cache import duplicate_audit, ensure_cache
 from medclf.config import load_config
-from medclf.train.training import ShardData, make_trainer, run_training, start_run
+from medclf.train.driver import make_trainer, run_training
+from medclf.train.inputs import start_run
+from medclf.train.worker_data import ShardData
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -52,7 +54,7 @@ def record_shards(loop_config):
     the split rows of its batches in the order it got them (from `start_epoch`, as a resumed run)."""
     import ray.train
 
-    from medclf.train.training import LoopConfig
+    from medclf.train.parts import LoopConfig
 
     job = LoopConfig.model_validate(loop_config["job"])
     ctx = ray.train.get_context()
@@ -77,7 +79,7 @@ def stream_once(cfg, inputs, caches, out, start_epoch=0):
     import ray.cloudpickle
     import ray.data
 
-    from medclf.train.training import feed
+    from medclf.train.driver import feed
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
     os.makedirs(out)

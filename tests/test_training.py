@@ -6,7 +6,7 @@ import pytest
 from medclf.config import load_config
 from medclf.model.artifact import load_artifact
 from medclf.monitor.ood import load_domain
-from medclf.train.training import run_training
+from medclf.train.driver import run_training
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]

@@ -14,10 +14,20 @@ import torch
 from medclf.config import ConfigError, load_config
 from medclf.imaging.decode import decode
 from medclf.model.card import CARD_MARKDOWN
-from medclf.model.artifact import (MirrorMean, ModelCard, build_model, class_probabilities, head_module, load_artifact,
-                           penultimate, plain_model, prob_column, save_artifact)
+from medclf.model.artifact import (
+    MirrorMean,
+    ModelCard,
+    build_model,
+    class_probabilities,
+    head_module,
+    load_artifact,
+    penultimate,
+    plain_model,
+    save_artifact,
+)
+from medclf.data.predictions import prob_column
 from medclf.imaging.preprocess import preprocess_gray, to_model_input
-from medclf.train.training import STATE_FILE
+from medclf.train.loop import STATE_FILE
 
 from tests.conftest import TINY
 
@@ -68,7 +78,7 @@ def test_mirror_mean_is_applied_alike_by_validation_scoring_gradcam_and_export(r
     from medclf.report.gradcam import run_explain
     from medclf.data.predictions import read_predictions
     from medclf.score.batch import run_scoring
-    from medclf.train.training import run_training
+    from medclf.train.driver import run_training
 
     ort = pytest.importorskip("onnxruntime")
     cfg = load_config(None, TINY + [f"data.root={phantom_root}", f"run.root={tmp_path / 'runs'}",

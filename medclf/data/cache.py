@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -27,6 +26,7 @@ import pandas as pd
 
 from medclf import storage
 from medclf.config import Config, PreprocessConfig
+from medclf.ops.logs import say
 
 CACHE_VERSION = 2  # 2: each row keeps its file's SHA-256 (duplicate_audit)
 MARKER = "_cache.json"
@@ -44,11 +44,6 @@ class SplitCache:
     key: str
     rows: int
     built: bool  # False: reused as it was
-
-
-def _say(message: str) -> None:
-    sys.stdout.write(f"[medclf] {message}\n")
-    sys.stdout.flush()
 
 
 def cache_key(part: pd.DataFrame, labels: np.ndarray, classes: list[str], spec: PreprocessConfig) -> str:
@@ -69,12 +64,12 @@ def ensure_cache(name: str, part: pd.DataFrame, labels: np.ndarray, classes: lis
     marker = storage.join(path, MARKER)
     if storage.exists(marker):
         rows = json.loads(storage.read_bytes(marker))["rows"]
-        _say(f"data cache: reusing {path} ({rows} {name} images; files, labels and preprocessing unchanged)")
+        say(f"data cache: reusing {path} ({rows} {name} images; files, labels and preprocessing unchanged)")
         return SplitCache(name, path, key, rows, built=False)
     others = [p.rsplit("/", 1)[-1] for p in _caches_of(root, name) if not p.endswith(key)]
     reason = (f"files, labels or preprocessing changed since {', '.join(others)}" if others
               else "no cache of these files yet")
-    _say(f"data cache: building {path} ({len(part)} {name} images: {reason})")
+    say(f"data cache: building {path} ({len(part)} {name} images: {reason})")
     build(path, part, labels, cfg)
     storage.write_bytes(marker, json.dumps({"rows": len(part), "key": key, "version": CACHE_VERSION,
                                             "preprocess": cfg.preprocess.model_dump()}).encode())
@@ -136,7 +131,7 @@ def _cache_rows(batch: dict, index: dict, labels: np.ndarray, spec: dict) -> dic
 def _check_build(path: str, expected: int) -> None:
     import pyarrow.parquet as pq
 
-    from medclf.data.labelled import DatasetError
+    from medclf.imaging.manifest import DatasetError
 
     arrow_fs, arrow_path = storage.arrow_filesystem(path)
     errors = [e for e in pq.read_table(arrow_path, columns=["error"], filesystem=arrow_fs).column("error").to_pylist()
@@ -173,10 +168,10 @@ def duplicate_audit(caches: dict, parts: dict) -> dict:
     audit = {"duplicate_groups": len(copies), "duplicate_files": sum(map(len, copies)),
              "label_conflicts": conflicts, "val_copies_of_train": val_copies}
     for group in conflicts:
-        _say("data audit: identical files with different labels: "
+        say("data audit: identical files with different labels: "
              + "; ".join(f"{c['path']} ({c['label']}, {c['split']})" for c in group))
     if val_copies:
-        _say(f"data audit: {len(val_copies)} validation image(s) identical to a training image, so validation "
+        say(f"data audit: {len(val_copies)} validation image(s) identical to a training image, so validation "
              f"scores them as seen (first: {val_copies[0]})")
     return audit
 

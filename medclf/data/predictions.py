@@ -4,14 +4,18 @@ the nightly skip set). Hive-partitioned Parquet by `run_date`, local or on objec
 from __future__ import annotations
 
 import posixpath
-
+import re
 from typing import Optional
 
 import pandas as pd
 
 from medclf import storage
-from medclf.model.artifact import prob_column
-from medclf.monitor.reference import EMB_COLUMNS, STAT_COLUMNS
+from medclf.imaging.stats import STAT_COLUMNS
+
+# Principal components of the penultimate-layer features each row carries (fitted into the drift
+# reference by medclf.monitor.reference).
+EMB_PCS = 4
+EMB_COLUMNS = [f"emb_pc{k + 1}" for k in range(EMB_PCS)]
 
 # Output schema of the predictions Parquet (per-class `prob_<class>` columns follow `status`).
 PREDICTION_COLUMNS = {
@@ -45,6 +49,11 @@ PREDICTION_COLUMNS = {
     **{name: f"projection of the penultimate-layer features on principal component {k + 1} of the validation "
              "features (the model's drift reference); null without one" for k, name in enumerate(EMB_COLUMNS)},
 }
+
+def prob_column(class_name: str) -> str:
+    """Parquet column holding a class's probability: `prob_<name>` with non-word characters -> '_'."""
+    return "prob_" + re.sub(r"\W+", "_", class_name).strip("_")
+
 
 def prediction_schema(classes: list[str]):
     """The Arrow schema of a predictions file for a model with these classes."""

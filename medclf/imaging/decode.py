@@ -44,7 +44,7 @@ DICOM_META_TAGS = {
     "study_instance_uid": "StudyInstanceUID",
     "series_instance_uid": "SeriesInstanceUID",
 }
-# Header fields the out-of-scope guard judges (medclf.monitor.header); in `meta` only, not row columns.
+# Header fields the out-of-scope guard judges (medclf.imaging.header); in `meta` only, not row columns.
 DICOM_DOMAIN_TAGS = {
     "view_position": "ViewPosition",
     "patient_orientation": "PatientOrientation",

@@ -1,6 +1,6 @@
 """The image stage shared by scoring, training, Grad-CAM and evaluation: list input files, then
 read -> checksum -> decode -> preprocess, one row per image, as a Ray Data dataset. The decode
-step also measures each image's input statistics for drift (medclf.monitor.reference.image_stats).
+step also measures each image's input statistics for drift (medclf.imaging.stats.image_stats).
 
 A file that cannot be read or decoded becomes a row with `status = "error"` and its message; a
 file that holds no image (a DICOM report) a row with `status = "skipped"` and the reason. One row
@@ -20,11 +20,12 @@ from medclf import storage
 from medclf.config import PreprocessConfig
 from medclf.imaging.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
 from medclf.imaging.dicomweb import is_dicomweb, read_instance
-from medclf.monitor.ood import image_out_of_scope, input_out_of_scope
+from medclf.imaging.manifest import read_manifest
+from medclf.imaging.scope import image_out_of_scope, input_out_of_scope
 from medclf.imaging.preprocess import preprocess_gray
 from medclf.imaging import confine
 from medclf.imaging.privacy import protect_uid
-from medclf.monitor.reference import STAT_COLUMNS, image_stats
+from medclf.imaging.stats import STAT_COLUMNS, image_stats
 
 # Rows of files this model scored before: counted in the summary, never written.
 ALREADY_SCORED = "already_scored"  # medclf.score.sink.UNWRITTEN_STATUS
@@ -51,7 +52,7 @@ def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, fr
     being decoded (counted, never written). Each file's first row has `first_row` set, so the
     sink can count files as well as images. `uids`: (score.uids, site key): DICOM UIDs are
     hashed or dropped here, so raw ones never leave the task (medclf.imaging.privacy). `gate`: the
-    model's domain checks known from the header (medclf.monitor.ood.input_gate): a file that fails them
+    model's domain checks known from the header (medclf.model.records.input_gate): a file that fails them
     gives `out_of_scope` rows, its pixels never decoded.
     """
     pre = PreprocessConfig.model_validate(spec)
@@ -198,8 +199,6 @@ def find_inputs(source: str, extensions: Iterable[str]) -> Inputs:
     """
     storage.check_input_url(source)
     if source.lower().endswith((".parquet", ".csv")) and storage.exists(source) and not storage.isdir(source):
-        from medclf.data.labelled import read_manifest
-
         return Inputs(list(read_manifest(source)["path"]))
     if not any(ch in source for ch in "*?[") and not storage.exists(source):
         raise FileNotFoundError(f"{source}: scoring input not found")

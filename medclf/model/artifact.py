@@ -361,11 +361,6 @@ def class_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tenso
     return torch.softmax(logits.float() / temperature, dim=1)
 
 
-def prob_column(class_name: str) -> str:
-    """Parquet column holding a class's probability: `prob_<name>` with non-word characters -> '_'."""
-    return "prob_" + re.sub(r"\W+", "_", class_name).strip("_")
-
-
 def _weights_digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -8,6 +8,7 @@ hundred validation images, unlike isotonic regression, and it applies to multi-c
 
 T is stored in the model artifact (`ModelCard.temperature`); `medclf.model.artifact.class_probabilities`
 is the one function that turns logits into probabilities for scoring, Grad-CAM and validation.
+How calibrated scores are is measured here too (calibration_table, expected_calibration_error).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
@@ -98,3 +100,26 @@ def _search(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, float]) -> t
     x = float(result.x)
     bound = "lower" if x - bounds[0] < _AT_BOUND else "upper" if bounds[1] - x < _AT_BOUND else None
     return x, bound
+
+
+def calibration_table(y_true: np.ndarray, p_pos: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
+    """Reliability diagram data: equal-width probability bins with count, mean score, observed rate."""
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(p_pos, float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        inside = which == b
+        n = int(inside.sum())
+        rows.append({"bin": b, "bin_low": edges[b], "bin_high": edges[b + 1], "count": n,
+                     "mean_predicted": float(p[inside].mean()) if n else np.nan,
+                     "fraction_positive": float(y[inside].mean()) if n else np.nan})
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(y_true: np.ndarray, p_pos: np.ndarray, n_bins: int = 10) -> float:
+    """ECE: bin-size-weighted mean |observed rate - mean predicted probability|."""
+    table = calibration_table(y_true, p_pos, n_bins)
+    used = table[table["count"] > 0]
+    return float((used["count"] * (used["fraction_positive"] - used["mean_predicted"]).abs()).sum() / len(y_true))

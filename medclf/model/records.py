@@ -2,7 +2,9 @@
 guard's domain record (medclf.monitor.ood) and the drift reference (medclf.monitor.reference).
 
 They live here, with the artifact format, so that validating model.json (medclf.model.artifact)
-needs nothing from the monitor package that reads and fits them: the arrays stay in the monitor."""
+needs nothing from the monitor package that reads and fits them: the arrays stay in the monitor.
+`input_gate` turns a card's domain record into the checks the image stage makes at decode time
+(medclf.imaging.scope)."""
 
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ class DomainRecord(BaseModel):
     """kNN score: the neighbour rank (None for other scores, and for records before kNN)."""
     file: str = DOMAIN_FILE
     views: list[str] = []
-    """DICOM header rules (medclf.monitor.header; from `data.views` etc.): empty lists accept any value."""
+    """DICOM header rules (medclf.imaging.header; from `data.views` etc.): empty lists accept any value."""
     body_parts: list[str] = []
     lateralities: list[str] = []
     allow_missing: bool = True
@@ -69,3 +71,19 @@ class ReferenceRecord(BaseModel):
     emb_variance_explained: list[float]
     n_emb: int
     file: str = REFERENCE_FILE
+
+
+def input_gate(card, action: str = "out_of_scope") -> Optional[dict]:
+    """What the decode stage checks before any pixel reaches the model (None: nothing, for a model
+    without a domain record). Modality and size always; with `ood.action: out_of_scope` also the
+    DICOM header rules and the content checks (`flag` keeps the guard to what it was before).
+    `card`: a ModelCard (medclf.model.artifact, which imports this module: not named here)."""
+    if card.domain is None:
+        return None
+    record = DomainRecord.model_validate(card.domain)
+    gate = {"modalities": record.modalities, "min_size": record.min_size}
+    if action == "out_of_scope":
+        gate.update(content=True, header={"views": record.views, "body_parts": record.body_parts,
+                                          "lateralities": record.lateralities,
+                                          "allow_missing": record.allow_missing})
+    return gate

@@ -25,9 +25,9 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax
 
-from medclf.model.calibration import fit_temperature
+from medclf.model.calibration import expected_calibration_error, fit_temperature
 from medclf.model.site_calibration import SiteCalibration, SiteCalibrationError, finish
-from medclf.report.metrics import choose_threshold, expected_calibration_error
+from medclf.model.decision import choose_threshold
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def labelled_sample(labelled: str, classes: list, extensions: list) -> tuple[lis
     """(paths, labels) of a folder of class subfolders (`<dir>/<CLASS>/<file>`) or a manifest with
     path and label columns, listed only: no image is read (labels are checked by check_sample)."""
     from medclf import storage
-    from medclf.data.labelled import DatasetError, read_manifest
+    from medclf.imaging.manifest import DatasetError, read_manifest
 
     if labelled.lower().endswith((".parquet", ".csv")):
         df = read_manifest(labelled)

@@ -35,9 +35,11 @@ import pandas as pd
 from medclf import storage
 from medclf.config import DriftConfig
 from medclf.errors import UserError
-from medclf.model.artifact import load_card, prob_column
+from medclf.model.artifact import load_card
+from medclf.data.predictions import EMB_COLUMNS, prob_column
 from medclf.monitor.ood import load_domain
-from medclf.monitor.reference import EMB_COLUMNS, STAT_COLUMNS, load_reference
+from medclf.monitor.reference import load_reference
+from medclf.imaging.stats import STAT_COLUMNS
 
 log = logging.getLogger(__name__)
 

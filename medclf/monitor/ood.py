@@ -24,7 +24,7 @@ the validation images (`fit_domain`) and stores it in the model artifact:
     full fit that scores new images (phantoms: 11.5% of a same-distribution night over the 0.95
     quantile with 2 folds).
 
-Scoring applies two kinds of rule. At decode time (medclf.imaging.stage, no model needed): a DICOM
+Scoring applies two kinds of rule. At decode time (medclf.imaging.scope, in the image stage; no model needed): a DICOM
 modality not in the record, or an image smaller than the minimum side (`input_out_of_scope`).
 After the forward pass (medclf.score.batch): `ood_score` above the threshold. Either way the row's
 `error` says why; see docs/usage.md for what the row carries.
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
@@ -46,8 +45,7 @@ import torch
 
 from medclf.model.artifact import ModelCard, ModelError, penultimate, read_artifact_arrays
 from medclf.model.records import DOMAIN_FILE, DomainRecord  # noqa: F401 (DOMAIN_FILE: read here by callers)
-from medclf.monitor.content import REASONS as CONTENT_REASONS, content_reason
-from medclf.monitor.header import REASONS as HEADER_REASONS, header_reason
+from medclf.imaging.scope import REASONS
 from medclf.imaging.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
@@ -56,9 +54,6 @@ SCORES = ("knn", "mahalanobis", "energy", "max_softmax")
 ARRAYS = {"mahalanobis": ["center", "components", "means", "precision"], "knn": ["bank"]}
 """The reference arrays each feature-space score reads (besides `validation_scores`)."""
 
-# Each out-of-scope reason starts with one of these phrases; `reason_kind` maps them back for counts.
-REASONS = {"modality": "DICOM modality", "too_small": "image too small", "ood_score": "ood_score",
-           **HEADER_REASONS, **CONTENT_REASONS}
 
 
 @dataclass
@@ -338,59 +333,9 @@ def load_domain(path: str, card: ModelCard) -> Optional[Domain]:
     return Domain(record, read_artifact_arrays(path, card, record.file, needed))
 
 
-def input_gate(card: ModelCard, action: str = "out_of_scope") -> Optional[dict]:
-    """What the decode stage checks before any pixel reaches the model (None: nothing, for a model
-    without a domain record). Modality and size always; with `ood.action: out_of_scope` also the
-    DICOM header rules and the content checks (`flag` keeps the guard to what it was before)."""
-    if card.domain is None:
-        return None
-    record = DomainRecord.model_validate(card.domain)
-    gate = {"modalities": record.modalities, "min_size": record.min_size}
-    if action == "out_of_scope":
-        gate.update(content=True, header={"views": record.views, "body_parts": record.body_parts,
-                                          "lateralities": record.lateralities,
-                                          "allow_missing": record.allow_missing})
-    return gate
-
-
 # ---------------------------------------------------------------- reasons
-
-
-def input_out_of_scope(meta: dict, gate: Optional[dict]) -> Optional[str]:
-    """Why a decoded file is out of scope by its header alone (modality, view/body part, size), or None."""
-    if not gate:
-        return None
-    modality = meta.get("modality")
-    allowed = gate["modalities"]
-    if allowed and modality and modality.strip().upper() not in allowed:
-        # Modality is a short code (CS, 16 chars); anything else is not echoed (it could be a name).
-        shown = modality if re.fullmatch(r"[A-Za-z0-9 _]{1,16}", modality) else "a non-standard value"
-        return f"{REASONS['modality']} {shown} is not one this model is for ({', '.join(allowed)})"
-    header = header_reason(meta, gate.get("header"))
-    if header:
-        return header
-    width, height = meta.get("width"), meta.get("height")
-    if width is not None and height is not None and min(width, height) < gate["min_size"]:
-        return (f"{REASONS['too_small']}: {width}x{height} px, the model's domain starts at "
-                f"{gate['min_size']} px a side")
-    return None
-
-
-def image_out_of_scope(image: np.ndarray, gate: Optional[dict]) -> Optional[str]:
-    """Why the decoded pixels are not an image to judge (medclf.monitor.content), when the gate asks; or None."""
-    if not gate or not gate.get("content"):
-        return None
-    return content_reason(image)
 
 
 def score_reason(score: float, record: DomainRecord) -> str:
     return (f"{REASONS['ood_score']} {score:.3g} above the threshold {record.threshold:.3g} "
             f"({record.score}; {100 * record.quantile:g}% quantile of validation): unlike the training images")
-
-
-def reason_kind(error: Optional[str]) -> str:
-    """The reason key (`REASONS`) of an out_of_scope row's `error` text ('<path>: <reason>')."""
-    for key, phrase in REASONS.items():
-        if f": {phrase}" in (error or ""):
-            return key
-    return "other"

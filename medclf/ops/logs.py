@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 VERBOSE_ENV = "MEDCLF_VERBOSE"
@@ -26,6 +27,14 @@ def set_verbose(verbose: bool) -> None:
         os.environ[VERBOSE_ENV] = "1"
     else:
         os.environ.pop(VERBOSE_ENV, None)
+
+
+def say(message: str) -> None:
+    """One of medclf's own progress lines, on stdout as `[medclf] ...`."""
+    # Ray Train V2 patches print() to tee into its logger, which doubles each line in the
+    # driver's output; writing to stdout directly prints once.
+    sys.stdout.write(f"[medclf] {message}\n")
+    sys.stdout.flush()
 
 
 def verbose() -> bool:

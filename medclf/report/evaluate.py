@@ -29,21 +29,19 @@ import numpy as np
 import pandas as pd
 
 from medclf import storage
-from medclf.data.labelled import DatasetError, read_manifest
+from medclf.imaging.manifest import DatasetError, read_manifest
 from medclf.errors import UserError
 from medclf.report.metrics import (
     bootstrap_ci,
-    calibration_table,
-    choose_threshold,
     classification_metrics,
     confusion_table,
-    expected_calibration_error,
     per_class_table,
     pr_points,
     roc_points,
 )
-from medclf.model.artifact import prob_column
-from medclf.data.predictions import read_predictions
+from medclf.model.calibration import calibration_table, expected_calibration_error
+from medclf.model.decision import choose_threshold
+from medclf.data.predictions import prob_column, read_predictions
 from medclf.report.selective import risk_coverage, risk_coverage_plot, selective_summary
 
 # Columns that, when present in the predictions or the labels manifest, get a subgroup table.
@@ -349,7 +347,7 @@ def write_report(
 def ood_rate(df: pd.DataFrame) -> dict:
     """Out-of-scope files (medclf.monitor.ood) among those seen: not predictions, so not in the metrics,
     but a rising rate says the input has drifted from what the model was trained on."""
-    from medclf.monitor.ood import reason_kind
+    from medclf.imaging.scope import reason_kind
 
     rows = df[df["status"] == "out_of_scope"]
     reasons = rows["error"].map(reason_kind).value_counts() if len(rows) else pd.Series(dtype=int)

@@ -194,7 +194,7 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
     import ray.data
 
     from medclf.imaging.stage import images_dataset
-    from medclf.monitor.ood import input_gate
+    from medclf.model.records import input_gate
 
     card = load_card(model_path)  # fail fast: a bad artifact, an unknown layer or class
     if target != "predicted" and target not in card.classes:

@@ -2,7 +2,8 @@
 
 Scores, never hard labels, feed ROC and PR curves. Binary tasks are evaluated at a decision
 threshold on the positive class's probability; multi-class tasks by argmax, one-vs-rest AUC
-and macro averages.
+and macro averages. The rule that picks the threshold (choose_threshold) and the calibration
+measures live with the model (medclf.model.decision, medclf.model.calibration).
 """
 
 from __future__ import annotations
@@ -13,43 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-
-def choose_threshold(y_true: np.ndarray, p_pos: np.ndarray, rule: str, target_sensitivity: float = 0.95) -> float:
-    """Operating point on validation scores.
-
-    youden: maximise sensitivity + specificity - 1. A well-separated validation set has a whole
-      interval of thresholds with the same best J; we take its middle in logit space (the
-      largest margin to both classes) rather than an edge, because new data shifts scores and
-      an edge threshold turns the first shift into errors.
-    target_sensitivity: the highest threshold whose sensitivity reaches the target.
-    argmax: 0.5 (what a plain argmax over two softmax outputs does).
-    """
-    y_true = np.asarray(y_true).astype(int)
-    if rule == "argmax" or len(np.unique(y_true)) < 2:
-        return 0.5
-    fpr, tpr, thr = skm.roc_curve(y_true, p_pos, drop_intermediate=False)
-    thr = np.clip(thr, 0.0, 1.0)  # sklearn's first threshold is +inf
-    if rule == "youden":
-        j = tpr - fpr
-        best_idx = np.flatnonzero(j >= j.max() - 1e-12)
-        first, last = int(best_idx[0]), int(best_idx[-1])
-        # thresholds in (score below the plateau, thr[first]] all give the best J
-        high = float(thr[first])
-        low = float(thr[last + 1]) if last + 1 < len(thr) else float(thr[last])
-        return float(_expit((_logit(high) + _logit(low)) / 2)) if high > low else high
-    if rule == "target_sensitivity":
-        reaching = np.flatnonzero(tpr >= target_sensitivity)
-        return float(thr[int(reaching[0])])  # tpr rises as the threshold falls: the first is the highest
-    raise ValueError(f"unknown threshold rule '{rule}'")
-
-
-def _logit(p: float) -> float:
-    p = min(max(p, 1e-7), 1 - 1e-7)
-    return float(np.log(p / (1 - p)))
-
-
-def _expit(z: float) -> float:
-    return float(1 / (1 + np.exp(-z)))
+from medclf.model.calibration import expected_calibration_error
 
 
 def binary_metrics(y_true: np.ndarray, p_pos: np.ndarray, threshold: float) -> dict:
@@ -187,29 +152,6 @@ def pr_points(y_true: np.ndarray, scores: np.ndarray, classes: list[str], positi
                                   "threshold": np.append(thr, np.nan)}))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
         columns=["class", "precision", "recall", "threshold"])
-
-
-def calibration_table(y_true: np.ndarray, p_pos: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
-    """Reliability diagram data: equal-width probability bins with count, mean score, observed rate."""
-    y = np.asarray(y_true).astype(int)
-    p = np.asarray(p_pos, float)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
-    rows = []
-    for b in range(n_bins):
-        inside = which == b
-        n = int(inside.sum())
-        rows.append({"bin": b, "bin_low": edges[b], "bin_high": edges[b + 1], "count": n,
-                     "mean_predicted": float(p[inside].mean()) if n else np.nan,
-                     "fraction_positive": float(y[inside].mean()) if n else np.nan})
-    return pd.DataFrame(rows)
-
-
-def expected_calibration_error(y_true: np.ndarray, p_pos: np.ndarray, n_bins: int = 10) -> float:
-    """ECE: bin-size-weighted mean |observed rate - mean predicted probability|."""
-    table = calibration_table(y_true, p_pos, n_bins)
-    used = table[table["count"] > 0]
-    return float((used["count"] * (used["fraction_positive"] - used["mean_predicted"]).abs()).sum() / len(y_true))
 
 
 def brier_score(y_true: np.ndarray, p_pos: np.ndarray) -> float:

@@ -148,7 +148,7 @@ def gallery_plot(images: list, captions: list[str], wrong: list[bool], title: st
 def drift_histograms(rows: pd.DataFrame, reference, card, table: pd.DataFrame) -> bytes:
     """Reference (validation) vs batch histograms of each distribution statistic of a drift report;
     a flagged statistic's title is red."""
-    from medclf.model.artifact import prob_column
+    from medclf.data.predictions import prob_column
 
     dist = table[table["kind"] == "distribution"]
     n = max(1, len(dist))

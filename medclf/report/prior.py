@@ -6,8 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from medclf.data.predictions import read_predictions
-from medclf.model.artifact import prob_column
+from medclf.data.predictions import prob_column, read_predictions
 from medclf.model.prior_shift import calibration_prior, em_prior, moved_threshold
 
 

@@ -74,7 +74,7 @@ def decode_sample(cfg: Config, card, paths: list[str]) -> dict:
     every decoded image), with the run's own decode settings."""
     from medclf.imaging.privacy import uid_key
     from medclf.imaging.stage import _file_rows, _rows_to_batch
-    from medclf.monitor.ood import input_gate
+    from medclf.model.records import input_gate
 
     sc, pre = cfg.score, card.preprocess_spec
     rows = []

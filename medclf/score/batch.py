@@ -35,7 +35,8 @@ from medclf.score.lease import Lease, verify
 from medclf.data.predictions import prediction_schema, predictions_dataset
 from medclf.model.artifact import load_card
 from medclf.model.site_calibration import load as load_site_calibration
-from medclf.monitor.ood import input_gate, reason_kind
+from medclf.model.records import input_gate
+from medclf.imaging.scope import reason_kind
 from medclf.imaging.confine import default_roots, resolved_roots
 from medclf.imaging.privacy import uid_key
 from medclf.score.preflight import check_uid_key, no_inputs_message
@@ -103,7 +104,7 @@ class ScoreSummary:
     files_listed: int = 0
     filtered: int = 0
     out_of_scope_reasons: dict = field(default_factory=dict)
-    """Out-of-scope rows of this run per reason (medclf.monitor.ood.REASONS keys)."""
+    """Out-of-scope rows of this run per reason (medclf.imaging.scope.REASONS keys)."""
     stage_seconds: dict = field(default_factory=dict)  # medclf.score.costs.STAGES -> busy seconds
     adaptation: str = ""
     """What score.adapt decided, and why (medclf.score.adaptation.AdaptDecision)."""

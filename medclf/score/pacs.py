@@ -156,7 +156,7 @@ def _model_rows(output: str, card, paths: set) -> list[dict]:
     import pyarrow.compute as pc
 
     from medclf.data.predictions import predictions_dataset
-    from medclf.model.artifact import prob_column
+    from medclf.data.predictions import prob_column
 
     cols = ["path", "frame", "status", "error", "error_kind", "predicted_label", "threshold", "model_id",
             "model_version", "run_id", "scored_at", "adaptation_id", "calibration_id",
@@ -182,7 +182,7 @@ def send_results(src: Source, rows: list[dict], by_path: dict, card) -> tuple[in
     import requests
     from pydicom.dataset import Dataset
 
-    from medclf.model.artifact import prob_column
+    from medclf.data.predictions import prob_column
     from medclf.report.dicom_sr import Result, build_sr, sr_uid
 
     c = client(src.http_base)

@@ -12,14 +12,15 @@ from typing import Optional
 
 import numpy as np
 
-from medclf.data.predictions import prediction_schema
+from medclf.data.predictions import EMB_COLUMNS, prediction_schema, prob_column
 from medclf.imaging.preprocess import to_model_input
 from medclf.imaging.stage import META_KEYS, text_or_none
-from medclf.model.artifact import class_probabilities, load_artifact, penultimate, prob_column
+from medclf.model.artifact import class_probabilities, load_artifact, penultimate
 from medclf.model.decision import predict_labels
 from medclf.model.site_calibration import load as load_site_calibration
 from medclf.monitor.ood import load_domain, score_reason
-from medclf.monitor.reference import EMB_COLUMNS, STAT_COLUMNS, load_reference
+from medclf.monitor.reference import load_reference
+from medclf.imaging.stats import STAT_COLUMNS
 from medclf.score.costs import per_row
 
 

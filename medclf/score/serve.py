@@ -36,9 +36,9 @@ from ray import serve
 
 from medclf.config import Config, ServeConfig
 from medclf.imaging.stage import _file_rows, _rows_to_batch
-from medclf.model.artifact import prob_column
+from medclf.data.predictions import prob_column
 from medclf.model.card import public_card
-from medclf.monitor.ood import input_gate
+from medclf.model.records import input_gate
 from medclf.score.auth import UNAUTHORIZED_BODY, authorized, is_liveness, serve_token
 from medclf.score.predictor import Predictor
 from medclf.score.upload import TooLarge, read_limited

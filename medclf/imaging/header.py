@@ -3,7 +3,7 @@
 A pneumonia model trained on frontal chest films must not answer for a lateral film or a knee:
 the header says so before any pixel is decoded. The allowed values come from the config
 (`data.views: [PA, AP]`, `data.body_parts: [CHEST]`, `data.lateralities`), are recorded in the
-model's domain record (medclf.monitor.ood.DomainRecord) and judged here on the fields the decoder
+model's domain record (medclf.model.records.DomainRecord) and judged here on the fields the decoder
 exposes (medclf.imaging.decode.DICOM_DOMAIN_TAGS). An empty list: any value.
 
 The view is ViewPosition; when a file lacks it, PatientOrientation's row direction tells frontal
@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-# Reason phrases (see medclf.monitor.ood.REASONS): each out_of_scope `error` has one after '<path>: '.
+# Reason phrases (see medclf.imaging.scope.REASONS): each out_of_scope `error` has one after '<path>: '.
 REASONS = {
     "view": "DICOM view",
     "body_part": "DICOM body part",

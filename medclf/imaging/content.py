@@ -27,7 +27,7 @@ import numpy as np
 
 WORK_SIDE = 256
 
-# Reason phrases: each out_of_scope `error` starts with one of them after '<path>: ' (see ood.REASONS).
+# Reason phrases: each out_of_scope `error` starts with one of them after '<path>: ' (see medclf.imaging.scope.REASONS).
 REASONS = {
     "all_zero": "all pixels are zero",
     "constant": "near-constant image",

@@ -1,0 +1,77 @@
+"""The package's import structure (issue 36): no import circle between modules, and the subpackages
+stand in layers, none importing one that imports it back, directly or round a longer loop. Imports
+inside functions count: they are read from the source, not from a running interpreter."""
+
+import ast
+import pathlib
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """medclf module -> the medclf modules it imports (`from medclf import storage` names the module)."""
+    modules = {}
+    for path in (ROOT / "medclf").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("medclf"):
+                found = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                         for a in node.names]
+            elif isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            else:
+                continue
+            graph[name] |= {m for m in found if m in modules and m != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected parts of more than one node (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while not part or part[-1] != v:
+                part.append(stack.pop())
+                on.discard(part[-1])
+            if len(part) > 1:
+                found.append(sorted(part))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def package_of(module: str) -> str:
+    """medclf.imaging.stage -> medclf.imaging; a top-level module (medclf.config) is its own layer."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_import_circle_between_modules():
+    assert circles(import_graph()) == []
+
+
+def test_subpackages_stand_in_layers():
+    packages: dict[str, set[str]] = {}
+    for module, imported in import_graph().items():
+        packages.setdefault(package_of(module), set()).update(
+            package_of(m) for m in imported if package_of(m) != package_of(module))
+    assert "medclf.imaging" in packages and "medclf.monitor" in packages["medclf.score"]  # the graph is read
+    assert circles(packages) == [], "subpackages that import each other, directly or round a loop"
