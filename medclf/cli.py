@@ -546,23 +546,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import json
 
-    from medclf.model import site_calibration, site_fit
-    from medclf.model.artifact import load_card
+    from medclf.model import site_calibration
+    from medclf.model.site_fit import calibrate_site
 
     storage.check_input_url(args.model)
-    card = load_card(args.model)
-    paths, labels = site_fit.labelled_sample(args.labelled, card.classes, args.extensions)
-    # refused here, before any image is read, when k or a class count is too small
-    site_fit.check_sample(labels, card.classes, args.labelled, args.min_films, args.min_per_class)
-    logits, ok, errors = site_fit.logits_of(args.model, paths)
-    for message in errors:
-        print(f"left out: {message}", file=sys.stderr)
-    y = np.array([card.classes.index(lab) for lab in labels])
-    site_fit.check_sample([labels[i] for i in np.flatnonzero(ok)], card.classes,
-                          f"{args.labelled} (after {len(errors)} film(s) failed to decode)",
-                          args.min_films, args.min_per_class)
-    cal = site_fit.fit(logits[ok], y[ok], card, args.threshold_rule, args.target_sensitivity, args.map,
-                       source=args.labelled, failed=len(errors))
+    card, cal = calibrate_site(args.model, args.labelled, args.extensions, args.threshold_rule,
+                               args.target_sensitivity, args.map, args.min_films, args.min_per_class,
+                               left_out=lambda message: print(f"left out: {message}", file=sys.stderr))
     site_calibration.save(cal, args.out)
     r = cal.report
     print(f"site calibration {cal.calibration_id} for {card.model_id} -> {args.out}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from scipy.optimize import minimize
@@ -278,3 +278,24 @@ def logits_of(model_path: str, paths: list, batch_size: int = 32) -> tuple[np.nd
             flush()
     flush()
     return out, ok, errors
+
+
+def calibrate_site(model_path: str, labelled: str, extensions: list, rule: str = "model",
+                   target_sensitivity: Optional[float] = None, map_choice: str = "auto", min_films: int = MIN_FILMS,
+                   min_per_class: int = MIN_PER_CLASS, left_out: Callable[[str], None] = lambda message: None):
+    """Steps 1-5 above for `medclf calibrate`: (the model's card, its SiteCalibration). `left_out` hears
+    each film that failed to decode as it is left out, before the counts are checked again."""
+    from medclf.model.artifact import load_card
+
+    card = load_card(model_path)
+    paths, labels = labelled_sample(labelled, card.classes, extensions)
+    # refused here, before any image is read, when k or a class count is too small
+    check_sample(labels, card.classes, labelled, min_films, min_per_class)
+    logits, ok, errors = logits_of(model_path, paths)
+    for message in errors:
+        left_out(message)
+    y = np.array([card.classes.index(lab) for lab in labels])
+    check_sample([labels[i] for i in np.flatnonzero(ok)], card.classes,
+                 f"{labelled} (after {len(errors)} film(s) failed to decode)", min_films, min_per_class)
+    return card, fit(logits[ok], y[ok], card, rule, target_sensitivity, map_choice, source=labelled,
+                     failed=len(errors))
