@@ -50,6 +50,7 @@ from medclf.model.artifact import load_artifact
 from medclf.imaging.content import content_reason
 from medclf.monitor.drift import wilson
 from medclf.data.labelled import patient_id_of
+from medclf.imaging.appearance import STAT_NAMES, _distance, appearance_stats, fit_appearance
 from medclf.monitor.ood import KNN_K, _score, features_and_logits, fit_reference, out_of_fold_scores
 from medclf.model.records import input_gate
 from medclf.imaging.scope import input_out_of_scope
@@ -161,6 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("--quantile", type=float, default=0.99)
     p.add_argument("--chest-sample", type=int, default=0,
                    help="no splits: score this many Kermany films as one out-of-domain set (demo model)")
+    p.add_argument("--appearance", type=int, default=1,
+                   help="1: the pixel-statistics check (medclf.imaging.appearance) refuses too, as scoring does")
+    p.add_argument("--appearance-quantile", type=float, default=0.995)
     p.add_argument("--out", help="CSV of the results table")
     args = p.parse_args(argv)
     start = time.time()
@@ -234,13 +238,18 @@ def main(argv=None) -> int:
 
     rows = []
     directions = ([("family", "patient"), ("patient", "family")] if args.splits else []) + [(None, None)]
+    for s in sets.values():  # the pixel-statistics check (medclf.imaging.appearance) runs on the same pixels
+        s["looks"] = np.array([appearance_stats(x) for x in s["x"]]).reshape(len(s["x"]), len(STAT_NAMES))
+    stored_looks = (card.domain or {}).get("appearance")
     for kind in ("mahalanobis", "knn", "energy"):
         for fit_part, test_part in directions:
             if fit_part:
                 ref = sets[f"chest_{fit_part}"]
                 det = Detector(kind, ref["f"], ref["logits"], ref["y"], args.quantile, ref["groups"])
+                looks = fit_appearance(ref["looks"], ref["groups"], args.appearance_quantile) if args.appearance else None
             else:
                 det = _stored_detector(args.model, card, kind)
+                looks = stored_looks if args.appearance else None
                 if det is None:
                     continue
             for name, s in sets.items():
@@ -252,12 +261,17 @@ def main(argv=None) -> int:
                     continue  # shifted copies of the fit part
                 stage = np.array([r is not None for r in s["stage"]])
                 feat = det.scores(s["f"], s["logits"]) > det.threshold if len(s["f"]) else np.zeros(0, bool)
+                pixel = np.zeros(len(s["f"]), bool)
+                if looks and len(s["f"]):
+                    pixel = _distance(s["looks"], np.asarray(looks["mean"]),
+                                      np.asarray(looks["precision"])) > looks["threshold"]
                 n = len(stage)
                 k_stage = int(stage.sum())
-                k = k_stage + int(feat.sum())
+                k = k_stage + int((feat | pixel).sum())
                 lo, hi = wilson(k, n) if n else (np.nan, np.nan)
                 rows.append({"detector": kind, "fitted_on": fit_part or "stored", "set": name,
                              "in_domain": s["in_domain"], "n": n, "refused_by_header_or_content": k_stage,
+                             "refused_by_pixel_stats": int(pixel.sum()), "refused_by_detector": int(feat.sum()),
                              "refused": k, "rate": k / n if n else np.nan, "ci_low": lo, "ci_high": hi,
                              "threshold": det.threshold})
     table = pd.DataFrame(rows)

@@ -401,6 +401,12 @@ class OODConfig(_Section):
     out-of-domain set with the fewest false refusals on held-out chest films (docs/ood.md)."""
     knn_k: int = Field(10, ge=1)
     """kNN score: which nearest validation feature the distance is to."""
+    appearance: bool = True
+    """Also fit a pixel-statistics reference (medclf.imaging.appearance): with `action: out_of_scope`, an
+    image whose statistics are unlike the validation images' is refused at decode time, before the model
+    (it caught the real films a phantom-trained model's features took for phantoms: docs/ood.md)."""
+    appearance_quantile: float = Field(0.995, gt=0.5, lt=1.0)
+    """Its threshold: this quantile of out-of-fold (by patient) validation distances."""
     quantile: float = Field(0.99, gt=0.5, lt=1.0)
     """The ood threshold is this quantile of out-of-fold validation ood scores: about 1 - quantile
     of in-domain images are flagged (measured: docs/benchmarks.md)."""

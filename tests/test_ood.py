@@ -119,7 +119,7 @@ def test_ct_slice_small_png_and_noise_are_out_of_scope(guarded, phantom_root, tm
         if i % 4 in (0, 1, 2):
             assert kinds[path] == ("constant" if i % 4 == 2 else "noise"), rows.loc[path, "error"]
             assert np.isnan(rows.loc[path, "ood_score"]) and np.isnan(rows.loc[path, "prob_POSITIVE"])
-    assert set(kinds) <= {"noise", "constant", "ood_score"}
+    assert set(kinds) <= {"noise", "constant", "ood_score", "appearance"}
     by_score = refused[kinds == "ood_score"]
     # feature-space out of scope: probabilities kept for audit, no label, the score and the reason
     assert by_score.prob_POSITIVE.notna().all() and by_score.error.str.contains("above the threshold").all()
@@ -292,3 +292,67 @@ def test_knn_score_is_the_distance_to_the_kth_nearest_reference_and_folds_keep_p
     by_patient = out_of_fold_scores("knn", twins, logits, labels, groups=groups, k=1)
     assert by_image.min() == pytest.approx(0, abs=2e-3)  # some twin was in another fold: distance 0
     assert by_patient.min() > 0.05  # the threshold then comes from other patients' films, as at a new site
+
+
+def test_images_unlike_the_validation_images_pixel_statistics_are_refused_before_the_model(trained_model, tmp_path):
+    """medclf.imaging.appearance: a phantom model's features may take a CT slice for a phantom; its pixel
+    statistics do not. Refused at decode time (no probabilities), held-out phantoms scored, `flag` scores all.
+    The record is fitted on 160 phantoms (add_domain): the shared model's 16 validation images are too few."""
+    from medclf.data.phantoms import PATIENT_REGEX, generate, render_ct_like
+    from medclf.imaging.appearance import STAT_NAMES
+    from medclf.monitor.ood import add_domain
+
+    fit = generate(str(tmp_path / "fit"), n_train=160, n_test=0, image_size=32, formats=("png",), seed=7)
+    cfg = load_config(None, TINY + ["ood.enabled=true", f"data.patient_regex={PATIENT_REGEX}"])
+    guarded = str(tmp_path / "model")
+    add_domain(trained_model.model_path, guarded, cfg, [str(tmp_path / "fit" / p) for p in fit.path], list(fit.label))
+    record = load_domain(guarded, load_artifact(guarded)[1]).record
+    looks = record.appearance
+    assert looks and len(looks["mean"]) == len(STAT_NAMES) and looks["quantile"] == 0.995
+    assert looks["validation_flag_rate"] <= 0.02 and looks["n_fit"] == 160
+    rng = np.random.default_rng(5)
+    ct = []
+    for i in range(12):
+        path = str(tmp_path / f"ct{i}.png")
+        Image.fromarray((render_ct_like(rng, 32) * 255).astype(np.uint8)).save(path)
+        ct.append(path)
+    new = generate(str(tmp_path / "new"), n_train=60, n_test=0, image_size=32, formats=("png",), seed=8)
+    held_out = [str(tmp_path / "new" / p) for p in new.path]
+    rows = score_rows(guarded, ct + held_out)
+    kinds = rows.loc[ct, "error"].fillna("").map(reason_kind)
+    # Every slice refused; at 32 px the pixel statistics catch a third of them (4 of 12 measured) before the
+    # model, kNN the rest after it. Real films against the 64 px demo model: 200 of 200 (docs/ood.md).
+    assert (rows.loc[ct, "status"] == "out_of_scope").all() and (kinds == "appearance").sum() >= 3, kinds
+    by_looks = rows.loc[ct][kinds == "appearance"]
+    assert by_looks.error.str.contains("image statistics unlike the training images").all()
+    assert by_looks.prob_POSITIVE.isna().all() and by_looks.ood_score.isna().all()  # before the model
+    refused = rows.loc[held_out][rows.loc[held_out].error.fillna("").map(reason_kind) == "appearance"]
+    assert len(refused) <= 3, refused.error.tolist()  # new phantoms look like validation: scored
+    flag = score_rows(guarded, ct, "flag")  # refusal off: no pixel-statistics check, every image answered
+    assert (flag.status == "ok").all()
+
+
+def test_pixel_statistics_tell_photographs_from_phantoms():
+    """The check's own function, no model: a reference of 200 phantoms at 64 px refuses Pillow scenes."""
+    from PIL import ImageDraw
+
+    from medclf.data.phantoms import render
+    from medclf.imaging.appearance import appearance_reason, appearance_stats, fit_appearance
+    from medclf.imaging.preprocess import preprocess_gray
+
+    spec = load_config(None, TINY + ["preprocess.image_size=64"]).preprocess
+    rng = np.random.default_rng(0)
+    phantoms = [preprocess_gray(render(rng, rng, 64, i % 2 == 0).image, spec) for i in range(260)]
+    groups = [f"p{i // 2}" for i in range(200)]
+    reference = fit_appearance(np.array([appearance_stats(x) for x in phantoms[:200]]), groups, 0.995)
+    assert sum(appearance_reason(x, reference) is not None for x in phantoms[200:]) <= 2  # new phantoms pass
+    photos = []
+    for i in range(20):
+        img = Image.new("RGB", (96, 80), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(4):
+            x0, y0 = int(rng.integers(0, 60)), int(rng.integers(0, 50))
+            draw.rectangle([x0, y0, x0 + 30, y0 + 20], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        photos.append(preprocess_gray(np.asarray(img.convert("L"), np.float32) / 255, spec))
+    reasons = [appearance_reason(x, reference) for x in photos]
+    assert all(r and r.startswith("image statistics unlike the training images") for r in reasons), reasons

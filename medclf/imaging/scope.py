@@ -3,7 +3,8 @@ reasons vocabulary of every `out_of_scope` row.
 
 With a model's gate (medclf.model.records.input_gate, from its domain record): a DICOM modality
 the model is not for, a header outside its views, body parts or lateralities (medclf.imaging.header),
-an image smaller than its minimum side, and pixels that hold no image (medclf.imaging.content).
+an image smaller than its minimum side, pixels that hold no image (medclf.imaging.content), and a
+preprocessed image whose pixel statistics are unlike the validation images' (medclf.imaging.appearance).
 The feature-space check after the forward pass (`ood_score`) is medclf.monitor.ood's.
 """
 
@@ -14,12 +15,13 @@ from typing import Optional
 
 import numpy as np
 
+from medclf.imaging.appearance import REASONS as APPEARANCE_REASONS, appearance_reason
 from medclf.imaging.content import REASONS as CONTENT_REASONS, content_reason
 from medclf.imaging.header import REASONS as HEADER_REASONS, header_reason
 
 # Each out-of-scope reason starts with one of these phrases; `reason_kind` maps them back for counts.
 REASONS = {"modality": "DICOM modality", "too_small": "image too small", "ood_score": "ood_score",
-           **HEADER_REASONS, **CONTENT_REASONS}
+           **HEADER_REASONS, **CONTENT_REASONS, **APPEARANCE_REASONS}
 
 
 def input_out_of_scope(meta: dict, gate: Optional[dict]) -> Optional[str]:
@@ -47,6 +49,11 @@ def image_out_of_scope(image: np.ndarray, gate: Optional[dict]) -> Optional[str]
     if not gate or not gate.get("content"):
         return None
     return content_reason(image)
+
+
+def pixels_out_of_scope(pixels: np.ndarray, gate: Optional[dict]) -> Optional[str]:
+    """Why the preprocessed image does not look like the model's validation images, when the gate asks; or None."""
+    return appearance_reason(pixels, gate.get("appearance")) if gate else None
 
 
 def reason_kind(error: Optional[str]) -> str:

@@ -21,7 +21,7 @@ from medclf.config import PreprocessConfig
 from medclf.imaging.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
 from medclf.imaging.dicomweb import is_dicomweb, read_instance
 from medclf.imaging.manifest import read_manifest
-from medclf.imaging.scope import image_out_of_scope, input_out_of_scope
+from medclf.imaging.scope import image_out_of_scope, input_out_of_scope, pixels_out_of_scope
 from medclf.imaging.preprocess import preprocess_gray
 from medclf.imaging import confine
 from medclf.imaging.privacy import protect_uid
@@ -112,10 +112,13 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
             image = images.image(frame).image
             out["stats"] = image_stats(image)  # for drift (medclf.monitor.reference), measured here: no second pass
             refused = image_out_of_scope(image, gate)  # blank, near-constant, noise: not for any model
+            if not refused:
+                pixels = preprocess_gray(image, pre)
+                refused = pixels_out_of_scope(pixels, gate)  # unlike the model's own validation images
             if refused:
                 out.update(status="out_of_scope", error=f"{path}: {refused}")
             else:
-                out["pixels"] = preprocess_gray(image, pre)
+                out["pixels"] = pixels
         except Exception as exc:  # a bad frame is a row; the file's other frames go on
             out.update(status="error", error=_error_text(path, exc), error_kind=_error_kind(exc))
         out["t_decode"] = time.perf_counter() - started + (header_seconds if frame == images.frames[0] else 0.0)

@@ -49,6 +49,8 @@ class DomainRecord(BaseModel):
     body_parts: list[str] = []
     lateralities: list[str] = []
     allow_missing: bool = True
+    appearance: Optional[dict] = None
+    """Pixel-statistics reference and threshold (medclf.imaging.appearance); None: not fitted (older records)."""
 
 
 class ReferenceRecord(BaseModel):
@@ -76,7 +78,8 @@ class ReferenceRecord(BaseModel):
 def input_gate(card, action: str = "out_of_scope") -> Optional[dict]:
     """What the decode stage checks before any pixel reaches the model (None: nothing, for a model
     without a domain record). Modality and size always; with `ood.action: out_of_scope` also the
-    DICOM header rules and the content checks (`flag` keeps the guard to what it was before).
+    DICOM header rules, the content checks and the pixel statistics (`flag` keeps the guard to what it was
+    before).
     `card`: a ModelCard (medclf.model.artifact, which imports this module: not named here)."""
     if card.domain is None:
         return None
@@ -85,5 +88,6 @@ def input_gate(card, action: str = "out_of_scope") -> Optional[dict]:
     if action == "out_of_scope":
         gate.update(content=True, header={"views": record.views, "body_parts": record.body_parts,
                                           "lateralities": record.lateralities,
-                                          "allow_missing": record.allow_missing})
+                                          "allow_missing": record.allow_missing},
+                    appearance=record.appearance)
     return gate

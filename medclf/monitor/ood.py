@@ -46,6 +46,7 @@ import torch
 from medclf.model.artifact import ModelCard, ModelError, penultimate, read_artifact_arrays
 from medclf.model.records import DOMAIN_FILE, DomainRecord  # noqa: F401 (DOMAIN_FILE: read here by callers)
 from medclf.imaging.scope import REASONS
+from medclf.imaging.appearance import STAT_NAMES, appearance_stats, fit_appearance
 from medclf.imaging.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ class Embedding:
     logits: np.ndarray
     input_means: np.ndarray
     input_sds: np.ndarray
+    appearance: Optional[np.ndarray] = None  # medclf.imaging.appearance statistics, one row per image
 
 
 def embed(model: torch.nn.Module, arch: str, batches: Iterable[tuple[np.ndarray, np.ndarray]], n: int) -> Embedding:
@@ -205,6 +207,7 @@ def embed(model: torch.nn.Module, arch: str, batches: Iterable[tuple[np.ndarray,
     e.g. a cache streamed by Ray Data: the set is never held whole, so memory does not grow with it."""
     features = logits = None
     means, sds, seen = np.empty(n, np.float32), np.empty(n, np.float32), np.zeros(n, bool)
+    looks = np.empty((n, len(STAT_NAMES)))
     model.eval()
     with torch.inference_mode():
         for rows, x in batches:
@@ -213,10 +216,11 @@ def embed(model: torch.nn.Module, arch: str, batches: Iterable[tuple[np.ndarray,
                 features, logits = np.empty((n, f.shape[1]), np.float32), np.empty((n, out.shape[1]), np.float32)
             features[rows], logits[rows] = f.float().numpy(), out.float().numpy()
             means[rows], sds[rows] = x.mean(axis=(1, 2, 3)), x.std(axis=(1, 2, 3))
+            looks[rows] = [appearance_stats(image) for image in x]
             seen[rows] = True
     if not seen.all():
         raise ModelError(f"{int((~seen).sum())} of {n} images never came out of the batches to embed")
-    return Embedding(features, logits, means, sds)
+    return Embedding(features, logits, means, sds, looks)
 
 
 def in_batches(x: np.ndarray, batch: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -249,8 +253,11 @@ def fit_domain(cfg, embedding: Embedding, val_y: np.ndarray, val_paths: list[str
     from medclf.data.labelled import patient_id_of
 
     patients = [patient_id_of(p, cfg.data.patient_regex) for p in val_paths]
+    groups = patients if len(set(patients)) >= 4 else None
     val_scores = out_of_fold_scores(oc.score, features, logits, val_y, oc.pca_dim, cfg.run.seed,
-                                    groups=patients if len(set(patients)) >= 4 else None, k=oc.knn_k)
+                                    groups=groups, k=oc.knn_k)
+    appearance = (fit_appearance(embedding.appearance, groups, oc.appearance_quantile, cfg.run.seed)
+                  if oc.appearance and embedding.appearance is not None else None)
     threshold = float(np.quantile(val_scores, oc.quantile))
     arrays = fit_reference(oc.score, features, val_y, oc.pca_dim)
     arrays["validation_scores"] = val_scores
@@ -270,9 +277,10 @@ def fit_domain(cfg, embedding: Embedding, val_y: np.ndarray, val_paths: list[str
         pca_dim=oc.pca_dim if oc.score == "mahalanobis" and arrays["components"].size else None,
         k=oc.knn_k if oc.score == "knn" else None,
         views=list(cfg.data.views), body_parts=list(cfg.data.body_parts), lateralities=list(cfg.data.lateralities),
-        allow_missing=cfg.data.allow_missing)
-    log.info("domain record: %s score, threshold %.4g (%.0f%% of validation passes), min side %d px",
-             record.score, threshold, 100 * (1 - record.validation_flag_rate), record.min_size)
+        allow_missing=cfg.data.allow_missing, appearance=appearance)
+    log.info("domain record: %s score, threshold %.4g (%.0f%% of validation passes), min side %d px%s",
+             record.score, threshold, 100 * (1 - record.validation_flag_rate), record.min_size,
+             f"; pixel statistics threshold {appearance['threshold']:.3g}" if appearance else "")
     return Domain(record, arrays)
 
 
