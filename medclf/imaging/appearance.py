@@ -34,6 +34,16 @@ def appearance_stats(pixels: np.ndarray) -> np.ndarray:
                  np.log(lap.var() + 1e-8), ((g - g.mean()) ** 3).mean() / (sd ** 3 + 1e-8)]
 
 
+def fold_of(n: int, groups: Optional[list], folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold fold number per image; with `groups` (patients), all images of a group share one fold.
+    The one rule for both guards' thresholds (this check's and medclf.monitor.ood's)."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        return rng.permutation(n) % folds
+    names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    return (rng.permutation(len(names)) % folds)[index]
+
+
 def _gaussian(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.covariance import LedoitWolf
 
@@ -52,12 +62,7 @@ def fit_appearance(stats: np.ndarray, groups: Optional[list], quantile: float, s
     stats = np.asarray(stats, np.float64)
     n_groups = len(set(groups)) if groups is not None else len(stats)
     folds = max(2, min(FOLDS, n_groups // 2))
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        fold = rng.permutation(len(stats)) % folds
-    else:
-        names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-        fold = (rng.permutation(len(names)) % folds)[index]
+    fold = fold_of(len(stats), groups, folds, seed)
     held = np.empty(len(stats))
     for f in range(folds):
         if (fold == f).any():

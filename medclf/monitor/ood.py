@@ -46,7 +46,7 @@ import torch
 from medclf.model.artifact import ModelCard, ModelError, penultimate, read_artifact_arrays
 from medclf.model.records import DOMAIN_FILE, DomainRecord  # noqa: F401 (DOMAIN_FILE: read here by callers)
 from medclf.imaging.scope import REASONS
-from medclf.imaging.appearance import STAT_NAMES, appearance_stats, fit_appearance
+from medclf.imaging.appearance import STAT_NAMES, appearance_stats, fit_appearance, fold_of
 from medclf.imaging.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
@@ -156,15 +156,6 @@ def fit_gaussian(features: np.ndarray, labels: np.ndarray, pca_dim: Optional[int
 
 OUT_OF_FOLD_FOLDS = 10
 """Folds of the out-of-fold validation scores (threshold and drift reference)."""
-
-
-def fold_of(n: int, groups: Optional[list], folds: int, seed: int) -> np.ndarray:
-    """Fold number per image; with `groups` (patients), all images of a group share one fold."""
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        return rng.permutation(n) % folds
-    names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    return (rng.permutation(len(names)) % folds)[index]
 
 
 def out_of_fold_scores(kind: str, features: np.ndarray, logits: np.ndarray, labels: np.ndarray,
