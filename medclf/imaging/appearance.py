@@ -36,12 +36,16 @@ def appearance_stats(pixels: np.ndarray) -> np.ndarray:
 
 def fold_of(n: int, groups: Optional[list], folds: int, seed: int) -> np.ndarray:
     """Out-of-fold fold number per image; with `groups` (patients), all images of a group share one fold.
+    At most `folds` folds, and at least two groups (or images) per fold.
     The one rule for both guards' thresholds (this check's and medclf.monitor.ood's)."""
     rng = np.random.default_rng(seed)
     if groups is None:
-        return rng.permutation(n) % folds
-    names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    return (rng.permutation(len(names)) % folds)[index]
+        index = np.arange(n)
+    else:
+        index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1]
+    n_groups = int(index.max()) + 1 if n else 0
+    folds = max(2, min(folds, n_groups // 2))
+    return (rng.permutation(n_groups) % folds)[index]
 
 
 def _gaussian(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,13 +64,10 @@ def _distance(stats: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.
 def fit_appearance(stats: np.ndarray, groups: Optional[list], quantile: float, seed: int = 0) -> dict:
     """The reference and threshold from the validation images' statistics (n, len(STAT_NAMES))."""
     stats = np.asarray(stats, np.float64)
-    n_groups = len(set(groups)) if groups is not None else len(stats)
-    folds = max(2, min(FOLDS, n_groups // 2))
-    fold = fold_of(len(stats), groups, folds, seed)
+    fold = fold_of(len(stats), groups, FOLDS, seed)
     held = np.empty(len(stats))
-    for f in range(folds):
-        if (fold == f).any():
-            held[fold == f] = _distance(stats[fold == f], *_gaussian(stats[fold != f]))
+    for f in np.unique(fold):
+        held[fold == f] = _distance(stats[fold == f], *_gaussian(stats[fold != f]))
     threshold = float(np.quantile(held, quantile))
     mean, precision = _gaussian(stats)
     return {"mean": mean.tolist(), "precision": precision.tolist(), "threshold": threshold, "quantile": quantile,

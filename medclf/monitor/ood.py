@@ -167,14 +167,10 @@ def out_of_fold_scores(kind: str, features: np.ndarray, logits: np.ndarray, labe
     Gaussian fitted on all: hence many folds."""
     if kind not in ARRAYS:
         return _score(kind, {}, features, logits)
-    n_groups = len(set(groups)) if groups is not None else len(labels)
-    folds = max(2, min(folds, n_groups // 2 if groups is not None else len(labels) // 2))
     fold = fold_of(len(labels), groups, folds, seed)
     out = np.empty(len(labels))
-    for f in range(folds):
+    for f in np.unique(fold):
         fit, held = fold != f, fold == f
-        if not held.any():
-            continue
         out[held] = _score(kind, fit_reference(kind, features[fit], labels[fit], pca_dim), features[held],
                            logits[held], k)
     return out

@@ -72,7 +72,7 @@ def fit_reference(card: ModelCard, embedding, val_y: np.ndarray, val_paths: list
     (medclf.monitor.ood), for the reference ood scores; None: none."""
     import torch
 
-    from medclf.monitor.ood import out_of_fold_scores
+    from medclf.monitor.ood import KNN_K, out_of_fold_scores
 
     if len(val_y) < EMB_PCS + 1:
         raise ModelError(f"the drift reference needs at least {EMB_PCS + 1} validation images, got {len(val_y)}")
@@ -84,7 +84,7 @@ def fit_reference(card: ModelCard, embedding, val_y: np.ndarray, val_paths: list
         ood_scores = domain.arrays["validation_scores"]  # training: the same images, folds drawn by patient
     else:
         ood_scores = out_of_fold_scores(domain.record.score, features, logits, np.asarray(val_y),
-                                        domain.record.pca_dim, seed, k=domain.record.k or 10)
+                                        domain.record.pca_dim, seed, k=domain.record.k or KNN_K)
     facts = [_file_stats(p) for p in val_paths]
     arrays = {name: np.array([f["stats"][name] for f in facts]) for name in STAT_COLUMNS}
     center = features.mean(axis=0).astype(np.float64)

@@ -78,17 +78,17 @@ def watermark_path(output: str, src: Source) -> str:
 
 
 def read_watermark(output: str, src: Source) -> Optional[dict]:
+    """The last clean run's watermark under increment (None: no increment, or no clean run yet)."""
     path = watermark_path(output, src)
     return json.loads(storage.read_bytes(path)) if src.increment and storage.exists(path) else None
 
 
-def study_window(src: Source, output: str) -> dict:
+def study_window(src: Source, mark: Optional[dict]) -> dict:
     """The study-level QIDO filters: the source's, with StudyDate starting at the watermark under increment=date."""
     filters = dict(src.study_filters)
-    path = watermark_path(output, src)
-    if src.increment != "date" or not storage.exists(path):
+    if src.increment != "date" or not mark:
         return filters
-    through = datetime.strptime(json.loads(storage.read_bytes(path))["through"], "%Y%m%d")
+    through = datetime.strptime(mark["through"], "%Y%m%d")
     start = (through - timedelta(days=src.lookback_days)).strftime("%Y%m%d")
     date = filters.get("StudyDate") or "-"
     lo, hi = date.split("-", 1) if "-" in date else (date, date)
@@ -103,17 +103,18 @@ def run_pacs_scoring(cfg: Config, run_id: str, url: str, model_path: str, output
     src = check_pacs_input(cfg, url)
     card = load_card(model_path)
     listed_through = datetime.now(timezone.utc).strftime("%Y%m%d")  # before listing: later arrivals come next time
-    window = study_window(src, output)
+    mark = read_watermark(output, src)
+    window = study_window(src, mark)
     since = change = None
     if src.increment == "arrival":
-        mark = read_watermark(output, src)
         since = mark.get("change") if mark else None
-        if since is not None and last_change(src) < since:
+        last = last_change(src)
+        if since is not None and last < since:
             log.warning("DICOMweb %s: the PACS's change log ends before this output's watermark (change %d): a new "
                         "or restored PACS database; listing the whole query once", src.url, since)
             since = None
         if since is None:  # the first run lists the whole query; the log is read from here on
-            change = last_change(src)
+            change = last
             instances = list_instances(src, window)
         else:
             received, change = series_received_since(src, int(since))
