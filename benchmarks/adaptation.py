@@ -33,7 +33,8 @@ from medclf.data.augment import ACQUISITION_SHIFTS, acquisition_shift  # noqa: E
 from medclf.imaging.decode import decode  # noqa: E402
 from medclf.imaging.preprocess import preprocess_gray, to_model_input  # noqa: E402
 from medclf.model.adapt import fit_profile  # noqa: E402
-from medclf.model.artifact import class_probabilities, load_artifact  # noqa: E402
+from medclf.model.artifact import load_artifact  # noqa: E402
+from medclf.model.networks import class_probabilities
 from medclf.report.metrics import bootstrap_ci  # noqa: E402
 from medclf.model.calibration import expected_calibration_error  # noqa: E402
 

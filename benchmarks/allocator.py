@@ -27,7 +27,7 @@ VARIANTS = {
 
 MEASURE = """
 import resource, sys, torch
-from medclf.model.artifact import apply_transfer_mode, build_model, set_train_mode
+from medclf.model.networks import apply_transfer_mode, build_model, set_train_mode
 torch.set_num_threads(int(sys.argv[1]))
 m = build_model("efficientnet_lite0", 2, "none").to(memory_format=torch.channels_last)
 frozen = apply_transfer_mode(m, "efficientnet_lite0", "freeze_first:9")

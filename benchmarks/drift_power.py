@@ -25,12 +25,14 @@ import torch
 
 from medclf.config import DriftConfig, load_config
 from medclf.monitor.drift import compare, run_drift
-from medclf.model.artifact import build_model, class_probabilities, load_card, save_artifact
+from medclf.model.artifact import load_card, save_artifact
+from medclf.model.networks import build_model, class_probabilities
 from medclf.data.predictions import EMB_COLUMNS, prob_column
-from medclf.monitor.ood import add_domain, features_and_logits, load_domain
+from medclf.monitor.ood import add_domain, features_and_logits
+from medclf.monitor.opened import open_model
 from medclf.data.phantoms import generate, render
 from medclf.imaging.preprocess import preprocess_gray, to_model_input
-from medclf.monitor.reference import add_reference, load_reference
+from medclf.monitor.reference import add_reference
 from medclf.imaging.stats import image_stats
 
 SIZE = 32
@@ -72,10 +74,8 @@ def build(out: str) -> str:
 
 def pool_rows(model_path: str, n: int, seed: int, gamma: float = 1.0, prevalence: float = 0.5) -> pd.DataFrame:
     """The rows scoring would write for `n` phantoms (shift applied to the decoded image)."""
-    from medclf.model.artifact import load_artifact
-
-    model, card = load_artifact(model_path)
-    domain, reference = load_domain(model_path, card), load_reference(model_path, card)
+    opened = open_model(model_path)
+    model, card, domain, reference = opened.model, opened.card, opened.domain, opened.reference
     rng = np.random.default_rng([seed, 9])
     images, stats = [], []
     for i in range(n):
@@ -97,8 +97,8 @@ def pool_rows(model_path: str, n: int, seed: int, gamma: float = 1.0, prevalence
 
 
 def power(model_path: str, repeats: int, dc: DriftConfig) -> pd.DataFrame:
-    card = load_card(model_path)
-    reference, domain = load_reference(model_path, card), load_domain(model_path, card)
+    opened = open_model(model_path, network=False)
+    card, reference, domain = opened.card, opened.reference, opened.domain
     conditions = [("none", 1.0, 0.5)] + [("gamma", g, 0.5) for g in (0.9, 0.8, 0.7, 0.6)] + \
                  [("prevalence", 1.0, p) for p in (0.3, 0.4, 0.6, 0.7)]
     out = []
@@ -123,8 +123,7 @@ def embedding_tests(model_path: str, repeats: int) -> pd.DataFrame:
     """Power of MMD vs the classifier two-sample test on the embedding alone, batches of 200."""
     from medclf.monitor.drift import classifier_test, mmd_test
 
-    card = load_card(model_path)
-    ref = load_reference(model_path, card).arrays["emb"]
+    ref = open_model(model_path, network=False).reference.arrays["emb"]
     out = []
     for gamma in (1.0, 0.9, 0.8, 0.7):
         pool = pool_rows(model_path, 2000, 300 + int(gamma * 10), gamma)[EMB_COLUMNS].to_numpy()

@@ -85,7 +85,7 @@ def nvjpeg_rate(files: list[str], batch: int, seconds: float) -> float:
 
 
 def _lite0():
-    from medclf.model.artifact import build_model
+    from medclf.model.networks import build_model
 
     return build_model("efficientnet_lite0", 2)
 

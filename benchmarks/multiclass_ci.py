@@ -25,7 +25,8 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, recall_score
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medclf.imaging.decode import decode  # noqa: E402
-from medclf.model.artifact import class_probabilities, load_artifact, plain_model, predicting_model  # noqa: E402
+from medclf.model.artifact import load_artifact  # noqa: E402
+from medclf.model.networks import class_probabilities, plain_model, predicting_model
 from medclf.imaging.preprocess import preprocess_gray, to_model_input  # noqa: E402
 
 

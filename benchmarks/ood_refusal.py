@@ -285,9 +285,9 @@ def main(argv=None) -> int:
 
 def _stored_detector(path, card, kind):
     """The model's own stored domain record: what scoring applies."""
-    from medclf.monitor.ood import load_domain
+    from medclf.monitor.opened import open_model
 
-    domain = load_domain(path, card)
+    domain = open_model(path, network=False).domain
     if domain is None or kind != domain.record.score:
         return None
     det = Detector.__new__(Detector)

@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medclf.config import load_config  # noqa: E402
 from medclf.imaging.decode import decode  # noqa: E402
-from medclf.model.artifact import ModelCard, build_model, load_artifact, save_artifact  # noqa: E402
+from medclf.model.artifact import ModelCard, load_artifact, save_artifact  # noqa: E402
+from medclf.model.networks import build_model
 from medclf.imaging.preprocess import preprocess  # noqa: E402
 from medclf.ops.runs import ALLOCATOR_ENV  # noqa: E402
 

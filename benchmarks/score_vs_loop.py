@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from medclf.config import load_config  # noqa: E402
 from medclf.imaging.decode import decode  # noqa: E402
 from medclf.imaging.preprocess import preprocess  # noqa: E402
-from medclf.model.artifact import ModelCard, build_model, load_artifact, save_artifact  # noqa: E402
+from medclf.model.artifact import ModelCard, load_artifact, save_artifact  # noqa: E402
+from medclf.model.networks import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERMANY = os.path.join(REPO, "..", "shared", "data", "chest_xray", "train")

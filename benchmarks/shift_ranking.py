@@ -29,7 +29,8 @@ from medclf.data.augment import ACQUISITION_SHIFTS, acquisition_shift  # noqa: E
 from medclf.imaging.decode import decode  # noqa: E402
 from medclf.report.metrics import binary_metrics, bootstrap_ci  # noqa: E402
 from medclf.model.decision import choose_threshold  # noqa: E402
-from medclf.model.artifact import class_probabilities, load_artifact  # noqa: E402
+from medclf.model.artifact import load_artifact  # noqa: E402
+from medclf.model.networks import class_probabilities
 from medclf.imaging.preprocess import preprocess_gray, to_model_input  # noqa: E402
 from medclf.train.inputs import validation_groups  # noqa: E402
 

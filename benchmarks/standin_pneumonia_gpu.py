@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     from medclf.data.augment import augment_batch
     from medclf.imaging.decode import decode
     from medclf.imaging.preprocess import preprocess_gray, to_model_input
-    from medclf.model.artifact import ModelCard, apply_transfer_mode, build_model, save_artifact, set_train_mode
+    from medclf.model.artifact import ModelCard, save_artifact
+    from medclf.model.networks import apply_transfer_mode, build_model, set_train_mode
     from medclf.model.calibration import fit_temperature, softmax_with_temperature
     from medclf.report.metrics import binary_metrics
     from medclf.model.decision import choose_threshold

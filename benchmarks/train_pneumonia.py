@@ -34,7 +34,8 @@ from medclf.ops import runs  # noqa: E402
 from medclf.data.augment import ACQUISITION_SHIFTS, acquisition_shift  # noqa: E402
 from medclf.config import load_config  # noqa: E402
 from medclf.report.metrics import binary_metrics  # noqa: E402
-from medclf.model.artifact import class_probabilities, load_artifact  # noqa: E402
+from medclf.model.artifact import load_artifact  # noqa: E402
+from medclf.model.networks import class_probabilities
 from medclf.imaging.preprocess import to_model_input  # noqa: E402
 from medclf.train.driver import run_training  # noqa: E402
 from medclf.train.inputs import prepare_data, preprocess_all, validation_groups  # noqa: E402

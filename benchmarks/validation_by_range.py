@@ -24,7 +24,8 @@ sys.path.insert(0, ROOT)
 from medclf.data.labelled import family_of  # noqa: E402
 from medclf.imaging.decode import decode  # noqa: E402
 from medclf.report.metrics import binary_metrics, bootstrap_ci  # noqa: E402
-from medclf.model.artifact import class_probabilities, load_artifact  # noqa: E402
+from medclf.model.artifact import load_artifact  # noqa: E402
+from medclf.model.networks import class_probabilities
 from medclf.imaging.preprocess import preprocess_gray, to_model_input  # noqa: E402
 
 

@@ -1,10 +1,10 @@
-"""docs/configuration.md, generated from the config schema (medclf/config.py), so it cannot go stale.
+"""docs/configuration.md, generated from the config schema (the medclf/config package), so it cannot go stale.
 
     python -m medclf.config_doc > docs/configuration.md     # regenerate
     python -m medclf.config_doc --check docs/configuration.md  # exit 1 when the file is out of date
 
 Every key's type and default come from the pydantic models; its meaning from the docstring under the
-field in config.py (the text a reader of the code sees), read with `ast` without importing anything else.
+field in medclf/config/ (the text a reader of the code sees), read with `ast` without importing anything else.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from medclf import config as config_mod
 
 HEADER = """# Configuration reference
 
-Generated from `medclf/config.py` by `python -m medclf.config_doc`; do not edit by hand
+Generated from `medclf/config/` by `python -m medclf.config_doc`; do not edit by hand
 (`tests/test_docs.py` fails when this file and the schema disagree).
 
 A config is YAML with the sections below; every key is optional. `--set section.key=VALUE` overrides
@@ -31,9 +31,12 @@ Secrets (the UID key, S3 credentials) never go in a config: they come from the e
 
 def field_docs() -> dict[str, dict[str, str]]:
     """{class name: {field: docstring}} from the string literal after each annotated field."""
-    tree = ast.parse(inspect.getsource(config_mod))
+    import importlib
+    import pkgutil
+
+    parts = [importlib.import_module(f"medclf.config.{m.name}") for m in pkgutil.iter_modules(config_mod.__path__)]
     docs: dict[str, dict[str, str]] = {}
-    for node in tree.body:
+    for node in (n for part in parts for n in ast.parse(inspect.getsource(part)).body):
         if not isinstance(node, ast.ClassDef):
             continue
         found, body = {}, node.body

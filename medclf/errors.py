@@ -7,3 +7,7 @@ with status 2, without a traceback; anything else is a bug or an infrastructure 
 
 class UserError(ValueError):
     """A problem with what the user gave us; `str()` says what and where."""
+
+
+class ModelError(UserError):
+    """A model artifact or network that cannot be used as asked (missing or altered files, unknown layer)."""

@@ -7,7 +7,7 @@ committed config. A config may name the *file*; a value written inline is refuse
 (run configs, MLflow params, model.json, the model card, logs), a secret appears as REDACTED: the
 config type is pydantic's SecretStr, whose dump is this marker, never the value.
 
-Deliberately imports nothing from medclf but errors: config.py uses it.
+Deliberately imports nothing from medclf but errors: medclf.config uses it.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from medclf.config import ServeConfig, load_config
 from medclf.data.phantoms import generate, render
 from medclf.imaging.decode import open_images
 from medclf.imaging.stage import load_images
-from medclf.model.artifact import ModelCard, build_model, load_card, save_artifact
+from medclf.model.artifact import ModelCard, load_card, save_artifact
+from medclf.model.networks import build_model
 from medclf.imaging.content import content_reason, measures
 from medclf.imaging.header import header_reason
 from medclf.monitor.ood import add_domain

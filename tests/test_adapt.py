@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from medclf.model.adapt import (AdaptError, adaptable_layers, apply_profile, fit_bn_statistics, profile_from_fit,
-                                read_profile, tensor_batches, write_profile)
-from medclf.model.artifact import build_model
+from medclf.model.adapt import adaptable_layers, fit_bn_statistics, profile_from_fit, tensor_batches
+from medclf.model.site_profile import AdaptError, apply_profile, read_profile, write_profile
+from medclf.model.networks import build_model
 
 
 def _sample(n=48, size=32, seed=0):
@@ -184,8 +184,9 @@ def test_altered_profile_is_refused(tmp_path):
 
 KILLED = """
 import sys, numpy as np
-from medclf.model.adapt import fit_bn_statistics, profile_from_fit, tensor_batches, write_profile
-from medclf.model.artifact import build_model
+from medclf.model.adapt import fit_bn_statistics, profile_from_fit, tensor_batches
+from medclf.model.site_profile import write_profile
+from medclf.model.networks import build_model
 x = np.random.default_rng(0).normal(size=(16, 1, 32, 32)).astype(np.float32)
 fit = fit_bn_statistics(build_model("small_cnn", 2).eval(), "small_cnn", "finetune", tensor_batches(x), 1)
 write_profile(profile_from_fit(fit, "m", 0), sys.argv[1])

@@ -17,8 +17,10 @@ from medclf.data.phantoms import generate, write_shifted
 from medclf.data.predictions import read_predictions
 from medclf.imaging.decode import decode
 from medclf.imaging.preprocess import preprocess_gray, to_model_input
-from medclf.model.adapt import fit_bn_statistics, read_profile, tensor_batches
-from medclf.model.artifact import ModelCard, build_model, load_card, republish_with_files, save_artifact
+from medclf.model.adapt import fit_bn_statistics, tensor_batches
+from medclf.model.site_profile import read_profile
+from medclf.model.artifact import ModelCard, load_card, republish_with_files, save_artifact
+from medclf.model.networks import build_model
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.timeout(1200)
@@ -217,7 +219,7 @@ def test_bn_on_a_negative_verdict_fails_before_any_work(models, archives, tmp_pa
     made = prepare_adaptation(config(tmp_path, "score.adapt=bn", "score.adapt_sample=20"),
                               load_card(models["positive"]), models["positive"],
                               list_inputs(archives["shifted"], [".png"]), str(profile_dir), "x")
-    from medclf.model.adapt import AdaptError
+    from medclf.model.site_profile import AdaptError
 
     with pytest.raises(AdaptError, match="belongs to model"):
         check_adapt_config(config(tmp_path, f"score.site_profile={made.profile_path}").score, other)

@@ -20,7 +20,8 @@ from medclf.model.calibration import (
 from medclf.config import PreprocessConfig
 from medclf.imaging.manifest import read_manifest
 from medclf.imaging.decode import decode
-from medclf.model.artifact import CARD_FILE, class_probabilities, load_artifact
+from medclf.model.artifact import CARD_FILE, load_artifact
+from medclf.model.networks import class_probabilities
 from medclf.data.predictions import prob_column
 from medclf.data.phantoms import generate
 from medclf.imaging.preprocess import preprocess_gray, to_model_input

@@ -37,10 +37,10 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
 
 
 def test_missing_data_is_reported_with_its_path(tmp_path, capsys, monkeypatch):
-    import medclf.cli
+    import medclf.cli.training
 
     started = []
-    monkeypatch.setattr(medclf.cli, "init_ray", lambda cfg: started.append(cfg))  # another test's Ray may be up
+    monkeypatch.setattr(medclf.cli.training, "init_ray", lambda cfg: started.append(cfg))  # another test's Ray may be up
     rc = run_command("train", ["--set", f"run.root={tmp_path / 'runs'}", "--data", str(tmp_path / "nowhere")])
     assert rc == 2 and f"{tmp_path / 'nowhere'}: data folder not found" in capsys.readouterr().err
     assert not started  # failed before starting Ray
@@ -52,11 +52,11 @@ def test_phantoms_command(tmp_path, capsys):
 
 
 def test_path_options_are_strings_not_yaml(tmp_path):
-    from medclf.cli import _config_from, score_parser
+    from medclf.cli.parsers import config_from, score_parser
 
     args = score_parser().parse_args(["--input", "/archive/night #2/", "--output", "~", "--model", "null",
                                       "--run-root", "[runs]", "--set", "score.batch_size=8"])
-    cfg = _config_from(args, options={"score.input": "input", "score.output": "output", "score.model": "model"})
+    cfg = config_from(args, options={"score.input": "input", "score.output": "output", "score.model": "model"})
     assert (cfg.score.input, cfg.score.output, cfg.score.model) == ("/archive/night #2/", "~", "null")
     assert cfg.run.root == "[runs]" and cfg.score.batch_size == 8  # --set values are still YAML
 

@@ -28,13 +28,15 @@ def no_ray(monkeypatch):
         seen.append(cfg)
         raise RayWouldStart
 
-    monkeypatch.setattr(medclf.cli, "init_ray", stop)
+    for commands in (medclf.cli.training, medclf.cli.scoring):  # the commands that start Ray
+        monkeypatch.setattr(commands, "init_ray", stop)
     return seen
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from medclf.model.artifact import ModelCard, build_model, save_artifact
+    from medclf.model.artifact import ModelCard, save_artifact
+    from medclf.model.networks import build_model
 
     path = str(tmp_path_factory.mktemp("artifact") / "model")
     save_artifact(build_model("small_cnn", 2), ModelCard(arch="small_cnn", classes=["NORMAL", "POSITIVE"],

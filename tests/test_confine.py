@@ -48,7 +48,8 @@ def test_default_root_is_the_inputs_own_folder(tmp_path):
 
 
 def _model(tmp_path):
-    from medclf.model.artifact import ModelCard, build_model, save_artifact
+    from medclf.model.artifact import ModelCard, save_artifact
+    from medclf.model.networks import build_model
 
     path = str(tmp_path / "model")
     save_artifact(build_model("small_cnn", 2), ModelCard(arch="small_cnn", classes=["NORMAL", "POSITIVE"],
@@ -63,7 +64,7 @@ def test_bad_output_scheme_exits_2_before_ray_and_leaves_nothing(tmp_path, monke
     def no_ray(cfg):
         raise AssertionError("Ray started for a refused run")
 
-    monkeypatch.setattr(cli, "init_ray", no_ray)
+    monkeypatch.setattr(cli.scoring, "init_ray", no_ray)
     inputs = tmp_path / "in"
     inputs.mkdir()
     rc = cli.run_command("score", ["--input", str(inputs), "--model", _model(tmp_path), "--output", output,
@@ -76,9 +77,9 @@ def test_lease_refusal_exits_3_and_leaves_no_run_folder(tmp_path, monkeypatch, c
     import medclf.cli as cli
     from medclf.score.lease import LEASE_HELD_EXIT, Lease
 
-    monkeypatch.setattr(cli, "init_ray", lambda cfg: None)  # refused at the lease, before any Ray work
-    monkeypatch.setattr(cli, "use_shared_root", lambda cfg: None)
-    monkeypatch.setattr(cli, "check_shared_storage", lambda *a: None)
+    monkeypatch.setattr(cli.scoring, "init_ray", lambda cfg: None)  # refused at the lease, before any Ray work
+    monkeypatch.setattr(cli.scoring, "use_shared_root", lambda cfg: None)
+    monkeypatch.setattr(cli.scoring, "check_shared_storage", lambda *a: None)
     out = str(tmp_path / "pred")
     other = Lease(out, "other", 600).acquire()
     try:

@@ -8,7 +8,8 @@ import pytest
 
 from medclf.config import load_config
 from medclf.imaging.stage import load_images
-from medclf.model.artifact import ModelCard, build_model, save_artifact
+from medclf.model.artifact import ModelCard, save_artifact
+from medclf.model.networks import build_model
 from medclf.score.batch import Predictor, run_scoring
 from medclf.score.costs import STAGES, TIME_COLUMNS, cost_line, sum_times
 from tests.conftest import TINY

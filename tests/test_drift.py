@@ -15,10 +15,10 @@ from medclf.config import DriftConfig, load_config
 from medclf.monitor.drift import DRIFT_EXIT, compare, holm, psi, wilson
 from medclf.imaging.stage import load_images
 from medclf.model.artifact import ModelError, load_artifact, load_card
-from medclf.monitor.ood import load_domain
 from medclf.model.records import input_gate
 from medclf.data.phantoms import generate, write_ct_like, write_shifted
-from medclf.monitor.reference import REFERENCE_FILE, load_reference
+from medclf.monitor.opened import open_model
+from medclf.monitor.reference import REFERENCE_FILE
 from medclf.data.predictions import EMB_COLUMNS
 from medclf.imaging.stats import STAT_COLUMNS, image_stats
 from medclf.score.batch import Predictor
@@ -43,7 +43,8 @@ def tuned(trained_model, dest):
 
     import torch
 
-    from medclf.model.artifact import build_model, save_artifact
+    from medclf.model.artifact import save_artifact
+    from medclf.model.networks import build_model
     from medclf.data.phantoms import render
     from medclf.imaging.preprocess import preprocess_gray, to_model_input
 
@@ -118,8 +119,8 @@ def pool(drift_model, tmp_path_factory):
 
 
 def report(drift_model, rows):
-    card = load_card(drift_model)
-    return compare(rows, load_reference(drift_model, card), load_domain(drift_model, card), card, DriftConfig())
+    opened = open_model(drift_model, network=False)
+    return compare(rows, opened.reference, opened.domain, opened.card, DriftConfig())
 
 
 def flagged(table):
@@ -127,8 +128,8 @@ def flagged(table):
 
 
 def test_reference_is_in_the_artifact_and_scoring_measures_the_same_statistics(drift_model, pool, tmp_path):
-    card = load_card(drift_model)
-    ref = load_reference(drift_model, card)
+    opened = open_model(drift_model, network=False)
+    card, ref = opened.card, opened.reference
     rec = ref.record
     assert card.files[REFERENCE_FILE] and rec.n == 400 and rec.format_mix == {"png": 400}
     assert rec.modality_mix == {"none": 400} and 0.3 < rec.prevalence < 0.7 and rec.has_ood_scores

@@ -14,7 +14,8 @@ import torch
 from medclf.config import MODEL_ARCHS, load_config
 from medclf.imaging.decode import decode
 from medclf.model.export import CONTRACT_FILE, ONNX_FILE, TORCHSCRIPT_FILE, export_artifact
-from medclf.model.artifact import ModelCard, build_model, class_probabilities, load_artifact, save_artifact
+from medclf.model.artifact import ModelCard, load_artifact, save_artifact
+from medclf.model.networks import build_model, class_probabilities
 from medclf.data.predictions import prob_column
 from medclf.imaging.preprocess import preprocess_gray, to_model_input
 

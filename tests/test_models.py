@@ -4,10 +4,8 @@ import os
 import pytest
 import torch
 
-from medclf.model.artifact import (
-    ModelCard, ModelError, apply_transfer_mode, build_model, count_parameters, load_artifact, save_artifact,
-    set_train_mode,
-)
+from medclf.model.artifact import ModelCard, ModelError, load_artifact, save_artifact
+from medclf.model.networks import apply_transfer_mode, build_model, count_parameters, set_train_mode
 
 
 @pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0"])

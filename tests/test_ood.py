@@ -17,8 +17,10 @@ from sklearn.metrics import roc_auc_score
 
 from medclf.config import load_config
 from medclf.imaging.stage import load_images
-from medclf.model.artifact import CARD_FILE, ModelError, build_model, load_artifact, penultimate
-from medclf.monitor.ood import DOMAIN_FILE, load_domain
+from medclf.model.artifact import CARD_FILE, ModelError, load_artifact
+from medclf.model.networks import build_model, penultimate
+from medclf.monitor.ood import DOMAIN_FILE
+from medclf.monitor.opened import open_model
 from medclf.imaging.scope import reason_kind
 from medclf.score.batch import Predictor
 from tests.conftest import TINY
@@ -72,8 +74,8 @@ def noise_images(folder, n=24, size=32, seed=0):
 
 
 def test_training_records_the_domain_and_the_threshold_is_the_validation_quantile(guarded):
-    model, card = load_artifact(guarded)
-    domain = load_domain(guarded, card)
+    opened = open_model(guarded, network=False)  # the artifact read once: card, domain, reference
+    card, domain = opened.card, opened.domain
     record = domain.record
     assert card.files[DOMAIN_FILE] and os.path.exists(os.path.join(guarded, DOMAIN_FILE))
     assert record.modalities == ["CR", "DX"] and record.formats_seen == ["png"]
@@ -306,7 +308,7 @@ def test_images_unlike_the_validation_images_pixel_statistics_are_refused_before
     cfg = load_config(None, TINY + ["ood.enabled=true", f"data.patient_regex={PATIENT_REGEX}"])
     guarded = str(tmp_path / "model")
     add_domain(trained_model.model_path, guarded, cfg, [str(tmp_path / "fit" / p) for p in fit.path], list(fit.label))
-    record = load_domain(guarded, load_artifact(guarded)[1]).record
+    record = open_model(guarded, network=False).domain.record
     looks = record.appearance
     assert looks and len(looks["mean"]) == len(STAT_NAMES) and looks["quantile"] == 0.995
     assert looks["validation_flag_rate"] <= 0.02 and looks["n_fit"] == 160

@@ -170,7 +170,8 @@ def pacs_model(tmp_path_factory):
     a real model and real scores, not a trained one (and Ray Train's run would cost minutes and memory)."""
     import torch
 
-    from medclf.model.artifact import ModelCard, build_model, save_artifact
+    from medclf.model.artifact import ModelCard, save_artifact
+    from medclf.model.networks import build_model
 
     torch.manual_seed(0)
     card = ModelCard(arch="small_cnn", classes=["NORMAL", "POSITIVE"], preprocess={"image_size": 32},

@@ -54,7 +54,8 @@ def test_gallery_captions(patient_named, monkeypatch, show_paths):
 @pytest.mark.parametrize("show_paths", [False, True])
 def test_grad_cam_names_and_captions(patient_named, tmp_path, monkeypatch, show_paths):
     import medclf.report.gradcam as gradcam
-    from medclf.model.artifact import ModelCard, build_model, save_artifact
+    from medclf.model.artifact import ModelCard, save_artifact
+    from medclf.model.networks import build_model
     from medclf.imaging.stage import load_images
 
     model_dir = str(tmp_path / "model")

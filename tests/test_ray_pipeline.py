@@ -11,7 +11,8 @@ from medclf.config import load_config
 from medclf.imaging.manifest import DatasetError
 from medclf.imaging.decode import decode
 from medclf.report.evaluate import run_evaluation
-from medclf.model.artifact import class_probabilities, load_artifact
+from medclf.model.artifact import load_artifact
+from medclf.model.networks import class_probabilities
 from medclf.data.predictions import prob_column, read_predictions
 from medclf.imaging.preprocess import preprocess
 from medclf.score.batch import run_scoring

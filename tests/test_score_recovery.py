@@ -50,7 +50,8 @@ def score_job(input_dir, model, output, tmp_path, run_id, fault=None, once=None,
 def model(tmp_path_factory):
     """An untrained artifact: recovery is about rows, not about how good the scores are (and it
     spares the tests a Ray Train run)."""
-    from medclf.model.artifact import ModelCard, build_model, save_artifact
+    from medclf.model.artifact import ModelCard, save_artifact
+    from medclf.model.networks import build_model
 
     path = str(tmp_path_factory.mktemp("recovery") / "model")
     save_artifact(build_model("small_cnn", 2), ModelCard(arch="small_cnn", classes=["NORMAL", "POSITIVE"],

@@ -11,7 +11,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medclf.model.artifact import ModelCard, build_model, save_artifact
+from medclf.model.artifact import ModelCard, save_artifact
+from medclf.model.networks import build_model
 from medclf.imaging.stage import ALREADY_SCORED, load_images, scored_key
 from medclf.score.batch import Predictor
 

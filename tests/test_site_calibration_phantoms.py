@@ -18,7 +18,8 @@ from medclf.cli import main
 from medclf.data.predictions import prob_column, read_predictions
 from medclf.data.phantoms import generate, write_shifted
 from medclf.model import site_calibration, site_fit
-from medclf.model.artifact import ModelCard, build_model, load_card, save_artifact
+from medclf.model.artifact import ModelCard, load_card, save_artifact
+from medclf.model.networks import build_model
 from medclf.model.calibration import expected_calibration_error
 
 

@@ -4,8 +4,7 @@
 import pytest
 
 from medclf.config import load_config
-from medclf.model.artifact import load_artifact
-from medclf.monitor.ood import load_domain
+from medclf.monitor.opened import open_model
 from medclf.train.driver import run_training
 from tests.conftest import TINY
 
@@ -44,5 +43,5 @@ def test_time_box_ends_training_between_epochs(ray_cluster, phantom_root, tmp_pa
     assert list(result.history.epoch) == [1]  # the first epoch always runs; no second one fits
     assert result.card.threshold_rule == "target_sensitivity 0.9 on shifted patient validation, calibrated"
     # the out-of-scope guard's domain record (medclf.monitor.ood; tested in test_ood.py) is in the artifact
-    domain = load_domain(result.model_path, load_artifact(result.model_path)[1])
+    domain = open_model(result.model_path).domain
     assert domain.record.modalities == ["DX"] and domain.record.min_size == 16 and domain.record.n_fit >= 4

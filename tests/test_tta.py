@@ -14,17 +14,8 @@ import torch
 from medclf.config import ConfigError, load_config
 from medclf.imaging.decode import decode
 from medclf.model.card import CARD_MARKDOWN
-from medclf.model.artifact import (
-    MirrorMean,
-    ModelCard,
-    build_model,
-    class_probabilities,
-    head_module,
-    load_artifact,
-    penultimate,
-    plain_model,
-    save_artifact,
-)
+from medclf.model.artifact import ModelCard, load_artifact, save_artifact
+from medclf.model.networks import MirrorMean, build_model, class_probabilities, head_module, penultimate, plain_model
 from medclf.data.predictions import prob_column
 from medclf.imaging.preprocess import preprocess_gray, to_model_input
 from medclf.train.loop import STATE_FILE

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from medclf import storage
-from medclf.model.artifact import ModelCard, class_probabilities, load_artifact
+from medclf.model.artifact import ModelCard, load_artifact
+from medclf.model.networks import class_probabilities
 from medclf.imaging.preprocess import CHANNELS
 
 ONNX_FILE = "model.onnx"

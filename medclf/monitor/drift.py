@@ -35,11 +35,9 @@ import pandas as pd
 from medclf import storage
 from medclf.config import DriftConfig
 from medclf.errors import UserError
-from medclf.model.artifact import load_card
 from medclf.data.predictions import EMB_COLUMNS, prob_column
-from medclf.monitor.ood import load_domain
-from medclf.monitor.reference import load_reference
 from medclf.imaging.stats import STAT_COLUMNS
+from medclf.monitor.opened import open_model
 
 log = logging.getLogger(__name__)
 
@@ -304,12 +302,11 @@ def run_drift(dc: DriftConfig, model_path: str, predictions: str, output: str, r
     report folder `output`."""
     from medclf.data.predictions import read_predictions
 
-    card = load_card(model_path)
-    reference = load_reference(model_path, card)
+    opened = open_model(model_path, network=False)
+    card, reference, domain = opened.card, opened.reference, opened.domain
     if reference is None:
         raise DriftError(f"{model_path}: the model has no drift reference (trained before drift reports); "
                          "retrain it, or add one with medclf.monitor.reference.add_reference on labelled validation images")
-    domain = load_domain(model_path, card)
     every = read_predictions(predictions)
     ours = select_rows(every, card.model_id)
     rows = select_rows(ours, card.model_id, run_id, run_date, date_from, date_to)

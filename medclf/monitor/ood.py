@@ -43,7 +43,8 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from medclf.model.artifact import ModelCard, ModelError, penultimate, read_artifact_arrays
+from medclf.model.artifact import ArtifactFiles, ModelError
+from medclf.model.networks import penultimate
 from medclf.model.records import DOMAIN_FILE, DomainRecord  # noqa: F401 (DOMAIN_FILE: read here by callers)
 from medclf.imaging.scope import REASONS
 from medclf.imaging.appearance import STAT_NAMES, appearance_stats, fit_appearance, fold_of
@@ -319,13 +320,12 @@ def _image_facts(path: str) -> dict:
 # ---------------------------------------------------------------- the artifact
 
 
-def load_domain(path: str, card: ModelCard) -> Optional[Domain]:
-    """The artifact's domain record with its arrays (sha256 checked); None for older artifacts."""
-    if card.domain is None:
+def domain_of(artifact: ArtifactFiles) -> Optional[Domain]:
+    """The artifact's domain record with its arrays; None for artifacts from before the guard."""
+    if artifact.card.domain is None:
         return None
-    record = DomainRecord.model_validate(card.domain)
-    needed = ["validation_scores"] + ARRAYS.get(record.score, [])
-    return Domain(record, read_artifact_arrays(path, card, record.file, needed))
+    record = DomainRecord.model_validate(artifact.card.domain)
+    return Domain(record, artifact.arrays(record.file, ["validation_scores"] + ARRAYS.get(record.score, [])))
 
 
 # ---------------------------------------------------------------- reasons

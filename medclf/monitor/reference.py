@@ -30,7 +30,8 @@ import numpy as np
 
 from medclf.data.predictions import EMB_PCS
 from medclf.imaging.stats import STAT_COLUMNS, image_stats
-from medclf.model.artifact import ModelCard, ModelError, class_probabilities, read_artifact_arrays
+from medclf.model.artifact import ArtifactFiles, ModelCard, ModelError
+from medclf.model.networks import class_probabilities
 from medclf.model.records import REFERENCE_FILE, ReferenceRecord  # noqa: F401 (REFERENCE_FILE: read here by callers)
 
 log = logging.getLogger(__name__)
@@ -135,24 +136,25 @@ def add_reference(artifact: str, dest: str, paths: list[str], labels: list[str],
     (out-of-fold scores of these images) when the artifact has one; its other files are kept."""
     from medclf import storage
     from medclf.imaging.decode import decode
-    from medclf.model.artifact import load_artifact, republish_with_files
-    from medclf.monitor.ood import embed, in_batches, load_domain
+    from medclf.model.artifact import read_artifact, republish_with_files
+    from medclf.monitor.ood import domain_of, embed, in_batches
     from medclf.imaging.preprocess import preprocess_gray
 
-    model, card = load_artifact(artifact)
+    files = read_artifact(artifact)
+    model, card = files.network(), files.card
     x = np.stack([preprocess_gray(decode(storage.read_bytes(p), p).image, card.preprocess_spec) for p in paths])
     y = np.array([card.classes.index(label) for label in labels])
     reference = fit_reference(card, embed(model, card.arch, in_batches(x), len(x)), y, paths,
-                              load_domain(artifact, card), seed)
+                              domain_of(files), seed)
     card.reference = reference.record.model_dump()
     republish_with_files(artifact, dest, card, {reference.record.file: reference.to_bytes()})
     return reference
 
 
-def load_reference(path: str, card: ModelCard) -> Optional[Reference]:
-    """The artifact's drift reference with its arrays (sha256 checked); None for older artifacts."""
-    if card.reference is None:
+def reference_of(artifact: ArtifactFiles) -> Optional[Reference]:
+    """The artifact's drift reference with its arrays; None for artifacts from before drift reports."""
+    if artifact.card.reference is None:
         return None
-    record = ReferenceRecord.model_validate(card.reference)
+    record = ReferenceRecord.model_validate(artifact.card.reference)
     needed = [*STAT_COLUMNS, "probs", "labels", "emb_center", "emb_basis", "emb", "ood_scores"]
-    return Reference(record, read_artifact_arrays(path, card, record.file, needed))
+    return Reference(record, artifact.arrays(record.file, needed))

@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from medclf import storage
-from medclf.model.artifact import ModelError, class_probabilities, load_artifact, load_card, plain_model
+from medclf.model.artifact import ModelError, load_artifact, load_card
+from medclf.model.networks import build_model, class_probabilities, plain_model
 from medclf.imaging.preprocess import denormalize, to_model_input
 from medclf.imaging.privacy import display_name
 from medclf.imaging.stage import text_or_none
@@ -200,8 +201,8 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
     if target != "predicted" and target not in card.classes:
         raise ModelError(f"target '{target}' is not one of the model's classes {card.classes} (or 'predicted')")
     if layer is not None:
-        probe, _ = load_artifact(model_path)
-        if layer not in dict(plain_model(probe).named_modules()):
+        probe = build_model(card.arch, len(card.classes))  # layer names only: no weights read
+        if layer not in dict(probe.named_modules()):
             raise ModelError(f"no layer '{layer}' in {card.arch}; default for it: '{default_layer(card.arch)}'")
     if not paths:
         raise FileNotFoundError("nothing to explain: no input files")

@@ -50,7 +50,7 @@ def verdict_of(card) -> str:
 def check_adapt_config(sc, card) -> None:
     """Refuse `bn` (or a given site profile) on a model whose verdict is not positive, before any work."""
     if sc.site_profile:
-        from medclf.model.adapt import read_profile
+        from medclf.model.site_profile import read_profile
 
         read_profile(sc.site_profile, card.model_id)  # exists, intact, and this model's
     if (sc.adapt == "bn" or sc.site_profile) and verdict_of(card) != "positive" and not sc.adapt_override:
@@ -88,7 +88,8 @@ def decode_sample(cfg: Config, card, paths: list[str]) -> dict:
 def prepare_adaptation(cfg: Config, card, model_path: str, paths: list[str], output: str, run_id: str,
                        source: str = "") -> AdaptDecision:
     """Decide and, where adapting, fit and write the run's site profile (see the module docstring)."""
-    from medclf.model.adapt import fit_profile, read_profile, write_profile
+    from medclf.model.adapt import fit_profile
+    from medclf.model.site_profile import read_profile, write_profile
     from medclf.model.artifact import load_artifact
 
     sc = cfg.score

@@ -15,11 +15,11 @@ import numpy as np
 from medclf.data.predictions import EMB_COLUMNS, prediction_schema, prob_column
 from medclf.imaging.preprocess import to_model_input
 from medclf.imaging.stage import META_KEYS, text_or_none
-from medclf.model.artifact import class_probabilities, load_artifact, penultimate
+from medclf.model.networks import class_probabilities, penultimate
 from medclf.model.decision import predict_labels
 from medclf.model.site_calibration import load as load_site_calibration
-from medclf.monitor.ood import load_domain, score_reason
-from medclf.monitor.reference import load_reference
+from medclf.monitor.ood import score_reason
+from medclf.monitor.opened import open_model
 from medclf.imaging.stats import STAT_COLUMNS
 from medclf.score.costs import per_row
 
@@ -36,10 +36,13 @@ class Predictor:
             torch.set_num_threads(threads)
         self.torch = torch
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model, self.card = load_artifact(model_path, self.device)
+        opened = open_model(model_path, self.device)  # the artifact's files, each read once
+        self.model, self.card = opened.model, opened.card
+        self.domain = opened.domain  # None: an artifact from before the guard
+        self.reference = opened.reference  # None: an artifact from before drift
         self.adaptation_id = None  # the site profile's id (medclf.model.adapt), before the runtime is built
         if site_profile:
-            from medclf.model.adapt import apply_profile, read_profile
+            from medclf.model.site_profile import apply_profile, read_profile
 
             profile = read_profile(site_profile, self.card.model_id)
             apply_profile(self.model, profile)
@@ -47,8 +50,6 @@ class Predictor:
         # A site's own temperature and threshold (medclf calibrate) replace the card's; None: the card's.
         self.calibration = load_site_calibration(site_calibration, self.card) if site_calibration else None
         self.threshold = self.calibration.threshold if self.calibration else self.card.threshold
-        self.domain = load_domain(model_path, self.card)  # None: an artifact from before the guard
-        self.reference = load_reference(model_path, self.card)  # None: an artifact from before drift
         # NHWC lets oneDNN/cuDNN pick faster convolution kernels (ResNet18 on CPU: +24%, same outputs).
         self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = self.device == "cuda"

@@ -16,8 +16,8 @@ from medclf.imaging.stage import DICOM_BY_CONTENT, Inputs, find_inputs
 UIDLESS_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def check_model(path: Optional[str], option: str = "--model") -> None:
-    """The model artifact exists and its card reads."""
+def check_model(path: Optional[str], option: str = "--model"):
+    """The model artifact exists and its card reads: the card (medclf.model.artifact.ModelCard)."""
     from medclf.model.artifact import load_card
 
     if not path:
@@ -27,7 +27,7 @@ def check_model(path: Optional[str], option: str = "--model") -> None:
     if not storage.exists(path):
         raise UserError(f"{path}: model folder not found. Pass {option} with the `model` folder of a training run "
                         "(e.g. runs/<run id>/model); `ls runs/*/model` lists the local ones")
-    load_card(path)  # a folder that is not an artifact: ModelError naming the missing card
+    return load_card(path)  # a folder that is not an artifact: ModelError naming the missing card
 
 
 def check_inputs(source: Optional[str], extensions: Iterable[str], option: str = "--input") -> Inputs:

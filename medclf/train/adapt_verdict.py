@@ -38,7 +38,7 @@ def _auc(y: np.ndarray, probs: np.ndarray, positive_index: Optional[int]) -> flo
 
 def _probs(model: torch.nn.Module, x: torch.Tensor, temperature: float) -> np.ndarray:
     from medclf.imaging.preprocess import to_model_input
-    from medclf.model.artifact import class_probabilities
+    from medclf.model.networks import class_probabilities
 
     with torch.inference_mode():
         return np.concatenate([class_probabilities(model(to_model_input(x[i:i + 64])), temperature).numpy()

@@ -17,7 +17,8 @@ from medclf import storage
 from medclf.config import Config
 from medclf.imaging.preprocess import to_model_input
 from medclf.model import card as model_card
-from medclf.model.artifact import ModelCard, build_model, class_probabilities, predicting_model, save_artifact
+from medclf.model.artifact import ModelCard, save_artifact
+from medclf.model.networks import build_model, class_probabilities, predicting_model
 from medclf.model.calibration import softmax_with_temperature
 from medclf.monitor.ood import embed, fit_domain
 from medclf.monitor.reference import fit_reference

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from medclf.config import TrainConfig
-from medclf.model.artifact import set_train_mode
+from medclf.model.networks import set_train_mode
 from medclf.ops import logs
 from medclf.ops.logs import say
 from medclf.report.metrics import classification_metrics

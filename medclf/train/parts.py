@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from medclf.config import Config, TrainConfig
 from medclf.data.augment import augment_batch
 from medclf.imaging.preprocess import to_model_input
-from medclf.model.artifact import apply_transfer_mode, build_model, count_parameters, predicting_model
+from medclf.model.networks import apply_transfer_mode, build_model, count_parameters, predicting_model
 
 
 def _lr_lambda(tc: TrainConfig):

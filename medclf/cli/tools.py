@@ -1,0 +1,82 @@
+"""Commands around a trained model: export, site calibration, prior shift, and the runs list."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from medclf import storage
+from medclf.cli.parsers import config_from
+from medclf.config import ConfigError
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from medclf.model.export import export_artifact
+
+    storage.check_input_url(args.model)
+    doc = export_artifact(args.model, args.output, args.format)
+    print(f"exported {doc['model_id']} -> {args.output}: {', '.join(doc['files'])} + contract.json")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from medclf.model import site_calibration
+    from medclf.model.site_fit import calibrate_site
+
+    storage.check_input_url(args.model)
+    card, cal = calibrate_site(args.model, args.labelled, args.extensions, args.threshold_rule,
+                               args.target_sensitivity, args.map, args.min_films, args.min_per_class,
+                               left_out=lambda message: print(f"left out: {message}", file=sys.stderr))
+    site_calibration.save(cal, args.out)
+    r = cal.report
+    print(f"site calibration {cal.calibration_id} for {card.model_id} -> {args.out}")
+    print(f"k={cal.fitted_on['k']} films {json.dumps(cal.fitted_on['per_class'])}; map {cal.map}: temperature "
+          f"{cal.temperature:.4f} (model {card.temperature:.4f}), bias {[round(b, 4) for b in cal.bias]}")
+    if cal.threshold is not None:
+        print(f"threshold {cal.threshold:.4f} (model {card.threshold}): {cal.threshold_rule}")
+        print(f"ECE on the k films (in sample) {r['ece_before']:.4f} -> {r['ece_after']:.4f}; log loss "
+              f"{r['log_loss_before']:.4f} -> {r['log_loss_after']:.4f}")
+        if "out_of_bag" in r:
+            o = r["out_of_bag"]
+            print(f"what k allows (95% CI, out-of-bag bootstrap, threshold re-chosen per resample): sensitivity "
+                  f"{o['sensitivity']:.3f} ({o['sensitivity_ci'][0]:.3f}-{o['sensitivity_ci'][1]:.3f}), specificity "
+                  f"{o['specificity']:.3f} ({o['specificity_ci'][0]:.3f}-{o['specificity_ci'][1]:.3f})")
+    return 0
+
+
+def cmd_prior(args: argparse.Namespace) -> int:
+    import json
+
+    from medclf.model import site_calibration
+    from medclf.model.artifact import load_card
+    from medclf.report.prior import prior_report
+
+    card = load_card(args.model)
+    cal = site_calibration.load(args.site_calibration, card) if args.site_calibration else None
+    report = prior_report(args.predictions, card, cal, args.scoring_run, args.train_prior)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        storage.write_atomic(args.out, json.dumps(report, indent=2).encode())
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from medclf.ops.tracking import list_runs, tracking_uri
+
+    cfg = config_from(args)
+    uri = tracking_uri(cfg)
+    if uri is None:
+        raise ConfigError("no MLflow store: tracking is off, or run.root is on object storage (set "
+                          "MLFLOW_TRACKING_URI or tracking.uri)")
+    import pandas as pd
+
+    runs = list_runs(uri, args.limit)
+    if runs.empty:
+        print(f"no runs in {uri}")
+        return 0
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4f}".format):
+        print(runs.to_string(index=False))
+    print(f"({len(runs)} run(s) in {uri}; browse with `mlflow ui --backend-store-uri {uri}`)")
+    return 0
