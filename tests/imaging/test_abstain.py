@@ -2,7 +2,7 @@
 stage and the online endpoint's request handler turning blank, grey, noise and lateral inputs into
 `out_of_scope` rows with their reasons. No Ray here: the domain record is fitted on phantoms
 (`add_domain`, the function training calls) for an untrained small CNN; scoring through Ray is in
-tests/test_ood.py."""
+tests/monitor/test_ood.py."""
 
 import asyncio
 import json
@@ -99,7 +99,7 @@ def test_config_declares_views_and_refusal_is_the_default():
     cfg = load_config(None, ["data.views=[pa, ap]", "data.body_parts=[chest]"])
     assert cfg.data.views == ["PA", "AP"] and cfg.data.body_parts == ["CHEST"] and cfg.data.allow_missing
     assert cfg.ood.action == "out_of_scope"
-    shipped = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "pneumonia_xray.yaml"), [])
+    shipped = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "pneumonia_xray.yaml"), [])
     assert shipped.data.views == ["PA", "AP"] and shipped.data.body_parts == ["CHEST"]
 
 
@@ -186,7 +186,7 @@ def test_blank_grey_noise_and_lateral_are_out_of_scope_with_reasons_and_flag_res
 def test_serve_answers_422_with_the_reason_and_refuses_explain(guarded, monkeypatch):
     """The endpoint's request handler (the class Ray Serve deploys, without Serve's batcher, which needs a
     running replica), called with HTTP requests' ASGI scopes: 422 and the reason for refused inputs, no
-    Grad-CAM for them; 200 for the phantom. tests/test_ood.py runs refusal through real Ray scoring."""
+    Grad-CAM for them; 200 for the phantom. tests/monitor/test_ood.py runs refusal through real Ray scoring."""
     from starlette.requests import Request
 
     from medclf.score.serve import Classifier

@@ -1,7 +1,7 @@
 """Few-shot site calibration and EM prior re-estimation: pure functions on synthetic logits (no Ray).
 
 The phantom / real-model checks (shifted archive, scoring with a calibration file) are in
-tests/test_site_calibration_phantoms.py.
+tests/model/test_site_calibration_phantoms.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Site calibration on phantoms: the CLI's refusals, a shifted archive's ECE, scoring with the file (real Ray).
 
-Pure-function tests (synthetic logits, EM) are in tests/test_site_calibration.py.
+Pure-function tests (synthetic logits, EM) are in tests/model/test_site_calibration.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Drift reports (medclf.monitor.drift) on phantoms: the shared 1-epoch model gets a drift reference measured
 on 400 labelled phantoms (the function training calls, via `add_reference`: no second training);
-batches are scored by the real decode stage and Predictor (no Ray: tests/test_score*.py cover the
+batches are scored by the real decode stage and Predictor (no Ray: tests/score/ covers the
 Ray pipeline) and compared with it."""
 
 import os

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(600)
 def guarded(trained_model, tmp_path_factory):
     """The shared 1-epoch phantom model with a domain record for chest-film modalities, fitted on its
     own validation images (the function training calls, via `add_domain`: no second training;
-    tests/test_training.py checks that training writes the record itself)."""
+    tests/train/test_training.py checks that training writes the record itself)."""
     from medclf.monitor.ood import add_domain
 
     run_dir = os.path.dirname(trained_model.model_path)

@@ -6,7 +6,7 @@ import pytest
 
 from medclf.cli import run_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("job", ["train", "score", "evaluate", "explain", "demo"])

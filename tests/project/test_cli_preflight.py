@@ -12,7 +12,7 @@ from PIL import Image
 import medclf.cli
 from medclf.cli import COMMANDS, main, run_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class RayWouldStart(Exception):

@@ -11,7 +11,7 @@ import yaml
 from medclf.cli import COMMANDS
 from medclf.config import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLUSTER_YAMLS = sorted(glob.glob(os.path.join(ROOT, "cluster", "**", "*.yaml"), recursive=True))
 
 

@@ -21,7 +21,7 @@ from medclf.ops.devserver import _free_port
 from medclf.data.predictions import read_predictions
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 TINY_JOB = ["--set", "preprocess.image_size=32", "--set", "data.extensions=[.png]",
             "--set", "data.patient_regex='^(P\\d+)_'", "--set", "score.cpus_per_actor=0.5",

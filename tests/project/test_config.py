@@ -19,7 +19,7 @@ def test_repo_configs_are_valid():
     import glob
     import os
 
-    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
     files = glob.glob(os.path.join(root, "*.yaml"))
     assert files
     for f in files:

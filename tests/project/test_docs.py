@@ -21,17 +21,18 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(ROOT, "README.md")
 
 # README command -> the tests that run that command line end to end.
 RUN_BY = {
-    "train": "tests/test_cluster_jobs.py (jobs/train.py as a Ray job), tests/test_training.py",
-    "score": "tests/test_score_inputs.py, tests/test_gradcam.py::main(['score', ...]), tests/test_drift.py",
-    "evaluate": "tests/test_evaluate.py (main(['evaluate', ...]))",
-    "drift": "tests/test_drift.py (run_command('drift', ...))",
-    "serve": "tests/test_serve.py",
-    "export": "tests/test_export.py",
+    "train": "tests/project/test_cluster_jobs.py (jobs/train.py as a Ray job), tests/train/test_training.py",
+    "score": "tests/score/test_score_inputs.py, tests/report/test_gradcam.py::main(['score', ...]), "
+             "tests/monitor/test_drift.py",
+    "evaluate": "tests/report/test_evaluate.py (main(['evaluate', ...]))",
+    "drift": "tests/monitor/test_drift.py (run_command('drift', ...))",
+    "serve": "tests/score/test_serve.py",
+    "export": "tests/model/test_export.py",
 }
 
 
@@ -121,7 +122,7 @@ def test_readme_commands_parse_with_the_real_cli(tmp_path):
     seen = {argv[1] for argv in commands}
     assert set(RUN_BY) <= seen, f"README lacks an example for {set(RUN_BY) - seen}"
     for name, tests in RUN_BY.items():  # the tests said to run each example exist
-        for path in re.findall(r"tests/\w+\.py", tests):
+        for path in re.findall(r"tests/[\w/]+\.py", tests):
             assert os.path.exists(os.path.join(ROOT, path)), f"{name}: {path} is missing"
     for argv in commands:
         name, rest = argv[1], argv[2:]

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 pytestmark = pytest.mark.timeout(60)
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, above tests/project/
 STARTS_RAY = ("ray.init(", "init_ray(", "\"ray\", \"start\"", "ray start ")
 
 
@@ -17,8 +17,10 @@ def _marked_ray(decorators) -> bool:
 
 def test_tests_that_start_ray_themselves_carry_the_marker():
     unmarked = []
-    for name in sorted(os.listdir(TESTS)):
-        if not (name.startswith("test_") and name.endswith(".py")) or name == "test_markers.py":
+    paths = sorted(os.path.relpath(os.path.join(d, f), TESTS) for d, _, fs in os.walk(TESTS) for f in fs)
+    for name in paths:  # tests/<folder>/test_*.py, relative to tests/
+        base = os.path.basename(name)
+        if not (base.startswith("test_") and base.endswith(".py")) or base == "test_markers.py":
             continue
         source = open(os.path.join(TESTS, name), encoding="utf-8").read()
         tree = ast.parse(source)

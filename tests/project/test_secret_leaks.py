@@ -72,7 +72,7 @@ def test_planted_uid_key_is_in_no_file_log_or_answer(ray_cluster, phantom_root, 
 
     answers = []
     port_cfg = load_config(config, ["serve.cpus_per_replica=0.25", "serve.route_prefix=/leak"])
-    from tests.test_serve import _free_port
+    from tests.score.test_serve import _free_port
 
     serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})  # no-op when Serve already runs
     serve.run(build_app(port_cfg, model), name="medclf-leak", route_prefix="/leak")

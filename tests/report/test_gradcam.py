@@ -53,7 +53,7 @@ def demo_model(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     data = str(root / "data")
     generate(data, n_train=480, n_test=120, image_size=64, formats=("png",), seed=3)
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"),
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml"),
                       [f"data.root={data}", f"run.root={root}", "evaluate.bootstrap_resamples=0"])
     return run_training(cfg, str(root / "run")), data
 
@@ -103,7 +103,7 @@ def test_score_explains_flagged_files_and_bad_files_are_rows(demo_model, tmp_pat
     for p in test.path:
         os.symlink(os.path.join(data, p), src / os.path.basename(p))
     (src / "broken.png").write_bytes(b"not a png")
-    rc = main(["score", "--config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"),
+    rc = main(["score", "--config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml"),
                "--input", str(src), "--model", trained.model_path, "--run-root", str(tmp_path / "runs"),
                "--run-id", "s1", "--set", "score.explain_flagged=true", "--set", "score.cpus_per_actor=0.5",
                # the links point outside the input folder: reading there is allowed explicitly (medclf.imaging.confine)
@@ -116,7 +116,7 @@ def test_score_explains_flagged_files_and_bad_files_are_rows(demo_model, tmp_pat
     assert "broken.png" not in " ".join(index.path)
 
     # explain a broken file directly: a row with its error, the others go on
-    rc = main(["explain", "--config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"),
+    rc = main(["explain", "--config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml"),
                "--input", str(src), "--model", trained.model_path, "--run-root", str(tmp_path / "runs"),
                "--run-id", "e1", "--layer", "features.3"])
     assert rc == 0

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from tests.browser import VIEWPORT, chromium, inspect
-from tests.test_drift import drift_model, pool  # noqa: F401 (fixtures)
-from tests.test_evaluate import CLASSES, scored  # noqa: F401 (fixture)
+from tests.report.browser import VIEWPORT, chromium, inspect
+from tests.monitor.test_drift import drift_model, pool  # noqa: F401 (fixtures)
+from tests.report.test_evaluate import CLASSES, scored  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(chromium() is None, reason="no Chromium binary on PATH (apt-get install chromium, "
                                                          "or `make system-deps`)")
@@ -48,13 +48,13 @@ def test_evaluation_report_in_a_browser(scored, tmp_path):
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_drift_report_in_a_browser(drift_model, pool, tmp_path):
-    """A real drift report: the shared tiny model with a drift reference (tests/test_drift.py's
+    """A real drift report: the shared tiny model with a drift reference (tests/monitor/test_drift.py's
     fixtures, which train it with Ray), two nights of scored phantoms, the second brightened."""
     from medclf.config import DriftConfig
     from medclf.data.phantoms import write_shifted
     from medclf.model.artifact import load_card
     from medclf.monitor.drift import run_drift
-    from tests.test_drift import score_table, write_night
+    from tests.monitor.test_drift import score_table, write_night
 
     predictions = str(tmp_path / "predictions")
     base = pool.path.tolist()

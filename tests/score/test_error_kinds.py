@@ -48,7 +48,7 @@ def test_error_kind_of_each_failure(tmp_path, monkeypatch):
     assert out["error"][3].endswith("locked.png: PermissionError while reading or decoding")
 
 
-def test_transient_errors_are_not_in_the_skip_set(tmp_path):  # frames: tests/test_score_archive.py
+def test_transient_errors_are_not_in_the_skip_set(tmp_path):  # frames: tests/score/test_score_archive.py
     schema = prediction_schema(["A", "B"])
     rows = {f.name: [None] * 4 for f in schema}
     rows.update(path=["ok", "corrupt", "denied", "old"], checksum=["c1", "c2", "c3", "c4"], model_id=["m"] * 4,

@@ -11,7 +11,7 @@ import pytest
 
 from medclf.data.predictions import read_predictions
 from medclf.score.lease import read_lease
-from tests.test_score_recovery import LEASE_SECONDS, model, score_job  # noqa: F401 (fixture)
+from tests.score.test_score_recovery import LEASE_SECONDS, model, score_job  # noqa: F401 (fixture)
 
 # Each job starts a Ray of its own, as two scheduler runs on two machines would: on one shared 2-CPU
 # cluster the second job waited for the CPUs that the paused first job's actor and parked write tasks
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
 def test_paused_driver_takeover_gives_no_duplicates(model, phantom_root, tmp_path, request,  # noqa: F811
                                                     where):
     if where == "s3":
-        from tests.test_score_s3 import upload_test_split
+        from tests.score.test_score_s3 import upload_test_split
 
         bucket = request.getfixturevalue("s3_bucket")
         archive, out = f"{bucket}/archive", f"{bucket}/predictions"

@@ -21,7 +21,7 @@ from medclf.imaging.dicomweb import DicomwebError, Instance, parse_source
 from medclf.ops import orthanc as orthanc_mod
 from medclf.report.dicom_sr import read_sr
 
-from conftest import TINY
+from tests.conftest import TINY
 
 NO_ORTHANC = orthanc_mod.missing()
 needs_orthanc = pytest.mark.skipif(NO_ORTHANC is not None, reason=f"no local PACS: {NO_ORTHANC}")
@@ -366,7 +366,7 @@ def test_cli_refuses_a_bad_pacs_source_before_ray_starts(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     for url, says in [("dicomweb://admin:s3cret@127.0.0.1:1/dicom-web", "credentials in the URL are refused"),
                       ("dicomweb://127.0.0.1:1/dicom-web?StudyDate=yesterday", "StudyDate='yesterday'")]:
         proc = subprocess.run([sys.executable, "-m", "medclf.cli", "score", "--input", url, "--model", str(tmp_path),

@@ -23,7 +23,7 @@ from medclf.score.batch import run_scoring
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Files of the corpus that are broken on purpose (pydicom's own tests use them to exercise its
 # error paths), with why: each must be an error row naming the file.

@@ -21,7 +21,7 @@ from medclf.imaging.decode import decode
 from medclf.data.predictions import read_predictions
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHI = ["DOE^JANE^Q", "MRN7734921", "19610412", "12 Elm Street Springfield", "ALT-ID-5551234"]
 
 

@@ -16,7 +16,7 @@ from medclf.score.lease import LEASE_HELD_EXIT, read_lease
 from medclf.data.predictions import read_predictions
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LEASE_SECONDS = 2.0
 
 
@@ -107,7 +107,7 @@ def test_a_retried_write_task_adds_no_rows(ray_cluster, model, phantom_root, tmp
 
 
 def test_two_concurrent_runs_on_s3_one_refuses(ray_cluster, model, phantom_root, s3_bucket, tmp_path):
-    from tests.test_score_s3 import upload_test_split
+    from tests.score.test_score_s3 import upload_test_split
 
     archive, out = f"{s3_bucket}/archive", f"{s3_bucket}/predictions"
     urls = upload_test_split(phantom_root, archive)

@@ -17,7 +17,7 @@ from medclf.score.batch import run_scoring
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def fs():

@@ -7,7 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(60)
 LIMIT = 60
-TRAIN = pathlib.Path(__file__).parents[1] / "medclf" / "train"
+TRAIN = pathlib.Path(__file__).parents[2] / "medclf" / "train"
 
 
 def function_lengths(path: pathlib.Path) -> dict[str, int]:

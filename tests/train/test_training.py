@@ -43,6 +43,7 @@ def test_time_box_ends_training_between_epochs(ray_cluster, phantom_root, tmp_pa
     result = run_training(cfg, str(tmp_path / "run"))
     assert list(result.history.epoch) == [1]  # the first epoch always runs; no second one fits
     assert result.card.threshold_rule == "target_sensitivity 0.9 on shifted patient validation, calibrated"
-    # the out-of-scope guard's domain record (medclf.monitor.ood; tested in test_ood.py) is in the artifact
+    # the out-of-scope guard's domain record (medclf.monitor.ood; tested in tests/monitor/test_ood.py)
+    # is in the artifact
     domain = load_domain(result.model_path, load_artifact(result.model_path)[1])
     assert domain.record.modalities == ["DX"] and domain.record.min_size == 16 and domain.record.n_fit >= 4
