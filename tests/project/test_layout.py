@@ -1,6 +1,7 @@
 """The package's import structure (issue 36): no import circle between modules, and the subpackages
 stand in layers, none importing one that imports it back, directly or round a longer loop. Imports
-inside functions count: they are read from the source, not from a running interpreter."""
+inside functions count: they are read from the source, not from a running interpreter. And the tests
+mirror the package: each test file in tests/<subpackage>/ or tests/project/ (tests/README.md)."""
 
 import ast
 import pathlib
@@ -75,3 +76,25 @@ def test_subpackages_stand_in_layers():
             package_of(m) for m in imported if package_of(m) != package_of(module))
     assert "medclf.imaging" in packages and "medclf.monitor" in packages["medclf.score"]  # the graph is read
     assert circles(packages) == [], "subpackages that import each other, directly or round a loop"
+
+
+TESTS = ROOT / "tests"
+PROJECT_FOLDER = "project"  # tests of the top-level modules (cli, config...) and of the project as a whole
+
+
+def test_test_files_mirror_the_package():
+    """Every tests/**/test_*.py sits in tests/<subpackage of medclf>/ or tests/project/, never at the top or
+    deeper; every such folder has an __init__.py and a line in tests/README.md (the rule is written there)."""
+    subpackages = {p.parent.name for p in (ROOT / "medclf").glob("*/__init__.py")}
+    allowed = subpackages | {PROJECT_FOLDER}
+    misplaced = [str(p.relative_to(ROOT)) for p in sorted(TESTS.rglob("test_*.py"))
+                 if "__pycache__" not in p.parts
+                 and (len(p.relative_to(TESTS).parts) != 2 or p.relative_to(TESTS).parts[0] not in allowed)]
+    assert not misplaced, f"test files outside tests/<{'|'.join(sorted(allowed))}>/: {misplaced}"
+    folders = sorted(p.name for p in TESTS.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert set(folders) <= allowed, f"folders under tests/ that match no medclf subpackage: {set(folders) - allowed}"
+    assert (TESTS / "__init__.py").is_file(), "tests/__init__.py is missing"
+    readme = (TESTS / "README.md").read_text()
+    for name in folders:
+        assert (TESTS / name / "__init__.py").is_file(), f"tests/{name}/__init__.py is missing"
+        assert f"- `{name}/`" in readme, f"tests/README.md has no line for tests/{name}/"
