@@ -39,8 +39,8 @@ demo: $(STAMP)
 	$(PY) -m medclf.cli demo --config configs/demo.yaml
 	@echo "next: put medclf on PATH with 'source $(VENV)/bin/activate' (or 'make shell'), then 'medclf --help'"
 
-# System packages some tests need: Orthanc and its DICOMweb plugin (the PACS of tests/test_pacs.py), and
-# Chromium (the headless browser of tests/test_report_browser.py).
+# System packages some tests need: Orthanc and its DICOMweb plugin (the PACS of tests/score/test_pacs.py), and
+# Chromium (the headless browser of tests/report/test_report_browser.py).
 # Installed only when missing, quietly; without apt-get (or root/sudo) it says so and the tests skip.
 system-deps:
 	@if command -v Orthanc >/dev/null 2>&1 && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; then :; \
@@ -49,7 +49,7 @@ system-deps:
 	  { $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq orthanc orthanc-dicomweb; } \
 	    >/dev/null 2>&1 || echo "system-deps: could not install orthanc orthanc-dicomweb; the PACS tests will skip"; \
 	else echo "system-deps: Orthanc missing and no apt-get with root; the PACS tests will skip"; fi
-	@# Chromium: tests/test_report_browser.py renders the HTML reports in it (headless), the same way.
+	@# Chromium: tests/report/test_report_browser.py renders the HTML reports in it (headless), the same way.
 	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
 	  S=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \

@@ -1,6 +1,6 @@
 """docs/results.md from docs/results.csv: one row per measured config (figure, 95% CI, what data,
 command, date, commit). Add a measurement to the CSV, then `python docs/results.py`; the test suite
-(tests/test_docs.py) fails when results.md and the CSV disagree."""
+(tests/project/test_docs.py) fails when results.md and the CSV disagree."""
 
 import csv
 import os

@@ -21,7 +21,7 @@ from medclf import config as config_mod
 HEADER = """# Configuration reference
 
 Generated from `medclf/config/` by `python -m medclf.config_doc`; do not edit by hand
-(`tests/test_docs.py` fails when this file and the schema disagree).
+(`tests/project/test_docs.py` fails when this file and the schema disagree).
 
 A config is YAML with the sections below; every key is optional. `--set section.key=VALUE` overrides
 one value on the command line (parsed as YAML). Unknown keys are errors, named with the file.

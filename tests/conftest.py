@@ -17,7 +17,7 @@ from medclf.imaging.privacy import UID_KEY_ENV
 os.environ.setdefault(UID_KEY_ENV, "test-site-key")
 # Serving refuses to start without a bearer token (medclf.score.auth); Serve replicas read it from their env.
 os.environ.setdefault("MEDCLF_SERVE_TOKEN", "test-serve-token-0123456789abcdef")
-# The test PACS's user (tests/test_pacs.py): credentials reach Ray's read tasks through the environment only,
+# The test PACS's user (tests/score/test_pacs.py): credentials reach Ray's read tasks through the environment only,
 # so they are set before Ray starts, as a site sets them for its workers.
 os.environ.setdefault("MEDCLF_DICOMWEB_USER", "medclf-test")
 os.environ.setdefault("MEDCLF_DICOMWEB_PASSWORD", "test-password-not-secret")
@@ -42,7 +42,7 @@ TINY = [
     "score.decode_batch_size=8",
     "score.cpus_per_actor=0.5",
     # The shared model has no out-of-scope guard: the tests using it check rows and scores, and a
-    # guard fitted on ~12 validation phantoms flags some in-domain ones. tests/test_ood.py trains with it.
+    # guard fitted on ~12 validation phantoms flags some in-domain ones. tests/monitor/test_ood.py trains with it.
     "ood.enabled=false",
 ]
 

@@ -5,7 +5,7 @@ A 2,048^2 film that the model sees at 224 px need not be decoded at full size: l
 the inverse DCT and colour work, and for a colour JPEG decodes the luma channel alone. Decoding stops at
 `DRAFT_FACTOR` times the model's input or more, so the antialiased resize in
 `medclf.imaging.preprocess` still has two source pixels per output pixel to average: the model's input
-stays within `DRAFT_TOLERANCE` of the one a full decode gives (tests/test_draft.py asserts it).
+stays within `DRAFT_TOLERANCE` of the one a full decode gives (tests/imaging/test_draft.py asserts it).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from PIL import Image
 
 DRAFT_FACTOR = 2  # decoded side >= 2x the model's input side
 # Largest difference allowed in the model's input between draft and full decode, in [0, 1] grey
-# levels before normalisation: mean absolute and worst pixel (tests/test_draft.py measures both).
+# levels before normalisation: mean absolute and worst pixel (tests/imaging/test_draft.py measures both).
 DRAFT_TOLERANCE = {"mean_abs": 0.002, "max_abs": 0.03}  # measured on 2,048^2 q90 films: 0.0005 / 0.012
 
 

@@ -101,7 +101,7 @@ def _metrics_table(metrics: dict) -> list[str]:
     return rows
 
 
-# Every MODEL_CARD.md has these sections, in this order (issue 15; tests/test_model_card.py).
+# Every MODEL_CARD.md has these sections, in this order (issue 15; tests/model/test_model_card.py).
 REQUIRED_SECTIONS = ("## Intended use", "## Out-of-scope use", "## Training data", "## Validation results",
                      "## Calibration and threshold", "## Known failure modes", "## Drift reference", "## Software")
 

@@ -17,7 +17,7 @@ validation images the figures came from: the model artifact's drift reference (m
 One family of tests per report: p-values are Holm-adjusted and a statistic flags when its adjusted
 p-value is below `drift.alpha` AND its effect is large enough to matter (`drift.min_psi`,
 `drift.min_rate_change`); on same-distribution phantom batches this keeps false alarms under 10%
-(tests/test_drift.py; power: docs/benchmarks.md). `run_drift` writes the report folder:
+(tests/monitor/test_drift.py; power: docs/benchmarks.md). `run_drift` writes the report folder:
 drift.parquet (one row per statistic), drift_histograms.png, drift_timeseries.png (with several
 run dates), drift_history.parquet and drift.html. The CLI exits `DRIFT_EXIT` when any flag trips.
 """
