@@ -1,14 +1,23 @@
-"""Writes examples/walkthrough.ipynb (the notebook is generated: edit this file, then run it)."""
+"""Writes examples/walkthrough.ipynb (the notebook is generated: edit this file, then run it).
 
+    python examples/build_walkthrough.py            # the cells only
+    python examples/build_walkthrough.py --execute  # and run it in examples/, as Jupyter would, saving
+                                                    # its outputs into the file (a few minutes on 2 CPUs)
+
+tests/test_notebook.py checks that the saved notebook's code is this file's and that its outputs are
+there and hold no error."""
+
+import argparse
 import os
+import sys
 
 import nbformat as nbf
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "walkthrough.ipynb")
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "walkthrough.ipynb")
 
-nb = nbf.v4.new_notebook()
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
-cells = [
+CELLS = [
 md("""# medclf walkthrough: train, score, evaluate and explain a medical-image classifier with Ray
 
 This notebook runs the whole medclf workflow on a laptop-sized problem, top to bottom, in a few
@@ -45,7 +54,7 @@ per class (or a manifest with a `path` and `label` column). File names carry the
 medclf keeps every patient's images on one side of the train/validation split: images of one
 patient look alike, and splitting them would flatter the validation figures."""),
 code("""root = os.path.join(work, "phantoms")
-generate(root, n_train=160, n_test=60, image_size=64, seed=0)
+generate(root, n_train=480, n_test=60, image_size=64, seed=0)
 manifest = pd.read_parquet(os.path.join(root, "manifest.parquet"))
 display(manifest.groupby(["split", "label", "format"]).size().unstack())
 
@@ -56,16 +65,13 @@ plt.show()"""),
 md("""## 2. Configuration
 
 Every medclf job is driven by one config: YAML validated into typed objects, so a typo fails at
-once with the key named. Here we start from the defaults and override a few keys, exactly as
-`--set key=value` does on the command line. We keep the model small (a 4-layer CNN at 64 px) so
-training takes a minute; the real configs in `configs/` use ImageNet-pretrained EfficientNet-Lite0
-at 224 px."""),
-code("""cfg = load_config(None, [
-    f"data.root={root}", "data.classes=[NORMAL, POSITIVE]", "data.positive_class=POSITIVE",
-    "data.extensions=[.png]", f"data.patient_regex='{PATIENT_REGEX}'",
-    "preprocess.image_size=64", "model.arch=small_cnn",
-    "train.epochs=3", "train.batch_size=16", "train.num_workers=2", "train.cpus_per_worker=0.5",
-    "train.augment=true", "score.batch_size=32", "score.cpus_per_actor=0.5", "score.uids=drop",
+once with the key named. Here we start from `configs/demo.yaml` (what `make demo` runs) and
+override a few keys, exactly as `--set key=value` does on the command line. Training and scoring take
+the PNG files (the phantoms come as DICOM too; a night that brings a format validation never had is
+one the drift report flags). The model is small (a 4-layer CNN at 64 px) so training takes a minute;
+the real configs in `configs/` use ImageNet-pretrained EfficientNet-Lite0 at 224 px."""),
+code("""cfg = load_config(os.path.join(repo, "configs", "demo.yaml"), [
+    f"data.root={root}", "score.extensions=[.png]", "score.cpus_per_actor=0.5", "score.uids=drop",
     f"run.root={os.path.join(work, 'runs')}", "run.name=walkthrough",
 ])
 print(cfg.train.model_dump_json(indent=1)[:400])
@@ -93,7 +99,11 @@ plt.tight_layout(); plt.show()
 card = result.card
 print("model id:", card.model_id, "| threshold:", round(card.threshold, 3), f"({card.threshold_rule})",
       "| temperature:", round(card.temperature, 3))"""),
-md("""The training run folder holds the **model artifact** (`model/`: weights, `model.json` and a
+md("""On phantoms the validation images are perfectly separated, so no temperature can be fitted (any
+finite one would only make the model more overconfident): medclf says so in a warning and keeps
+T = 1 rather than report a temperature stuck at a bound. The real subset at the end gets a fitted one.
+
+The training run folder holds the **model artifact** (`model/`: weights, `model.json` and a
 human-readable `MODEL_CARD.md`), the per-epoch history and the validation report. The model card
 says what the model is for, what data it saw and how well it did, with confidence intervals.
 Note what the validation figures are: images held out from the *same* archive. A new hospital's
@@ -126,7 +136,7 @@ a bootstrap 95% confidence interval, plus plots: the ROC curve, the confusion ma
 reliability diagram and a gallery of the most confident mistakes."""),
 code("""from medclf.report.evaluate import run_evaluation
 
-test = manifest[manifest.split == "test"]  # the files scored above
+test = manifest[(manifest.split == "test") & (manifest.format == "png")]  # the files scored above
 labels = test.assign(path=[os.path.join(root, p) for p in test.path])[["path", "label"]]
 labels_file = os.path.join(work, "labels.csv"); labels.to_csv(labels_file, index=False)
 report_dir = os.path.join(work, "report")
@@ -162,7 +172,7 @@ at once and large enough to matter.
 
 First the night we already scored (same kind of images as validation: expect no flag, or a rare
 false alarm), then a night whose images went through a different processing preset: every image
-brightened with a gamma curve (`u -> u**0.6`), as a new detector or export setting might do."""),
+brightened with a gamma curve (`u -> u**0.8`), as a new detector or export setting might do."""),
 code("""from medclf.config import DriftConfig
 from medclf.monitor.drift import run_drift
 from medclf.data.phantoms import write_shifted
@@ -170,7 +180,7 @@ from medclf.data.phantoms import write_shifted
 quiet = run_drift(DriftConfig(), result.model_path, predictions, os.path.join(work, "drift-night-1"), run_id="night-1")
 print("night-1 flags:", quiet.flagged or "none")
 
-shifted = write_shifted(sorted(pred.path[pred.format == "png"]), os.path.join(work, "tonight"), gamma=0.6)
+shifted = write_shifted(sorted(pred.path[pred.format == "png"]), os.path.join(work, "tonight"), gamma=0.8)
 print(run_scoring(cfg, "night-3", os.path.join(work, "tonight"), result.model_path, predictions))
 drift = run_drift(DriftConfig(), result.model_path, predictions, os.path.join(work, "drift-night-3"), run_id="night-3")
 print("night-3 flags:", drift.flagged)
@@ -207,9 +217,29 @@ md("""## Where next
 - `jobs/train.py`, `jobs/score.py`, `jobs/evaluate.py`, `jobs/explain.py`: the same steps as
   scripts, submitted to a cluster with `ray job submit` (README, "Run on a Ray cluster").
 - `medclf serve`: one answer per request over HTTP, with the same decoding and model.
-- `docs/benchmarks.md`: what each recipe scored, on which data, with confidence intervals."""),
+- `docs/results.md`: what each recipe scored, on which data, with confidence intervals."""),
 ]
-nb["cells"] = cells
-nb["metadata"]["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-nbf.write(nb, OUT)
-print(f"written {OUT}")
+
+
+def build() -> nbf.NotebookNode:
+    nb = nbf.v4.new_notebook()
+    nb["cells"] = CELLS
+    nb["metadata"]["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+def execute(nb: nbf.NotebookNode, folder: str = HERE, timeout: int = 900) -> nbf.NotebookNode:
+    """Run every cell with the kernel started in `folder` (Jupyter starts it in the notebook's folder)."""
+    from nbclient import NotebookClient
+
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": folder}}).execute()
+    return nb
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--execute", action="store_true", help="run it in examples/ and save the outputs")
+    args = parser.parse_args()
+    notebook = execute(build()) if args.execute else build()
+    nbf.write(notebook, OUT)
+    print(f"wrote {OUT}" + (" with outputs" if args.execute else ""), file=sys.stderr)

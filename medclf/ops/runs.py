@@ -64,6 +64,7 @@ def init_ray(cfg: Config) -> None:
         options = local_ray_options(cfg.ray.num_cpus)
         options["runtime_env"]["env_vars"].update(allocator)
         ray.init(**options, **quiet)
+    logs.quiet_python_warnings()  # also for library callers (the notebook), not only the CLI's run_command
     logs.configure_ray_data()
 
 
