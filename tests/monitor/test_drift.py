@@ -95,20 +95,20 @@ def drift_model(trained_model, tmp_path_factory):
     return dest
 
 
-def score_table(model_path, paths, run_id="run"):
+def score_table(model_path, paths, run_id="run", action="flag"):
     """Prediction rows as scoring writes them (decode stage + Predictor), as an Arrow table."""
     card = load_card(model_path)
-    # ood.action=flag: the drift statistics here are measured on every decoded phantom, as before
-    # refusal became the default (out_of_scope_rate counts flagged rows either way).
-    predictor = Predictor(model_path, run_id, threads=1, ood_action="flag")
+    # ood.action=flag by default here: the drift statistics are measured on every decoded phantom, as
+    # before refusal became the default (out_of_scope_rate counts flagged rows either way).
+    predictor = Predictor(model_path, run_id, threads=1, ood_action=action)
     batches = load_images({"path": np.array(paths, object)}, card.preprocess, rows_per_batch=16,
-                          gate=input_gate(card, "flag"))
+                          gate=input_gate(card, action))
     table = pa.concat_tables([predictor(b) for b in batches])
     return table.drop_columns(["first_row"])
 
 
-def score_frame(model_path, paths, run_id="run"):
-    return score_table(model_path, paths, run_id).to_pandas()
+def score_frame(model_path, paths, run_id="run", action="flag"):
+    return score_table(model_path, paths, run_id, action).to_pandas()
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,21 @@ def test_ct_like_phantoms_flag_modality_out_of_scope_and_embedding(drift_model, 
     assert (rows.loc[rows.path.isin(dicom), "status"] == "out_of_scope").all()  # CT: not this model's modality
     table = report(drift_model, rows)
     assert {"modality_mix", "format_mix", "out_of_scope_rate", "embedding", "ood_score"} <= flagged(table), table
+
+
+def test_out_of_scope_rate_agrees_with_the_rows_under_refusal(drift_model, tmp_path):
+    # The default action (out_of_scope): what the drift report counts is what the rows say, refused rows
+    # over decoded rows, so a team reading either sees the same rate (issue 33, item 4).
+    paths, _ = phantom_files(str(tmp_path / "night"), 120, seed=31)
+    ct = write_ct_like(str(tmp_path / "ct"), 40, image_size=32, seed=3, fmt="dcm")  # another modality
+    rows = score_frame(drift_model, paths + ct, action="out_of_scope")
+    refused = rows["status"] == "out_of_scope"
+    assert refused[rows.path.isin(ct)].all() and refused.sum() >= 40, rows["status"].value_counts()
+    row = report(drift_model, rows).set_index("statistic").loc["out_of_scope_rate"]
+    decoded = rows["status"].isin(["ok", "out_of_scope"])
+    assert row.n == decoded.sum() == len(rows)
+    assert row.value == pytest.approx(refused.sum() / decoded.sum())
+    assert row.flag  # 40 of 160 refused, against about 5% of validation
 
 
 def test_another_class_prevalence_flags_the_positive_rate(drift_model, pool, tmp_path):
