@@ -169,7 +169,7 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
         log.info("scoring %d files from %s with model %s (%d images already scored)", len(paths), input_path,
                  card.model_id, len(skip))
         adaptation = prepare_adaptation(cfg, card, model_path, paths, output, run_id, input_path)
-        log.info("%s", adaptation)
+        log.debug("%s", adaptation)  # the summary line prints it
         run_date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
         sink = CommitPerFileDatasink(storage.join(output, f"run_date={run_date}"), run_id,
                                      prediction_schema(card.classes), sc.rows_per_file, output, held.token, fault)

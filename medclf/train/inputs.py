@@ -21,7 +21,7 @@ from medclf.ops.logs import say
 from medclf.train.parts import LoopConfig, worker_config
 
 # The name training's log lines carried before the module was split: the log reads as it did.
-log = logging.getLogger("medclf.train.training")
+log = logging.getLogger(__name__)
 
 
 def prepare_data(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
@@ -122,7 +122,7 @@ def start_run(cfg: Config, run_dir: str, prepared, restart: bool) -> TrainingInp
     df, classes = prepared or prepare_data(cfg)
     positive = cfg.data.positive_class or (classes[-1] if len(classes) == 2 else None)
     train, val = (df[df["split"] == s].reset_index(drop=True) for s in (cfg.data.train_split, cfg.data.val_split))
-    log.info("train %d images, validation %d images, classes %s", len(train), len(val), classes)
+    log.debug("train %d images, validation %d images, classes %s", len(train), len(val), classes)  # say() prints it
     say(f"data: {len(train)} train / {len(val)} validation images, "
          f"{df[df.split.isin([cfg.data.train_split, cfg.data.val_split])].patient_id.nunique()} patients, "
          f"classes {classes}")
