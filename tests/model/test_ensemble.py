@@ -188,3 +188,37 @@ def test_an_ensemble_card_without_its_members_is_refused(made):
     files.card = dataclasses.replace(files.card, config={})
     with pytest.raises(ModelError, match="config.ensemble.members"):
         files.network()
+
+
+def test_label_free_adaptation_is_refused_for_an_ensemble_even_with_the_override(made):
+    from medclf.score.adaptation import check_adapt_config
+
+    _, dest, _, _ = made
+    card = load_card(dest)
+    for overrides in (["score.adapt=bn"], ["score.adapt=bn", "score.adapt_override=true"]):
+        with pytest.raises(ConfigError, match="not offered for an ensemble"):
+            check_adapt_config(load_config(None, overrides).score, card)
+    check_adapt_config(load_config(None, ["score.adapt=auto"]).score, card)  # auto: allowed, never adapts
+
+
+@pytest.mark.ray
+def test_serve_answers_with_the_ensembles_probability(made, ray_cluster):
+    from ray import serve
+
+    from medclf.score.serve import run_server
+    from tests.score.test_serve import _free_port, _post
+
+    _, dest, test_files, _ = made
+    rows = score_table(dest, test_files)
+    in_scope = rows.loc[rows["ood_score"] <= load_card(dest).domain["threshold"]].iloc[0]  # not refused by the guard
+    serve.shutdown()  # a Serve an earlier test left running would keep its own proxy port
+    cfg = load_config(None, [f"serve.port={_free_port()}", "serve.cpus_per_replica=0.5", "serve.max_batch_size=4",
+                             "serve.batch_wait_timeout_s=0.05"])
+    url = run_server(cfg, dest, blocking=False)
+    try:
+        status, answer = _post(f"{url}/predict", open(in_scope["path"], "rb").read())
+    finally:
+        serve.shutdown()
+    assert status == 200 and answer["model_id"] == load_card(dest).model_id, answer
+    for c in CLASSES:
+        assert answer["probabilities"][c] == pytest.approx(float(in_scope[prob_column(c)]), abs=1e-5)
