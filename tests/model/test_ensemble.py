@@ -119,19 +119,24 @@ def test_domain_is_fitted_on_the_members_features_and_the_reference_exists(made)
     assert set(files.files) == {card.domain["file"], card.reference["file"]}
 
 
-def test_onnx_export_gives_the_same_probabilities(made):
+def test_onnx_and_torchscript_exports_give_the_same_probabilities(made):
     ort = pytest.importorskip("onnxruntime")
-    from medclf.model.export import ONNX_FILE, export_artifact
+    from medclf.model.export import ONNX_FILE, TORCHSCRIPT_FILE, export_artifact
 
     members, dest, test_files, base = made
     out = str(base / "exported")
-    doc = export_artifact(dest, out, ["onnx"])
+    doc = export_artifact(dest, out)
     assert doc["arch"] == ENSEMBLE_ARCH
+    scored = probabilities(dest, test_files)
     session = ort.InferenceSession(os.path.join(out, ONNX_FILE), providers=["CPUExecutionProvider"])
     batch = pixels(test_files)
-    for part in (batch[:1], batch):
+    for part in (batch[:1], batch):  # dynamic batch: one image and many through the same file
         _, onnx_probs = session.run(None, {"image": part})
-        np.testing.assert_allclose(onnx_probs, probabilities(dest, test_files)[:len(part)], atol=1e-4)
+        np.testing.assert_allclose(onnx_probs, scored[:len(part)], atol=1e-4)
+    scripted = torch.jit.load(os.path.join(out, TORCHSCRIPT_FILE))
+    with torch.inference_mode():
+        _, ts_probs = scripted(torch.from_numpy(batch[:5]))
+    np.testing.assert_allclose(ts_probs.numpy(), scored[:5], atol=1e-4)
 
 
 def test_grad_cam_is_the_mean_of_the_members_maps(made):
@@ -222,3 +227,43 @@ def test_serve_answers_with_the_ensembles_probability(made, ray_cluster):
     assert status == 200 and answer["model_id"] == load_card(dest).model_id, answer
     for c in CLASSES:
         assert answer["probabilities"][c] == pytest.approx(float(in_scope[prob_column(c)]), abs=1e-5)
+
+
+def test_the_explain_actor_writes_the_ensembles_map(made, tmp_path):
+    """The Explainer (what `medclf explain` runs in Ray Data actors), called on one decoded batch."""
+    from medclf.report.gradcam import ENSEMBLE_LAYER, Explainer
+
+    members, dest, test_files, _ = made
+    card = load_card(dest)
+    explainer = Explainer(dest, str(tmp_path / "explained"))
+    batch = next(iter(load_images({"path": np.array(test_files[:2], object)}, card.preprocess, rows_per_batch=16)))
+    rows = explainer(batch)
+    assert list(rows["status"]) == ["ok", "ok"] and set(rows["layer"]) == {ENSEMBLE_LAYER}
+    ensemble, _ = load_artifact(dest)
+    x = to_model_input(torch.from_numpy(pixels(test_files[:2])))
+    heat, probs, _ = grad_cam(ensemble, x, ENSEMBLE_LAYER, explainer._targets)
+    for j in range(2):
+        np.testing.assert_allclose(np.load(rows["heatmap_npy"][j]), heat[j], atol=1e-5)
+    explained = [probs[j, card.classes.index(rows["target_class"][j])] for j in range(2)]
+    np.testing.assert_allclose(rows["probability"], explained, atol=1e-5)
+
+
+def test_drift_compares_the_ensembles_rows_with_its_reference(made):
+    from medclf.config import DriftConfig
+    from medclf.monitor.drift import compare
+    from medclf.monitor.opened import open_model
+
+    _, dest, test_files, _ = made
+    opened = open_model(dest, network=False)
+    table = compare(score_table(dest, test_files), opened.reference, opened.domain, opened.card, DriftConfig())
+    assert len(table) and {"statistic", "flag"} <= set(table.columns)
+    embedding = table.set_index("statistic").loc["embedding"]  # the members' joint embedding is compared
+    assert np.isfinite(embedding["value"])
+
+
+def test_site_calibration_fits_on_the_ensembles_output(made):
+    from medclf.model.site_fit import calibrate_site
+
+    _, dest, _, base = made
+    card, cal = calibrate_site(dest, str(base / "ph" / "train"), [".png"])
+    assert cal.model_id == card.model_id and cal.fitted_on["k"] == 60 and cal.temperature > 0
