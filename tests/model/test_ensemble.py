@@ -267,3 +267,19 @@ def test_site_calibration_fits_on_the_ensembles_output(made):
     _, dest, _, base = made
     card, cal = calibrate_site(dest, str(base / "ph" / "train"), [".png"])
     assert cal.model_id == card.model_id and cal.fitted_on["k"] == 60 and cal.temperature > 0
+
+
+@pytest.mark.ray
+def test_batch_scoring_with_ray_writes_the_ensembles_probabilities(made, ray_cluster, tmp_path):
+    """`medclf score`'s pipeline (Ray Data decode tasks -> Predictor actors -> the sink) on the ensemble."""
+    from medclf.data.predictions import read_predictions
+    from medclf.score.batch import run_scoring
+    from tests.conftest import TINY
+
+    _, dest, test_files, base = made
+    cfg = load_config(None, TINY + [f"run.root={tmp_path / 'runs'}", "ood.action=flag"])
+    run_scoring(cfg, "ensemble-run", str(base / "ph" / "test"), dest, str(tmp_path / "pred"))
+    rows = read_predictions(str(tmp_path / "pred")).set_index("path").loc[test_files]
+    assert (rows["status"] == "ok").all() and (rows["model_id"] == load_card(dest).model_id).all()
+    cols = [prob_column(c) for c in CLASSES]
+    np.testing.assert_allclose(rows[cols].to_numpy(), probabilities(dest, test_files), atol=1e-5)
