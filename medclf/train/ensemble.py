@@ -22,6 +22,7 @@ from medclf.errors import ModelError
 from medclf.imaging.decode import decode
 from medclf.imaging.preprocess import preprocess_gray, to_model_input
 from medclf.model.artifact import ArtifactFiles, ModelCard, read_artifact, save_artifact
+from medclf.model import card as model_card
 from medclf.model.card import software_versions
 from medclf.model.decision import choose_threshold
 from medclf.model.ensemble import ENSEMBLE_ARCH, Ensemble, ensemble_state
@@ -141,7 +142,7 @@ def make_ensemble(member_paths: list[str], dest: str, labelled_paths: list[str],
                   source: str = "labelled films", seed: int = 0) -> ModelCard:
     """Write the ensemble artifact of `member_paths` to `dest` (local or s3://): weights and card, then
     its out-of-scope domain (`cfg.ood`, `cfg.data.modalities`...; skipped when ood.enabled is false)
-    and drift reference, all fitted on the labelled films. Returns the final card."""
+    and drift reference, all fitted on the labelled films, and MODEL_CARD.md. Returns the final card."""
     members = read_members(member_paths)
     first = members[0].card
     y = label_indices(labels, first.classes, source)
@@ -156,4 +157,6 @@ def make_ensemble(member_paths: list[str], dest: str, labelled_paths: list[str],
         else:
             guarded = plain
         add_reference(guarded, dest, labelled_paths, labels, seed=seed)
-    return read_artifact(dest, weights=False).card
+    final = read_artifact(dest, weights=False).card
+    model_card.write(final, dest)  # MODEL_CARD.md beside model.json, as training writes it
+    return final

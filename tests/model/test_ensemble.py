@@ -173,6 +173,7 @@ def test_a_member_with_another_spec_or_other_classes_is_refused_naming_it(made, 
 def test_the_model_card_lists_the_members(made):
     members, dest, _, _ = made
     text = model_card.render(load_card(dest))
+    assert open(os.path.join(dest, model_card.CARD_MARKDOWN)).read() == text  # written by `medclf ensemble`
     for path in members:
         assert load_card(path).model_id in text
     assert "## Ensemble members" in text
