@@ -1,4 +1,5 @@
-"""The `medclf` command: train, score, drift, evaluate, explain, serve, export, calibrate, prior, runs, demo.
+"""The `medclf` command: train, score, drift, evaluate, explain, serve, export, calibrate, prior, ensemble, runs,
+demo.
 
 Each subcommand: parse arguments -> load and validate the config (failing before any work) ->
 one call into the library. `jobs/*.py` are the same subcommands under their own names, for
@@ -13,12 +14,12 @@ import logging
 import sys
 from typing import Optional
 
-from medclf.cli.parsers import (calibrate_parser, demo_parser, drift_parser, evaluate_parser, explain_parser,
-                                export_parser, phantoms_parser, prior_parser, runs_parser, score_parser, serve_parser,
+from medclf.cli.parsers import (calibrate_parser, demo_parser, drift_parser, ensemble_parser, evaluate_parser,
+                                explain_parser, export_parser, phantoms_parser, prior_parser, runs_parser, score_parser, serve_parser,
                                 train_parser)
 from medclf.cli.reports import cmd_drift, cmd_evaluate
 from medclf.cli.scoring import cmd_explain, cmd_score, cmd_serve
-from medclf.cli.tools import cmd_calibrate, cmd_export, cmd_prior, cmd_runs
+from medclf.cli.tools import cmd_calibrate, cmd_ensemble, cmd_export, cmd_prior, cmd_runs
 from medclf.cli.training import cmd_demo, cmd_phantoms, cmd_train
 from medclf.errors import UserError
 from medclf.ops import logs
@@ -37,6 +38,7 @@ COMMANDS = {
     "demo": (demo_parser, cmd_demo),
     "calibrate": (calibrate_parser, cmd_calibrate),
     "prior": (prior_parser, cmd_prior),
+    "ensemble": (ensemble_parser, cmd_ensemble),
 }
 
 

@@ -206,6 +206,29 @@ def calibrate_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
+def ensemble_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Make one model artifact that averages the calibrated probabilities of trained members. "
+                               "Its threshold, metrics, out-of-scope domain and drift reference are fitted on the "
+                               "labelled films; it scores, serves, exports and explains like one model "
+                               "(docs/ensembles.md).")
+    p.add_argument("--members", nargs="+", required=True, metavar="MODEL",
+                   help="member artifact folders (local or s3://), at least 2, sharing classes and preprocessing")
+    p.add_argument("--labelled", required=True,
+                   help="labelled films: a folder of class subfolders, or a manifest (.parquet/.csv with path and "
+                        "label); not the members' training images")
+    p.add_argument("--out", required=True, help="folder (local or s3://) for the ensemble artifact")
+    p.add_argument("--config", default=None,
+                   help="YAML config whose `ood` and `data` (modalities, views...) sections set the out-of-scope "
+                        "guard; default: built-in defaults with the first member's data.modalities")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set ood.quantile=0.99 (repeatable)")
+    p.add_argument("--extensions", nargs="+", default=[".png", ".jpg", ".jpeg", ".dcm"],
+                   help="image files to take from a folder (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (medclf's own loggers)")
+    return p
+
+
 def prior_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Label-free class-prior re-estimation (EM, Saerens et al. 2002) over the calibrated "

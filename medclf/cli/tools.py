@@ -1,4 +1,4 @@
-"""Commands around a trained model: export, site calibration, prior shift, and the runs list."""
+"""Commands around a trained model: export, site calibration, prior shift, ensembles, and the runs list."""
 
 from __future__ import annotations
 
@@ -43,6 +43,42 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             print(f"what k allows (95% CI, out-of-bag bootstrap, threshold re-chosen per resample): sensitivity "
                   f"{o['sensitivity']:.3f} ({o['sensitivity_ci'][0]:.3f}-{o['sensitivity_ci'][1]:.3f}), specificity "
                   f"{o['specificity']:.3f} ({o['specificity_ci'][0]:.3f}-{o['specificity_ci'][1]:.3f})")
+    return 0
+
+
+def ensemble_config(args: argparse.Namespace, first_member: str):
+    """The config whose `ood` and `data` sections fit the ensemble's out-of-scope guard: --config and --set,
+    the first member's recorded data.modalities unless those set them."""
+    import json
+
+    from medclf.config import load_config
+    from medclf.model.artifact import load_card
+
+    modalities = (load_card(first_member).config.get("data") or {}).get("modalities") or []
+    inherited = [f"data.modalities={json.dumps(modalities)}"] if modalities else []
+    return load_config(args.config, inherited + list(args.overrides))
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from medclf.model.artifact import read_artifact
+    from medclf.model.site_fit import labelled_sample
+    from medclf.train.ensemble import check_members, label_indices, make_ensemble
+
+    for path in args.members:
+        storage.check_input_url(path)
+    if len(args.members) < 2:
+        raise ConfigError(f"--members: an ensemble needs at least 2 members, got {len(args.members)}")
+    # Everything that can be refused is refused before any image is read or any network built.
+    cards = [read_artifact(path, weights=False) for path in args.members]
+    check_members(cards)
+    cfg = ensemble_config(args, args.members[0])
+    paths, labels = labelled_sample(args.labelled, [], args.extensions)
+    label_indices(labels, cards[0].card.classes, args.labelled)
+    card = make_ensemble(args.members, args.out, paths, labels, cfg, source=args.labelled)
+    films = card.metrics["labelled_films"]
+    print(f"ensemble {card.model_id} of {len(args.members)} members -> {args.out}")
+    print(f"{films['n']} labelled films: threshold {card.threshold} ({card.threshold_rule}); "
+          + ", ".join(f"{k} {films[k]:.4f}" for k in ("roc_auc", "sensitivity", "specificity") if k in films))
     return 0
 
 

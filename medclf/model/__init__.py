@@ -1,1 +1,1 @@
-"""The model: networks, the artifact format and its card, calibration, export."""
+"""The model: networks and ensembles of them, the artifact format and its card, calibration, export."""

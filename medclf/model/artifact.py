@@ -26,6 +26,7 @@ import torch.nn as nn
 from medclf import storage
 from medclf.config import PreprocessConfig
 from medclf.errors import ModelError
+from medclf.model.ensemble import ENSEMBLE_ARCH, build_ensemble
 from medclf.model.networks import build_model, load_weights_file, plain_model, predicting_model
 
 ARTIFACT_VERSION = 1
@@ -171,8 +172,9 @@ def validate_card(raw, card_path: str) -> ModelCard:
         raise ModelError(f"{card_path}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("artifact_version") != ARTIFACT_VERSION:
         raise ModelError(f"{card_path}: artifact version {raw.get('artifact_version')} is not {ARTIFACT_VERSION}")
-    if raw.get("arch") not in MODEL_ARCHS:
-        raise bad("arch", f"{raw.get('arch')!r} is not a known architecture ({', '.join(MODEL_ARCHS)})")
+    card_archs = (*MODEL_ARCHS, ENSEMBLE_ARCH)  # an ensemble is an artifact, never a training model.arch
+    if raw.get("arch") not in card_archs:
+        raise bad("arch", f"{raw.get('arch')!r} is not a known architecture ({', '.join(card_archs)})")
     classes = raw.get("classes")
     if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)):
         raise bad("classes", f"must be a list of at least 2 non-empty names, got {classes!r}")
@@ -244,9 +246,13 @@ class ArtifactFiles:
 
     def network(self, device: str = "cpu") -> nn.Module:
         """The network in eval mode, as it predicts (wrapped in MirrorMean where the card says
-        `test_time_hflip`)."""
+        `test_time_hflip`); an Ensemble (medclf.model.ensemble) where the card's arch is `ensemble`."""
         if self.state is None:
             raise ModelError(f"{self.path}: read without its weights; read_artifact(path, weights=True) to build it")
+        if self.card.arch == ENSEMBLE_ARCH:
+            ensemble = build_ensemble(self.card, len(self.card.classes))
+            ensemble.load_state_dict(self.state)
+            return ensemble.to(device).eval()
         dropout = float(self.card.config.get("model", {}).get("dropout", 0.0) or 0.0)
         model = build_model(self.card.arch, len(self.card.classes), "none", dropout=dropout)
         model.load_state_dict(self.state)

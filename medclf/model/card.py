@@ -106,6 +106,25 @@ REQUIRED_SECTIONS = ("## Intended use", "## Out-of-scope use", "## Training data
                      "## Calibration and threshold", "## Known failure modes", "## Drift reference", "## Software")
 
 
+def _ensemble_lines(card) -> list[str]:
+    """An ensemble's members and its figures on the labelled films it was made on; [] for a single model."""
+    members = ((card.config or {}).get("ensemble") or {}).get("members")
+    if not members:
+        return []
+    lines = ["## Ensemble members", "",
+             "Probabilities are the mean of these members' calibrated probabilities (each at its own temperature); "
+             "the threshold, out-of-scope guard and drift reference were fitted on "
+             f"`{card.config['ensemble'].get('labelled', 'labelled films')}`.", "",
+             "| member | arch | temperature | test-time mirror |", "|---|---|---|---|"]
+    lines += [f"| {m['model_id']} | {m['arch']} | {m['temperature']:.3f} | {'yes' if m['test_time_hflip'] else 'no'} |"
+              for m in members]
+    films = (card.metrics or {}).get("labelled_films")
+    if isinstance(films, dict):
+        lines += ["", f"On the {films.get('n', '?')} labelled films (in sample: the threshold was chosen on them):", "",
+                  *_metrics_table(films)]
+    return lines + [""]
+
+
 def render(card) -> str:
     """MODEL_CARD.md text from a ModelCard."""
     use, prov = card.intended_use or {}, card.provenance or {}
@@ -144,6 +163,7 @@ def render(card) -> str:
                  "augmentation, `test_time_hflip`), in validation as in scoring." if card.test_time_hflip else ""), "",
               (f"Decision: {card.positive_class} when its probability >= {card.threshold:.4f} ({card.threshold_rule})."
                if card.threshold is not None else "Decision: the most probable class."), ""]
+    lines += _ensemble_lines(card)
     lines += ["## Known failure modes", ""]
     if card.failure_modes:
         lines += ["The most confident validation errors (the report's gallery shows them):",

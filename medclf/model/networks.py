@@ -165,7 +165,10 @@ def plain_model(model: nn.Module) -> nn.Module:
 def penultimate(model: nn.Module, arch: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and the penultimate-layer features (what the classifier head reads), from ONE forward
     pass: a hook on the head's input, so it works for every architecture `head_module` knows. Under
-    MirrorMean the features are those of the images as given (the first N rows the head reads)."""
+    MirrorMean the features are those of the images as given (the first N rows the head reads). An
+    ensemble (medclf.model.ensemble) answers with its members' features side by side."""
+    if getattr(model, "is_ensemble", False):  # an attribute, not an import: ensemble.py imports this module
+        return model.logits_and_features(x)
     seen: list = []
     hook = head_module(plain_model(model), arch).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from medclf import storage
 from medclf.model.artifact import ModelError, load_artifact, load_card
+from medclf.model.ensemble import ENSEMBLE_ARCH, Ensemble
 from medclf.model.networks import build_model, class_probabilities, plain_model
 from medclf.imaging.preprocess import denormalize, to_model_input
 from medclf.imaging.privacy import display_name
@@ -62,8 +63,24 @@ EXPLANATION_COLUMNS = {
 }
 
 
+# An ensemble's map is the mean of its members' maps, each at the member's own default layer.
+ENSEMBLE_LAYER = "members' default layers"
+
+
 def default_layer(arch: str) -> str:
-    return DEFAULT_LAYERS.get(arch, "features")
+    return ENSEMBLE_LAYER if arch == ENSEMBLE_ARCH else DEFAULT_LAYERS.get(arch, "features")
+
+
+def ensemble_grad_cam(ensemble: Ensemble, x: torch.Tensor, target,
+                      temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """grad_cam for an Ensemble: the mean of its members' maps (each at its own default layer and
+    normalised as a single model's), for the class the ENSEMBLE's probabilities decide; its probabilities."""
+    with torch.no_grad():
+        probs = class_probabilities(ensemble(x), temperature).numpy()
+    targets = np.asarray(target(probs) if callable(target) else target)
+    maps = [grad_cam(ensemble.predicting_member(i), x, default_layer(arch), targets, member_temperature)[0]
+            for i, (arch, member_temperature) in enumerate(zip(ensemble.archs, ensemble.temperatures))]
+    return np.mean(maps, axis=0).astype(np.float32), probs, torch.as_tensor(targets).long().numpy()
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target,
@@ -73,8 +90,10 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target,
     `x` is the 3-channel model input (N, 3, S, S); `model` is in eval mode. `target`: class
     indices (N,), or a function probs -> indices (the decision), applied to this same forward pass.
     `temperature`: the model card's (probabilities only; the explained logit is unscaled, and a
-    positive scale does not move a Grad-CAM map).
+    positive scale does not move a Grad-CAM map). An Ensemble: `ensemble_grad_cam` (`layer` unused).
     """
+    if isinstance(plain_model(model), Ensemble):
+        return ensemble_grad_cam(plain_model(model), x, target, temperature)
     modules = dict(plain_model(model).named_modules())
     if layer not in modules:
         convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)][-3:]
@@ -200,6 +219,9 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
     card = load_card(model_path)  # fail fast: a bad artifact, an unknown layer or class
     if target != "predicted" and target not in card.classes:
         raise ModelError(f"target '{target}' is not one of the model's classes {card.classes} (or 'predicted')")
+    if layer is not None and card.arch == ENSEMBLE_ARCH:
+        raise ModelError(f"--layer is not offered for an ensemble: its map is the mean of its members' maps, each "
+                         f"at the member's default layer ({ENSEMBLE_LAYER})")
     if layer is not None:
         probe = build_model(card.arch, len(card.classes))  # layer names only: no weights read
         if layer not in dict(probe.named_modules()):

@@ -48,7 +48,14 @@ def verdict_of(card) -> str:
 
 
 def check_adapt_config(sc, card) -> None:
-    """Refuse `bn` (or a given site profile) on a model whose verdict is not positive, before any work."""
+    """Refuse `bn` (or a given site profile) on a model whose verdict is not positive, before any work;
+    on an ensemble always (its members' BatchNorms were never adapted together: not offered)."""
+    from medclf.model.ensemble import ENSEMBLE_ARCH
+
+    if (sc.adapt == "bn" or sc.site_profile) and card.arch == ENSEMBLE_ARCH:
+        raise ConfigError(f"score.adapt=bn / score.site_profile: label-free adaptation is not offered for an ensemble "
+                          f"({card.model_id}), even with score.adapt_override; use score.adapt=none or auto (auto "
+                          "never adapts it)")
     if sc.site_profile:
         from medclf.model.site_profile import read_profile
 

@@ -1,1 +1,1 @@
-"""Ray Train fine-tuning."""
+"""Ray Train fine-tuning, and ensemble artifacts made from trained models."""

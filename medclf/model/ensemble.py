@@ -1,0 +1,87 @@
+"""An ensemble as one network: its members' calibrated probabilities averaged, behind the interface of a
+single model, so that everything that builds the network from an artifact (scoring, serving, export,
+the out-of-scope guard, drift) works on an ensemble unchanged.
+
+The ensemble's card has arch `ensemble`, temperature 1.0 and `config["ensemble"]["members"]`: one entry
+per member (arch, temperature, dropout, model_id, test_time_hflip). Its weights are one state_dict, the
+members' under `members.<i>.`. Making one from member artifacts (checks, threshold, guard, reference) is
+medclf.train.ensemble; this module only knows the network, so medclf.model.artifact can build it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from medclf.errors import ModelError
+from medclf.model.networks import build_model, penultimate, predicting_model
+
+ENSEMBLE_ARCH = "ensemble"
+MEMBER_FIELDS = ("arch", "temperature", "dropout", "model_id", "test_time_hflip")
+
+
+class Ensemble(nn.Module):
+    """Members (plain networks), their archs, calibrated temperatures and test-time mirroring.
+
+    forward(x) = log(mean_i softmax(member_i(x) / T_i)): the softmax of it (at temperature 1.0) is
+    exactly the mean of the members' calibrated probabilities, and the output is still "logits" to
+    every consumer (argmax, threshold on the softmax, ONNX export)."""
+
+    is_ensemble = True  # networks.penultimate dispatches on this without importing this module
+
+    def __init__(self, members: list[nn.Module], archs: list[str], temperatures: list[float],
+                 test_time_hflips: list[bool]):
+        super().__init__()
+        if not (len(members) == len(archs) == len(temperatures) == len(test_time_hflips)) or len(members) < 2:
+            raise ModelError(f"an ensemble needs at least 2 members, each with an arch, a temperature and "
+                             f"test_time_hflip; got {len(members)} member(s)")
+        self.members = nn.ModuleList(members)
+        self.archs = list(archs)
+        self.temperatures = [float(t) for t in temperatures]
+        self.test_time_hflips = [bool(h) for h in test_time_hflips]
+
+    def predicting_member(self, i: int) -> nn.Module:
+        """Member i as its own artifact predicts (wrapped in MirrorMean where its card says so)."""
+        return predicting_model(self.members[i], self.test_time_hflips[i])
+
+    def _mean_log_probs(self, member_logits: list[torch.Tensor]) -> torch.Tensor:
+        """log(mean_i softmax(logits_i / T_i)), computed as a logsumexp of log-softmaxes (stable)."""
+        log_probs = torch.stack([torch.log_softmax(logits.float() / t, dim=1)
+                                 for logits, t in zip(member_logits, self.temperatures)])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(member_logits))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mean_log_probs([self.predicting_member(i)(x) for i in range(len(self.members))])
+
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ensemble's logits and the concatenation of each member's penultimate features (what the
+        out-of-scope guard and the drift embedding read), from one forward pass of each member."""
+        outputs = [penultimate(self.predicting_member(i), self.archs[i], x) for i in range(len(self.members))]
+        return self._mean_log_probs([o[0] for o in outputs]), torch.cat([o[1] for o in outputs], dim=1)
+
+
+def member_entries(card) -> list[dict]:
+    """The members recorded in an ensemble card (`config["ensemble"]["members"]`), each field checked."""
+    members = ((card.config or {}).get("ensemble") or {}).get("members")
+    if not isinstance(members, list) or len(members) < 2:
+        raise ModelError(f"ensemble card {card.model_id}: config.ensemble.members must list at least 2 members")
+    for i, entry in enumerate(members):
+        missing = [name for name in MEMBER_FIELDS if not isinstance(entry, dict) or name not in entry]
+        if missing:
+            raise ModelError(f"ensemble card {card.model_id}: member {i} lacks {missing}")
+    return members
+
+
+def build_ensemble(card, num_classes: int) -> Ensemble:
+    """The untrained Ensemble an ensemble card describes (load its state_dict next)."""
+    entries = member_entries(card)
+    members = [build_model(e["arch"], num_classes, "none", dropout=float(e["dropout"] or 0.0)) for e in entries]
+    return Ensemble(members, [e["arch"] for e in entries], [float(e["temperature"]) for e in entries],
+                    [bool(e["test_time_hflip"]) for e in entries])
+
+
+def ensemble_state(member_states: list[dict]) -> dict:
+    """One state_dict from the members' (their plain networks'), keys prefixed `members.<i>.`."""
+    return {f"members.{i}.{key}": value for i, state in enumerate(member_states) for key, value in state.items()}
