@@ -140,6 +140,8 @@ def explain_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--output", help="heatmaps folder (explain.output); default <run folder>/explanations")
     p.add_argument("--layer", help="layer to explain, e.g. layer4 (explain.layer); default per architecture")
     p.add_argument("--target", help="class to explain, or 'predicted' (explain.target)")
+    p.add_argument("--site-profile", help="the site profile (.npz) a scoring run adapted with, so the maps explain "
+                                          "its answers (explain.site_profile)")
     return p
 
 
@@ -170,6 +172,8 @@ def export_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder (local or s3://) for the exported files")
     p.add_argument("--format", nargs="+", default=["onnx", "torchscript"], choices=["onnx", "torchscript"],
                    help="formats to write (default: both)")
+    p.add_argument("--site-profile", help="bake this site profile's BatchNorm statistics (medclf score's "
+                                          "adaptation, a .npz of this model) into the exported files")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="debug logging (medclf's own loggers) and Ray's own detail (Ray Data plans and progress, "
                         "Ray Train reports)")

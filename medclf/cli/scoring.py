@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Optional
 
 from medclf import storage
 from medclf.cli.parsers import config_from
@@ -82,7 +83,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         flagged = flagged_paths(output, card.model_id, card.positive_class, run_id)
         heatmaps = cfg.explain.output or storage.join(run_dir, "explanations")
         if flagged:
-            index = explain_into(cfg, flagged, cfg.score.model, heatmaps)
+            index = explain_into(cfg, flagged, cfg.score.model, heatmaps, summary.profile_path)  # scoring's statistics
             print(f"Grad-CAM for {len(index)} flagged file(s) -> {heatmaps}")
         else:
             print("no file flagged in this run; no heatmaps")
@@ -102,7 +103,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from medclf.report.gradcam import flagged_paths
 
     cfg = config_from(args, options={"score.model": "model", "score.input": "input", "explain.output": "output",
-                                      "explain.layer": "layer", "explain.target": "target"})
+                                      "explain.layer": "layer", "explain.target": "target",
+                                      "explain.site_profile": "site_profile"})
     from medclf.score.preflight import check_inputs, check_model
 
     card = check_model(cfg.score.model)
@@ -128,12 +130,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def explain_into(cfg: Config, paths: list[str], model: str, output: str):
+def explain_into(cfg: Config, paths: list[str], model: str, output: str, site_profile: Optional[str] = None):
+    """Grad-CAM of `paths`; `site_profile` (default: explain.site_profile) as scoring used it."""
     from medclf.report.gradcam import run_explain
 
     ec = cfg.explain
     return run_explain(paths, model, output, ec.layer, ec.target, ec.batch_size, ec.num_actors, ec.cpus_per_actor,
-                       cfg.score.decode_batch_size, cfg.score.frames, cfg.report.show_paths)
+                       cfg.score.decode_batch_size, cfg.score.frames, cfg.report.show_paths,
+                       site_profile or ec.site_profile)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -14,8 +14,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from medclf.model.export import export_artifact
 
     storage.check_input_url(args.model)
-    doc = export_artifact(args.model, args.output, args.format)
-    print(f"exported {doc['model_id']} -> {args.output}: {', '.join(doc['files'])} + contract.json")
+    doc = export_artifact(args.model, args.output, args.format, args.site_profile)
+    baked = f" with site profile {doc['adaptation_id'][:12]}" if doc["adaptation_id"] else ""
+    print(f"exported {doc['model_id']}{baked} -> {args.output}: {', '.join(doc['files'])} + contract.json")
     return 0
 
 

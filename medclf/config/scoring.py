@@ -147,6 +147,9 @@ class ExplainConfig(Section):
     """Class whose evidence is shown: `predicted` (the model's decision) or a class name."""
     output: Optional[str] = None
     """Heatmaps folder; default `<run folder>/explanations`."""
+    site_profile: Optional[str] = None
+    """A site profile (.npz, from a `score.adapt` run) whose BatchNorm statistics the maps are made with, so
+    they explain the answers that run gave; `score.explain_flagged` uses the run's own profile."""
     batch_size: int = Field(16, ge=1)
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0.0)

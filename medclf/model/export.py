@@ -18,13 +18,14 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from medclf import storage
-from medclf.model.artifact import ModelCard, load_artifact
+from medclf.model.artifact import ModelCard, ModelError, load_artifact
+from medclf.model.ensemble import ENSEMBLE_ARCH
 from medclf.model.networks import class_probabilities
 from medclf.imaging.preprocess import CHANNELS
 
@@ -50,9 +51,23 @@ class ExportedClassifier(nn.Module):
         return logits, class_probabilities(logits, self.temperature)
 
 
-def exportable(model_path: str) -> tuple[ExportedClassifier, ModelCard]:
+def exportable(model_path: str,
+               site_profile: Optional[str] = None) -> tuple[ExportedClassifier, ModelCard, Optional[str]]:
+    """The network with its temperature, and with a site profile's statistics baked in when one is given
+    (medclf.model.site_profile; refused for another model's profile or an altered one): the exported
+    files then answer as `medclf score` does with that profile. Returns the profile id (None: none)."""
     model, card = load_artifact(model_path, "cpu")
-    return ExportedClassifier(model, card.temperature).eval(), card
+    adaptation_id = None
+    if site_profile:
+        from medclf.model.site_profile import apply_profile, read_profile
+
+        if card.arch == ENSEMBLE_ARCH:
+            raise ModelError("a site profile cannot be baked into an ensemble (label-free adaptation is not "
+                             "offered for ensembles)")
+        profile = read_profile(site_profile, card.model_id)
+        apply_profile(model, profile)
+        adaptation_id = profile.profile_id
+    return ExportedClassifier(model, card.temperature).eval(), card, adaptation_id
 
 
 def export_onnx(module: ExportedClassifier, card: ModelCard, dest_file: str) -> None:
@@ -72,7 +87,7 @@ def export_torchscript(module: ExportedClassifier, card: ModelCard, dest_file: s
     traced.save(dest_file)
 
 
-def contract(card: ModelCard, files: dict[str, str]) -> dict:
+def contract(card: ModelCard, files: dict[str, str], adaptation_id: Optional[str] = None) -> dict:
     """What a consumer needs to feed the exported model and read its answer, as data."""
     from medclf import __version__
 
@@ -88,6 +103,10 @@ def contract(card: ModelCard, files: dict[str, str]) -> dict:
                      if card.threshold is not None and card.positive_class else "argmax of probabilities"),
         "temperature": card.temperature,
         "test_time_hflip": card.test_time_hflip,
+        "adaptation_id": adaptation_id,
+        "adaptation": ("BatchNorm statistics of site profile " + adaptation_id + " baked in (the rows `medclf score` "
+                       "writes with that profile carry the same adaptation_id)") if adaptation_id else
+                      "training statistics",
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 1, spec.image_size, spec.image_size],
                   "layout": "NCHW, one channel (replicated to 3 inside the model)"},
         "outputs": {"logits": {"dtype": "float32", "shape": ["batch", len(card.classes)],
@@ -114,13 +133,15 @@ def contract(card: ModelCard, files: dict[str, str]) -> dict:
     }
 
 
-def export_artifact(model_path: str, output: str, formats: Iterable[str] = ("onnx", "torchscript")) -> dict:
-    """Write the chosen formats and `contract.json` into `output` (local or s3://); returns the contract."""
+def export_artifact(model_path: str, output: str, formats: Iterable[str] = ("onnx", "torchscript"),
+                    site_profile: Optional[str] = None) -> dict:
+    """Write the chosen formats and `contract.json` into `output` (local or s3://); returns the contract.
+    `site_profile`: bake that profile's statistics into the files (the contract records its id)."""
     formats = list(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"export formats must be among {', '.join(FORMATS)}; got {formats}")
-    module, card = exportable(model_path)
+    module, card, adaptation_id = exportable(model_path, site_profile)
     files = {}
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:
@@ -130,7 +151,7 @@ def export_artifact(model_path: str, output: str, formats: Iterable[str] = ("onn
             files[FORMATS[fmt]] = {"format": fmt, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
             storage.makedirs(output)
             storage.write_bytes(storage.join(output, FORMATS[fmt]), data)
-    doc = contract(card, files)
+    doc = contract(card, files, adaptation_id)
     # Written last: a folder with a contract has every file the contract lists.
     storage.write_bytes(storage.join(output, CONTRACT_FILE), json.dumps(doc, indent=2).encode())
     return doc

@@ -29,6 +29,7 @@ from medclf import storage
 from medclf.model.artifact import ModelError, load_artifact, load_card
 from medclf.model.ensemble import ENSEMBLE_ARCH, Ensemble
 from medclf.model.networks import build_model, class_probabilities, plain_model
+from medclf.model.site_profile import apply_profile, read_profile
 from medclf.imaging.preprocess import denormalize, to_model_input
 from medclf.imaging.privacy import display_name
 from medclf.imaging.stage import text_or_none
@@ -58,6 +59,7 @@ EXPLANATION_COLUMNS = {
     "peak_y": "heatmap maximum, fraction of the image height (0 = top edge)",
     "heatmap_png": "side-by-side picture (image | overlay)",
     "heatmap_npy": "heatmap array, float32 (S, S), values in [0, 1]",
+    "adaptation_id": "site profile the heatmap was made with (as scoring's rows record it); null: training statistics",
     "status": "ok | error | skipped (not an image) | out_of_scope (another modality, too small: medclf.monitor.ood)",
     "error": "why the file could not be explained",
 }
@@ -145,10 +147,16 @@ class Explainer:
     """Ray Data actor: holds the model; a batch of preprocessed images in, heatmap files + index rows out."""
 
     def __init__(self, model_path: str, output: str, layer: Optional[str] = None, target: str = "predicted",
-                 threads: Optional[int] = None, show_paths: bool = False):
+                 threads: Optional[int] = None, show_paths: bool = False, site_profile: Optional[str] = None):
         if threads:
             torch.set_num_threads(threads)
         self.model, self.card = load_artifact(model_path)
+        # The statistics scoring used (medclf score with that profile), so the map explains the same answer.
+        self.adaptation_id = None
+        if site_profile:
+            profile = read_profile(site_profile, self.card.model_id)
+            apply_profile(self.model, profile)
+            self.adaptation_id = profile.profile_id
         for p in self.model.parameters():
             p.requires_grad_(False)  # gradients are needed w.r.t. activations only
         self.layer = layer or default_layer(self.card.arch)
@@ -200,6 +208,7 @@ class Explainer:
             rows["checksum"][i] = text_or_none(batch["checksum"])[i]
             rows["model_id"][i] = self.card.model_id
             rows["layer"][i] = self.layer
+            rows["adaptation_id"][i] = self.adaptation_id
             rows["status"][i] = "ok" if statuses[i] is None else statuses[i]
             rows["error"][i] = errors[i]
         for key in ("probability", "peak_x", "peak_y"):
@@ -209,8 +218,10 @@ class Explainer:
 
 def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[str] = None,
                 target: str = "predicted", batch_size: int = 16, num_actors: int = 1, cpus_per_actor: float = 1.0,
-                decode_batch_size: int = 16, frames: str = "all", show_paths: bool = False) -> pd.DataFrame:
-    """Grad-CAM for `paths` (Ray Data: decode tasks -> Explainer actors); returns and writes the index."""
+                decode_batch_size: int = 16, frames: str = "all", show_paths: bool = False,
+                site_profile: Optional[str] = None) -> pd.DataFrame:
+    """Grad-CAM for `paths` (Ray Data: decode tasks -> Explainer actors); returns and writes the index.
+    `site_profile`: the adapted statistics a scoring run used (medclf.model.site_profile)."""
     import ray.data
 
     from medclf.imaging.stage import images_dataset
@@ -226,6 +237,11 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
         probe = build_model(card.arch, len(card.classes))  # layer names only: no weights read
         if layer not in dict(probe.named_modules()):
             raise ModelError(f"no layer '{layer}' in {card.arch}; default for it: '{default_layer(card.arch)}'")
+    if site_profile:  # another model's profile, an altered one, or an ensemble: refused before any Ray work
+        if card.arch == ENSEMBLE_ARCH:
+            raise ModelError("a site profile cannot be applied to an ensemble (label-free adaptation is not offered "
+                             "for ensembles)")
+        read_profile(site_profile, card.model_id)
     if not paths:
         raise FileNotFoundError("nothing to explain: no input files")
     # Files the model's domain excludes by header (another modality, too small) get no heatmap: an
@@ -234,7 +250,8 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
     ds = ds.map_batches(
         Explainer,
         fn_constructor_kwargs={"model_path": model_path, "output": output, "layer": layer, "target": target,
-                               "threads": max(1, int(cpus_per_actor)), "show_paths": show_paths},
+                               "threads": max(1, int(cpus_per_actor)), "show_paths": show_paths,
+                               "site_profile": site_profile},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),

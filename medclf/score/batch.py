@@ -108,6 +108,8 @@ class ScoreSummary:
     stage_seconds: dict = field(default_factory=dict)  # medclf.score.costs.STAGES -> busy seconds
     adaptation: str = ""
     """What score.adapt decided, and why (medclf.score.adaptation.AdaptDecision)."""
+    profile_path: Optional[str] = None
+    """The site profile this run scored with (None: training statistics); Grad-CAM of its flags uses it."""
 
     @property
     def images_per_s(self) -> float:
@@ -188,7 +190,8 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
                         not_images=counts["skipped"], out_of_scope=counts["out_of_scope"],
                         files_listed=len(paths), filtered=inputs.filtered,
                         out_of_scope_reasons=_reason_counts(output, run_id) if counts["out_of_scope"] else {},
-                        stage_seconds={"list": list_seconds, **sink.stage_seconds}, adaptation=str(adaptation))
+                        stage_seconds={"list": list_seconds, **sink.stage_seconds}, adaptation=str(adaptation),
+                        profile_path=adaptation.profile_path)
 
 
 def _by_reason(reasons: dict) -> str:

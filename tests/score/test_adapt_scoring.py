@@ -159,6 +159,31 @@ def test_shifted_archive_loses_auc_and_bn_restores_it(ray_cluster, models, archi
                                                             served.card.preprocess, rows_per_batch=16)])
     np.testing.assert_allclose(table.column("prob_POSITIVE").to_numpy(), bn.prob_POSITIVE.to_numpy(), atol=1e-5)
     assert set(table.column("adaptation_id").to_pylist()) == {profile.profile_id}
+    # Grad-CAM under that profile (medclf explain --site-profile; score.explain_flagged passes the run's own)
+    # explains the same answers: its probability of POSITIVE is the row's, to 1e-5, and it records the id
+    from medclf.report.gradcam import Explainer
+
+    spec = served.card.preprocess
+    explainer = Explainer(models["positive"], str(tmp_path / "cam"), target="POSITIVE", threads=1,
+                          site_profile=profile_path)
+    first = list(bn.path[:16])
+    cams = explainer(next(iter(load_images({"path": np.array(first, object)}, spec, rows_per_batch=16))))
+    np.testing.assert_allclose(cams["probability"], bn.prob_POSITIVE.to_numpy()[:16], atol=1e-5)
+    assert set(cams["adaptation_id"]) == {profile.profile_id}
+    plain = Explainer(models["positive"], str(tmp_path / "cam0"), target="POSITIVE", threads=1)
+    unadapted = plain(next(iter(load_images({"path": np.array(first, object)}, spec, rows_per_batch=16))))
+    assert np.abs(unadapted["probability"] - cams["probability"]).max() > 1e-3  # the profile is what differs
+    # export bakes the profile in (medclf export --site-profile): the ONNX file answers as the rows do
+    ort = pytest.importorskip("onnxruntime")
+    from medclf.model.export import ONNX_FILE, export_artifact
+
+    doc = export_artifact(models["positive"], str(tmp_path / "onnx"), ["onnx"], site_profile=profile_path)
+    assert doc["adaptation_id"] == profile.profile_id
+    session = ort.InferenceSession(os.path.join(str(tmp_path / "onnx"), ONNX_FILE), providers=["CPUExecutionProvider"])
+    x = np.stack([preprocess_gray(decode(open(p, "rb").read(), p).image, load_config(None, TINY).preprocess)
+                  for p in first]).astype(np.float32)
+    _, onnx_probs = session.run(None, {"image": x})
+    np.testing.assert_allclose(onnx_probs[:, 1], bn.prob_POSITIVE.to_numpy()[:16], atol=1e-4)
     # the same archive under another sample gives another profile and id
     from medclf.score.adaptation import prepare_adaptation
 
