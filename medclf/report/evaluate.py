@@ -336,11 +336,20 @@ def write_report(
                "n_evaluated": int(len(ok)), "n_failed": n_failed, "out_of_scope": oos, "selective": selective,
                "class_counts": {c: int((y == k).sum()) for k, c in enumerate(classes)},
                "model_ids": sorted(ok["model_id"].dropna().unique().tolist()) if "model_id" in ok else [],
+               "adaptation": adaptation_counts(ok),
                "subgroup_columns": columns,
                "metrics": {k: (None if pd.isna(v) else v) for k, v in head.items() if k != "rule"}}
     storage.write_bytes(storage.join(output, "summary.json"), json.dumps(summary, indent=2, default=float).encode())
     storage.write_bytes(storage.join(output, "summary.html"), summary_html(summary, tables, pictures).encode())
     return Report(output, metrics, int(len(ok)), n_failed, oos)
+
+
+def adaptation_counts(rows: pd.DataFrame) -> dict[str, int]:
+    """Evaluated rows per site profile they were scored with (`adaptation_id`, medclf.score.adaptation);
+    "training statistics" for rows scored without one. Two keys: the figures mix two states of the model."""
+    ids = rows["adaptation_id"] if "adaptation_id" in rows else pd.Series(None, index=rows.index, dtype=object)
+    counts = ids.fillna("training statistics").astype(str).value_counts()
+    return {str(k): int(v) for k, v in sorted(counts.items())}
 
 
 def ood_rate(df: pd.DataFrame) -> dict:

@@ -11,6 +11,15 @@ from typing import Optional
 import pandas as pd
 
 
+def _adaptation_fact(counts: Optional[dict]) -> str:
+    """Which BatchNorm statistics the evaluated rows were scored with (score.adapt's site profiles)."""
+    if not counts:
+        return "-"
+    parts = [f"{'site profile ' + k[:12] if k != 'training statistics' else k} ({n} rows)" for k, n in counts.items()]
+    mixed = "; the figures mix rows scored in different states of the model" if len(counts) > 1 else ""
+    return ", ".join(parts) + mixed
+
+
 def _ood_fact(oos: Optional[dict]) -> str:
     if not oos or not oos["n"]:
         return "none"
@@ -64,6 +73,7 @@ def summary_html(summary: dict, tables: dict, pictures: dict) -> str:
         ("Positive class", summary["positive_class"] or "- (multi-class: argmax)"),
         ("Decision threshold", "argmax" if threshold is None else f"{threshold:.4f} (stored in the model)"),
         ("Images evaluated", f"{summary['n_evaluated']} ({summary['n_failed']} failed to score, not counted)"),
+        ("Site adaptation", _adaptation_fact(summary.get("adaptation"))),
         ("Out of scope", _ood_fact(summary.get("out_of_scope"))),
         ("Coverage", _coverage_fact(summary.get("selective"))),
     ]

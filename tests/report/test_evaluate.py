@@ -20,7 +20,7 @@ CLASSES = ["NORMAL", "POSITIVE"]
 
 
 def write_predictions(folder, paths, probs, classes, threshold=0.5, fmt=None, model_id="small_cnn-abc", run_id="r1",
-                      scored_at=None, frames=None, checksums=None):
+                      scored_at=None, frames=None, checksums=None, adaptation_id=None):
     """Predictions Parquet in score's layout and schema; probs (N, C)."""
     n = len(paths)
     schema = prediction_schema(classes)
@@ -39,6 +39,8 @@ def write_predictions(folder, paths, probs, classes, threshold=0.5, fmt=None, mo
     cols["status"] = ["ok"] * n
     if frames is not None:
         cols["frame"] = frames
+    if adaptation_id is not None:
+        cols["adaptation_id"] = [adaptation_id] * n
     part = os.path.join(folder, "run_date=2026-11-22")
     os.makedirs(part, exist_ok=True)
     pq.write_table(pa.table(cols, schema=schema), os.path.join(part, f"part-{run_id}-0.parquet"))
@@ -171,6 +173,20 @@ def _twenty(phantom_root):
     y = (test.label == "POSITIVE").to_numpy().astype(int)
     right = np.stack([1 - y, y], 1) * 0.8 + 0.1
     return paths, y, right, right[:, ::-1]
+
+
+def test_the_report_says_which_site_profile_the_rows_were_scored_with(phantom_root, tmp_path):
+    paths, y, right, _ = _twenty(phantom_root)
+    labels = str(tmp_path / "labels.csv")
+    pd.DataFrame({"path": paths, "label": np.where(y == 1, "POSITIVE", "NORMAL")}).to_csv(labels, index=False)
+    plain = write_predictions(str(tmp_path / "plain"), paths, right, CLASSES)
+    run_evaluation(plain, str(tmp_path / "r0"), CLASSES, "POSITIVE", labels, bootstrap_resamples=0)
+    summary = json.load(open(tmp_path / "r0" / "summary.json"))
+    assert summary["adaptation"] == {"training statistics": 20}
+    adapted = write_predictions(str(tmp_path / "adapted"), paths, right, CLASSES, adaptation_id="ab" * 32)
+    run_evaluation(adapted, str(tmp_path / "r1"), CLASSES, "POSITIVE", labels, bootstrap_resamples=0)
+    assert json.load(open(tmp_path / "r1" / "summary.json"))["adaptation"] == {"ab" * 32: 20}
+    assert "site profile abababababab (20 rows)" in open(tmp_path / "r1" / "summary.html").read()
 
 
 def test_old_model_rows_are_left_out_of_the_new_models_evaluation(phantom_root, tmp_path):
