@@ -7,6 +7,7 @@ import dataclasses
 import os
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
@@ -284,3 +285,44 @@ def test_batch_scoring_with_ray_writes_the_ensembles_probabilities(made, ray_clu
     assert (rows["status"] == "ok").all() and (rows["model_id"] == load_card(dest).model_id).all()
     cols = [prob_column(c) for c in CLASSES]
     np.testing.assert_allclose(rows[cols].to_numpy(), probabilities(dest, test_files), atol=1e-5)
+
+
+@pytest.mark.ray
+def test_evaluate_drift_and_explain_commands_run_on_an_ensemble(made, ray_cluster, tmp_path):
+    """The commands after scoring, end to end on the ensemble: `medclf evaluate` (labels from the class
+    folders), `medclf drift` against the ensemble's own reference, `medclf explain` through its Ray Data
+    pipeline (member-averaged maps)."""
+    import json
+
+    from medclf.cli import run_command
+    from medclf.report.gradcam import ENSEMBLE_LAYER
+    from medclf.score.batch import run_scoring
+    from tests.conftest import TINY
+
+    _, dest, test_files, base = made
+    test_folder = str(base / "ph" / "test")
+    predictions, runs = str(tmp_path / "pred"), str(tmp_path / "runs")
+    cfg = load_config(None, TINY + [f"run.root={runs}", "ood.action=flag"])
+    run_scoring(cfg, "night", test_folder, dest, predictions)
+    model_id = load_card(dest).model_id
+
+    assert run_command("evaluate", ["--predictions", predictions, "--model", dest, "--output", str(tmp_path / "rep"),
+                                    "--run-root", runs, "--set", "evaluate.bootstrap_resamples=0"]) == 0
+    summary = json.load(open(tmp_path / "rep" / "summary.json"))
+    assert summary["model_ids"] == [model_id] and summary["n_evaluated"] == len(test_files)
+
+    code = run_command("drift", ["--model", dest, "--predictions", predictions, "--scoring-run", "night",
+                                 "--output", str(tmp_path / "drift"), "--run-root", runs])
+    assert code in (0, 4) and (tmp_path / "drift" / "drift.parquet").exists()  # 4: something flagged
+
+    assert run_command("explain", ["--model", dest, "--input", test_folder, "--output", str(tmp_path / "cam"),
+                                   "--extensions", ".png", "--run-root", runs,
+                                   "--set", "explain.cpus_per_actor=0.5"]) == 0
+    index = pd.read_parquet(tmp_path / "cam" / "explanations.parquet")
+    # Files the ensemble's guard refuses at decode time get no map (its pixel statistics, fitted on 60
+    # phantoms, refuse a few of these); every other file is explained at the members' layers.
+    ok = index[index["status"] == "ok"]
+    assert len(index) == len(test_files) and set(index["status"]) <= {"ok", "out_of_scope"}
+    assert len(ok) >= len(test_files) // 2, index[["status", "error"]]
+    assert set(ok["layer"]) == {ENSEMBLE_LAYER} and set(index["model_id"]) == {model_id}
+    assert ok["heatmap_npy"].map(os.path.exists).all()
