@@ -266,7 +266,9 @@ def test_chunked_body_over_the_limit_is_cut_and_the_replica_stays_small(endpoint
             print(f"replica RSS {base / 2**20:.0f} MiB, peak growth {growth_mb:.1f} MiB, {body_mb} MiB chunked body")
             assert response.status == 413 and "serve.max_file_mb" in answer["error"]
         # A body read whole before the check adds >= 512 MiB; streamed and cut at 4 MiB it stays far below
-        # (measured 53 MiB: Serve's proxy pushes messages ahead of the reader, so not just 4 MiB).
-        assert growth_mb < body_mb / 3
+        # (measured 53 MiB alone: Serve's proxy pushes messages ahead of the reader, so not just 4 MiB; and
+        # 180 MiB once in a full suite on 2 busy cores, where the replica reads slower than the proxy pushes).
+        # Half the body still tells the two apart.
+        assert growth_mb < body_mb / 2
     finally:
         serve.delete("medclf-small")
