@@ -149,9 +149,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     card = check_model(cfg.serve.model)  # a missing or bad artifact fails here, before Ray starts
     if cfg.serve.site_profile:  # as must a profile of another model, or an altered one
-        from medclf.model.site_profile import read_profile
+        from medclf.model.site_profile import profile_for
 
-        read_profile(cfg.serve.site_profile, card.model_id)
+        profile_for(card, cfg.serve.site_profile)
     if cfg.serve.site_calibration:  # and so does a bad or another model's calibration file
         from medclf.model.site_calibration import load as load_site_calibration
 

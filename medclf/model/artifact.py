@@ -312,11 +312,6 @@ def _record_problem(record_type, raw, files: dict, what: str) -> Optional[str]:
     return None
 
 
-def read_artifact_arrays(path: str, card: ModelCard, name: str, needed: list[str]) -> dict:
-    """The arrays of one of the artifact's .npz files (sha256 checked), every one of `needed` present."""
-    return _npz_arrays(read_artifact_file(path, card, name), f"{path}/{name}", needed)
-
-
 def _npz_arrays(data: bytes, where: str, needed: list[str]) -> dict:
     import io
 

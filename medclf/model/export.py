@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from medclf import storage
-from medclf.model.artifact import ModelCard, ModelError, load_artifact
-from medclf.model.ensemble import ENSEMBLE_ARCH
+from medclf.model.artifact import ModelCard, load_artifact
+from medclf.model.site_profile import adapt_network
 from medclf.model.networks import class_probabilities
 from medclf.imaging.preprocess import CHANNELS
 
@@ -57,16 +57,7 @@ def exportable(model_path: str,
     (medclf.model.site_profile; refused for another model's profile or an altered one): the exported
     files then answer as `medclf score` does with that profile. Returns the profile id (None: none)."""
     model, card = load_artifact(model_path, "cpu")
-    adaptation_id = None
-    if site_profile:
-        from medclf.model.site_profile import apply_profile, read_profile
-
-        if card.arch == ENSEMBLE_ARCH:
-            raise ModelError("a site profile cannot be baked into an ensemble (label-free adaptation is not "
-                             "offered for ensembles)")
-        profile = read_profile(site_profile, card.model_id)
-        apply_profile(model, profile)
-        adaptation_id = profile.profile_id
+    adaptation_id = adapt_network(model, card, site_profile) if site_profile else None
     return ExportedClassifier(model, card.temperature).eval(), card, adaptation_id
 
 

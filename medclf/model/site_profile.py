@@ -159,3 +159,22 @@ def apply_profile(model: nn.Module, profile: SiteProfile) -> nn.Module:
         bn.running_mean.copy_(torch.from_numpy(np.asarray(mean)).to(bn.running_mean))
         bn.running_var.copy_(torch.from_numpy(np.asarray(var)).to(bn.running_var))
     return model
+
+
+def profile_for(card, path: str) -> SiteProfile:
+    """`path` read as the site profile of the model `card` describes: refused for another model's profile,
+    an altered one, or an ensemble (label-free adaptation is not offered for ensembles)."""
+    from medclf.model.ensemble import ENSEMBLE_ARCH
+
+    if card.arch == ENSEMBLE_ARCH:
+        raise AdaptError(f"{path}: a site profile cannot be applied to an ensemble ({card.model_id}): label-free "
+                         "adaptation is not offered for ensembles")
+    return read_profile(path, card.model_id)
+
+
+def adapt_network(model: nn.Module, card, path: str) -> str:
+    """Set the site profile at `path` (checked by profile_for) into `model`, in place; returns its id.
+    Scoring, serving, Grad-CAM and export all adapt through here, so they answer alike."""
+    profile = profile_for(card, path)
+    apply_profile(model, profile)
+    return profile.profile_id

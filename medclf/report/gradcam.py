@@ -29,7 +29,7 @@ from medclf import storage
 from medclf.model.artifact import ModelError, load_artifact, load_card
 from medclf.model.ensemble import ENSEMBLE_ARCH, Ensemble
 from medclf.model.networks import build_model, class_probabilities, plain_model
-from medclf.model.site_profile import apply_profile, read_profile
+from medclf.model.site_profile import adapt_network, profile_for
 from medclf.imaging.preprocess import denormalize, to_model_input
 from medclf.imaging.privacy import display_name
 from medclf.imaging.stage import text_or_none
@@ -152,11 +152,7 @@ class Explainer:
             torch.set_num_threads(threads)
         self.model, self.card = load_artifact(model_path)
         # The statistics scoring used (medclf score with that profile), so the map explains the same answer.
-        self.adaptation_id = None
-        if site_profile:
-            profile = read_profile(site_profile, self.card.model_id)
-            apply_profile(self.model, profile)
-            self.adaptation_id = profile.profile_id
+        self.adaptation_id = adapt_network(self.model, self.card, site_profile) if site_profile else None
         for p in self.model.parameters():
             p.requires_grad_(False)  # gradients are needed w.r.t. activations only
         self.layer = layer or default_layer(self.card.arch)
@@ -238,10 +234,7 @@ def run_explain(paths: list[str], model_path: str, output: str, layer: Optional[
         if layer not in dict(probe.named_modules()):
             raise ModelError(f"no layer '{layer}' in {card.arch}; default for it: '{default_layer(card.arch)}'")
     if site_profile:  # another model's profile, an altered one, or an ensemble: refused before any Ray work
-        if card.arch == ENSEMBLE_ARCH:
-            raise ModelError("a site profile cannot be applied to an ensemble (label-free adaptation is not offered "
-                             "for ensembles)")
-        read_profile(site_profile, card.model_id)
+        profile_for(card, site_profile)
     if not paths:
         raise FileNotFoundError("nothing to explain: no input files")
     # Files the model's domain excludes by header (another modality, too small) get no heatmap: an

@@ -42,11 +42,9 @@ class Predictor:
         self.reference = opened.reference  # None: an artifact from before drift
         self.adaptation_id = None  # the site profile's id (medclf.model.adapt), before the runtime is built
         if site_profile:
-            from medclf.model.site_profile import apply_profile, read_profile
+            from medclf.model.site_profile import adapt_network
 
-            profile = read_profile(site_profile, self.card.model_id)
-            apply_profile(self.model, profile)
-            self.adaptation_id = profile.profile_id
+            self.adaptation_id = adapt_network(self.model, self.card, site_profile)
         # A site's own temperature and threshold (medclf calibrate) replace the card's; None: the card's.
         self.calibration = load_site_calibration(site_calibration, self.card) if site_calibration else None
         self.threshold = self.calibration.threshold if self.calibration else self.card.threshold
