@@ -7,7 +7,7 @@ import json
 import os
 from typing import Optional
 
-from medclf.config import Config, load_config
+from medclf.config import IMAGE_EXTENSIONS, Config, load_config
 
 # medclf/cli/parsers.py -> the project root (where configs/ sits beside medclf/)
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
@@ -204,7 +204,7 @@ def calibrate_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--min-films", type=int, default=MIN_FILMS, help="refuse fewer labelled films (default %(default)s)")
     p.add_argument("--min-per-class", type=int, default=MIN_PER_CLASS,
                    help="refuse fewer films of any class (default %(default)s)")
-    p.add_argument("--extensions", nargs="+", default=[".png", ".jpg", ".jpeg", ".dcm"],
+    p.add_argument("--extensions", nargs="+", default=list(IMAGE_EXTENSIONS),
                    help="image files to take from a folder (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (medclf's own loggers)")
     return p
@@ -227,7 +227,7 @@ def ensemble_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         "guard; default: built-in defaults with the first member's data.modalities")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set ood.quantile=0.99 (repeatable)")
-    p.add_argument("--extensions", nargs="+", default=[".png", ".jpg", ".jpeg", ".dcm"],
+    p.add_argument("--extensions", nargs="+", default=list(IMAGE_EXTENSIONS),
                    help="image files to take from a folder (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (medclf's own loggers)")
     return p

@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medclf.errors import UserError
 
+# The image files taken from a folder unless a config or --extensions says otherwise (training, scoring, tools).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
+
 MODEL_ARCHS = (
     "small_cnn",
     "resnet18",

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field, SecretStr, field_validator
 
-from medclf.config.base import Section
+from medclf.config.base import IMAGE_EXTENSIONS, Section
 from medclf.config.training import DataConfig
 from medclf.secret import REDACTED
 
@@ -28,7 +28,7 @@ class ScoreConfig(Section):
     cpus_per_actor: float = Field(1.0, gt=0.0)
     use_gpu: bool = False
     decode_batch_size: int = Field(16, ge=1)
-    extensions: list[str] = [".png", ".jpg", ".jpeg", ".dcm"]
+    extensions: list[str] = list(IMAGE_EXTENSIONS)
     """Which files under `input` to score (a manifest is taken as it is): name suffixes, and the entry
     `dicom` (no dot) for every other file whose bytes carry the DICOM marker (files without an
     extension); files left out are counted in the summary."""

@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from medclf.config.base import MODEL_ARCHS, Section
+from medclf.config.base import IMAGE_EXTENSIONS, MODEL_ARCHS, Section
 
 
 class PhantomConfig(Section):
@@ -32,7 +32,7 @@ class DataConfig(Section):
     """Folder name -> class name, for messy folder names (`Bengin cases: benign`)."""
     positive_class: Optional[str] = None
     """Binary tasks: the class whose probability is thresholded (the finding)."""
-    extensions: list[str] = [".png", ".jpg", ".jpeg", ".dcm"]
+    extensions: list[str] = list(IMAGE_EXTENSIONS)
     modalities: list[str] = Field(default_factory=list)
     """DICOM modalities this model is for (e.g. [CR, DX] for chest films), recorded in the model's
     domain (medclf.monitor.ood): at scoring, a DICOM of another modality is `out_of_scope`. Training images
