@@ -9,8 +9,8 @@ The package's face: `from medclf.config import ...` for every section and functi
 (shared sections), training, scoring (the sections of each side), loading (YAML, overrides, dump).
 """
 
-from medclf.config.base import (IMAGE_EXTENSIONS, MODEL_ARCHS, ConfigError, RayConfig, ReportConfig, RunConfig, Section,  # noqa: F401
-                                TrackingConfig)
+from medclf.config.base import (IMAGE_EXTENSIONS, MODEL_ARCHS, ConfigError, RayConfig, ReportConfig,  # noqa: F401
+                                RunConfig, Section, TrackingConfig)
 from medclf.config.loading import (SECRET_KEYS, Config, apply_overrides, dump_config, load_config,  # noqa: F401
                                    set_values)
 from medclf.config.scoring import (DriftConfig, EvaluateConfig, ExplainConfig, OODConfig, ScoreConfig,  # noqa: F401
