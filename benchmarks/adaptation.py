@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     x = torch.from_numpy(np.stack([preprocess_gray(decode(open(p, "rb").read(), p).image, spec) for p in val["path"]]))
     print(f"{len(val)} {args.part} validation images ({int(y.sum())} {card.positive_class}) decoded in "
           f"{time.time() - start:.0f}s; model {card.model_id}, threshold {card.threshold:.4f}", flush=True)
-    # medclf.model.site_profile.adapted_card: the temperature and threshold an adapted network answers with
+    # a candidate stored by benchmarks/refit_adaptation.py --operating-point (measured, rejected; the product ignores it)
     point = (card.adaptation or {}).get("operating_point") if not args.card_operating_point_only else None
     rows = []
     for name, xs in shifted_sets(x, spec.mean, spec.std, args.strong == "yes"):
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         z_bn = logits_of(adapted, xs)
         p_bn = class_probabilities(z_bn, card.temperature).numpy()[:, card.positive_index]
         rows.append(measure(name, "bn", y, p_bn, card.threshold, args.resamples))
-        if point:  # what scoring answers with a profile: the operating point fitted on adapted validation
+        if point:  # the rejected candidate: temperature and threshold fitted on validation adapted to itself
             p_op = class_probabilities(z_bn, point["temperature"]).numpy()[:, card.positive_index]
             rows.append(measure(name, "bn + adapted operating point", y, p_op, point["threshold"], args.resamples))
         print(f"{name}: AUC none {rows[-2 - bool(point)]['roc_auc']:.4f} bn {rows[-1]['roc_auc']:.4f} "

@@ -57,9 +57,7 @@ def exportable(model_path: str,
     (medclf.model.site_profile; refused for another model's profile or an altered one): the exported
     files then answer as `medclf score` does with that profile. Returns the profile id (None: none)."""
     model, card = load_artifact(model_path, "cpu")
-    adaptation_id = None
-    if site_profile:  # its statistics, and the temperature and threshold the adapted network answers with
-        adaptation_id, card = adapt_network(model, card, site_profile)
+    adaptation_id = adapt_network(model, card, site_profile) if site_profile else None
     return ExportedClassifier(model, card.temperature).eval(), card, adaptation_id
 
 

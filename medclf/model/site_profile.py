@@ -172,23 +172,9 @@ def profile_for(card, path: str) -> SiteProfile:
     return read_profile(path, card.model_id)
 
 
-def adapted_card(card):
-    """The card an adapted network answers under: its temperature and threshold replaced by the operating
-    point training fitted on validation adapted to itself (card.adaptation['operating_point'],
-    medclf.train.finish.adapted_operating_point). A card without one (trained before it existed) is kept."""
-    import dataclasses
-
-    point = (card.adaptation or {}).get("operating_point")
-    if not point:
-        return card
-    return dataclasses.replace(card, temperature=float(point["temperature"]), threshold=point.get("threshold"),
-                               threshold_rule=point.get("threshold_rule", card.threshold_rule))
-
-
-def adapt_network(model: nn.Module, card, path: str):
-    """Set the site profile at `path` (checked by profile_for) into `model`, in place. Returns its id and
-    the card the adapted network answers under (adapted_card). Scoring, serving, Grad-CAM and export all
-    adapt through here, so they answer alike."""
+def adapt_network(model: nn.Module, card, path: str) -> str:
+    """Set the site profile at `path` (checked by profile_for) into `model`, in place; returns its id.
+    Scoring, serving, Grad-CAM and export all adapt through here, so they answer alike."""
     profile = profile_for(card, path)
     apply_profile(model, profile)
-    return profile.profile_id, adapted_card(card)
+    return profile.profile_id

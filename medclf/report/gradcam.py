@@ -152,9 +152,7 @@ class Explainer:
             torch.set_num_threads(threads)
         self.model, self.card = load_artifact(model_path)
         # The statistics scoring used (medclf score with that profile), so the map explains the same answer.
-        self.adaptation_id = None
-        if site_profile:
-            self.adaptation_id, self.card = adapt_network(self.model, self.card, site_profile)
+        self.adaptation_id = adapt_network(self.model, self.card, site_profile) if site_profile else None
         for p in self.model.parameters():
             p.requires_grad_(False)  # gradients are needed w.r.t. activations only
         self.layer = layer or default_layer(self.card.arch)

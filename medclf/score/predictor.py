@@ -44,7 +44,7 @@ class Predictor:
         if site_profile:
             from medclf.model.site_profile import adapt_network
 
-            self.adaptation_id, self.card = adapt_network(self.model, self.card, site_profile)
+            self.adaptation_id = adapt_network(self.model, self.card, site_profile)
         # A site's own temperature and threshold (medclf calibrate) replace the card's; None: the card's.
         self.calibration = load_site_calibration(site_calibration, self.card) if site_calibration else None
         self.threshold = self.calibration.threshold if self.calibration else self.card.threshold

@@ -70,14 +70,11 @@ def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, v
     if cfg.train.adapt_verdict:  # does score.adapt=bn help this model? (medclf.train.adapt_verdict)
         from medclf.train.adapt_verdict import measure_verdict, verdict_line
 
-        val_x = gather_rows(val_batches(), select)
-        card.adaptation = measure_verdict(model.eval(), cfg.model.arch, cfg.model.transfer, val_x, y[select],
-                                          inputs.positive_index, temperature, cfg.preprocess.mean, cfg.preprocess.std,
+        card.adaptation = measure_verdict(model.eval(), cfg.model.arch, cfg.model.transfer,
+                                          gather_rows(val_batches(), select), y[select], inputs.positive_index,
+                                          temperature, cfg.preprocess.mean, cfg.preprocess.std,
                                           cfg.score.adapt_sample, cfg.run.seed)
         say(verdict_line(card.adaptation))
-        if card.adaptation["adapted_layers"]:
-            card.adaptation["operating_point"] = adapted_operating_point(cfg, model.eval(), val_x, y[select],
-                                                                         inputs.positive_index, group)
     embedding = embed(model.eval(), cfg.model.arch, val_batches(), len(y))  # one pass, batch by batch
     domain = fit_domain(cfg, embedding, y, list(inputs.val["path"]))  # the out-of-scope guard (medclf.monitor.ood)
     card.domain = domain and domain.record.model_dump()
@@ -95,32 +92,6 @@ def finish_run(cfg: Config, run_dir: str, inputs: TrainingInputs, state: dict, v
                                 storage.join(run_dir, folder), f"{part}-level validation split")
     storage.write_bytes(storage.join(run_dir, "workers.json"), json.dumps(state["workers"], indent=2).encode())
     return TrainResult(model_path, history, card)
-
-
-def adapted_operating_point(cfg: Config, model: torch.nn.Module, val_x: np.ndarray, y: np.ndarray, positive_index,
-                            group: str) -> dict:
-    """The temperature and threshold a site profile answers with: fitted, by the card's own rules, on the
-    validation images scored with BatchNorm statistics re-estimated on those images themselves (the
-    seeded score.adapt_sample of them). Adapted statistics are those of clean films, the training
-    statistics those of augmented batches, so the logits move and the card's own temperature and threshold
-    would no longer match (session 19: specificity 1.000 -> 0.963, ECE 0.013 -> 0.094 at the card's)."""
-    import copy
-
-    from medclf.model.adapt import fit_bn_statistics, tensor_batches
-
-    pick = np.sort(np.random.default_rng(cfg.run.seed).permutation(len(val_x))[:cfg.score.adapt_sample])
-    adapted = copy.deepcopy(model).eval()
-    fit_bn_statistics(adapted, cfg.model.arch, cfg.model.transfer, tensor_batches(val_x[pick]))
-    x = torch.from_numpy(np.ascontiguousarray(val_x, np.float32))
-    with torch.inference_mode():
-        log_probs = np.concatenate([torch.log_softmax(adapted(to_model_input(x[i:i + 64])).float(), 1).numpy()
-                                    for i in range(0, len(x), 64)])
-    fitted_on = f"{group} validation adapted to itself ({len(pick)} images)"
-    temperature, calibration = fit_calibration(log_probs, y, positive_index, fitted_on)
-    probs = softmax_with_temperature(log_probs, temperature).astype(np.float32)
-    threshold, rule = decision_threshold(cfg, adapted, temperature, probs, lambda: val_x, y, positive_index, group)
-    return {"temperature": float(temperature), "threshold": None if threshold is None else float(threshold),
-            "threshold_rule": f"{rule}, BatchNorm adapted", "calibration": calibration, "fitted_on": fitted_on}
 
 
 def gather_rows(batches: Iterable, rows: np.ndarray) -> np.ndarray:

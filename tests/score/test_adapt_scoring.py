@@ -257,5 +257,6 @@ def test_training_stores_the_verdict_in_the_card(trained_model):
     assert record["verdict"] in ("positive", "negative") and record["why"]
     assert [s["shift"] for s in record["sets"]][0] == "as is" and len(record["sets"]) == 6
     assert len(record["adapted_layers"]) == 8 and record["transfer"] == "finetune"
+    assert record["basis"] in ("gain", "no gain", "no harm on saturated validation", "harm on saturated validation")
     assert all(0.0 <= s["auc_none"] <= 1.0 and 0.0 <= s["auc_bn"] <= 1.0 for s in record["sets"]
                if s["auc_none"] == s["auc_none"])
