@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--card-operating-point-only", action="store_true",
                     help="skip the 'bn + adapted operating point' rows (an artifact from before them has none)")
     ap.add_argument("--strong", choices=["yes", "no"], default="yes", help="also the twice-as-far shifts")
+    ap.add_argument("--methods", choices=["none,bn", "none"], default="none,bn",
+                    help="'none' only: a model that is not adapted (an ensemble) or a member measured alone")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -136,6 +138,9 @@ def main(argv=None) -> int:
     for name, xs in shifted_sets(x, spec.mean, spec.std, args.strong == "yes"):
         p_none = probabilities(model, xs, card.temperature)[:, card.positive_index]
         rows.append(measure(name, "none", y, p_none, card.threshold, args.resamples))
+        if args.methods == "none":
+            print(f"{name}: AUC none {rows[-1]['roc_auc']:.4f} ({time.time() - start:.0f}s)", flush=True)
+            continue
         adapted = copy.deepcopy(model)
         pick = np.sort(np.random.default_rng(args.seed).permutation(len(xs))[:args.sample])
         profile, fit = fit_profile(adapted, card, xs[pick].numpy(), args.seed)
@@ -171,6 +176,8 @@ def markdown(table: pd.DataFrame, card, args, n: int) -> str:
     for _, r in table.iterrows():
         lines.append(f"| {r['set']} | {r['adapt']} | {cell(r, 'roc_auc')} | {cell(r, 'sensitivity')} | "
                      f"{cell(r, 'specificity')} | {cell(r, 'ece')} |")
+    if "bn" not in set(table["adapt"]):
+        return "\n".join(lines) + "\n"
     delta = table.pivot(index="set", columns="adapt", values="roc_auc")
     d = (delta["bn"] - delta["none"])
     lines += ["", f"AUC change bn - none: mean {d.mean():+.4f}, worst {d.min():+.4f} ({d.idxmin()}), "
