@@ -62,8 +62,9 @@ def check_adapt_config(sc, card) -> None:
         read_profile(sc.site_profile, card.model_id)  # exists, intact, and this model's
     if (sc.adapt == "bn" or sc.site_profile) and verdict_of(card) != "positive" and not sc.adapt_override:
         verdict = verdict_of(card)
-        why = ("it was trained before adaptation was measured" if verdict == "absent" else
-               "adaptation did not restore its AUC under the acquisition shifts of its validation")
+        why = {"absent": "it was trained before adaptation was measured",
+               "inconclusive": "its validation is saturated, so it cannot show whether adaptation helps"}.get(
+            verdict, "adaptation did not restore its AUC under the acquisition shifts of its validation")
         raise ConfigError(f"score.adapt=bn: model {card.model_id}'s adaptation verdict is {verdict} ({why}); "
                           "set score.adapt_override=true to adapt anyway, or use score.adapt=auto")
 

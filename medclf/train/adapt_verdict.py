@@ -4,14 +4,18 @@ acquisition shift of medclf.data.augment: ROC AUC with the training statistics v
 re-estimated on that (shifted) set's own images (labels are used only to score, never to adapt).
 
 The rule (docs/adaptation.md; version 3, session 22):
-  positive  when some BatchNorm layer is adaptable, and either
-            - a gain shows: the mean AUC change over all the sets (unshifted and shifted) is above
-              MIN_MEAN_GAIN, and no set loses more than MAX_LOSS (about two standard errors of an AUC on
-              a few hundred validation images: a smaller bound is noise); or
-            - validation is saturated (every set's unadapted AUC >= SATURATED_AUC, so no gain can show)
-              and adaptation does no harm: no set loses more than SATURATED_MAX_LOSS and the mean change
-              is at least -SATURATED_MAX_MEAN_LOSS;
-  negative  otherwise (also: nothing to adapt).
+  positive      when some BatchNorm layer is adaptable, the mean AUC change over all the sets (unshifted
+                and shifted) is above MIN_MEAN_GAIN, and no set loses more than MAX_LOSS (about two
+                standard errors of an AUC on a few hundred validation images: a smaller bound is noise);
+  inconclusive  when validation is saturated (every set's unadapted AUC >= SATURATED_AUC, so no gain can
+                show) and adaptation does no measurable harm (no set loses more than SATURATED_MAX_LOSS,
+                mean change >= -SATURATED_MAX_MEAN_LOSS): validation cannot tell whether adaptation
+                would help at a new site. Two pneumonia models both land here, the EfficientNet-Lite0
+                that one label-free pass helped on the maintainers' held-back test and the scratch
+                ResNet18 it hurt there; so it is not positive;
+  negative      otherwise (also: nothing to adapt).
+Scoring treats every verdict but positive alike: `auto` keeps the training statistics, `bn` needs
+score.adapt_override.
 The verdict and every number go into the artifact's card (`adaptation`); scoring refuses
 `score.adapt=bn` on a negative verdict without score.adapt_override, and `auto` never adapts it.
 """
@@ -33,8 +37,9 @@ SATURATED_AUC = 0.995
 SATURATED_MAX_LOSS = 0.005
 SATURATED_MAX_MEAN_LOSS = 0.002
 RULE = (f"positive when the mean AUC change over all sets > {MIN_MEAN_GAIN} and no set loses more than {MAX_LOSS}; "
-        f"or, when every set's AUC without adaptation is >= {SATURATED_AUC} (saturated: no gain can show), when no "
-        f"set loses more than {SATURATED_MAX_LOSS} and the mean change is >= -{SATURATED_MAX_MEAN_LOSS}")
+        f"inconclusive when every set's AUC without adaptation is >= {SATURATED_AUC} (saturated: no gain can show) "
+        f"and no set loses more than {SATURATED_MAX_LOSS} and the mean change is >= -{SATURATED_MAX_MEAN_LOSS}; "
+        "negative otherwise")
 
 
 def decide(sets: list[dict]) -> tuple[str, str, str]:
@@ -49,9 +54,9 @@ def decide(sets: list[dict]) -> tuple[str, str, str]:
         return "positive", "gain", f"{numbers} (a gain shows: meets the rule)"
     if before.min() >= SATURATED_AUC:
         if worst >= -SATURATED_MAX_LOSS and mean_gain >= -SATURATED_MAX_MEAN_LOSS:
-            return "positive", "no harm on saturated validation", (
+            return "inconclusive", "no harm on saturated validation", (
                 f"{numbers}; validation is saturated (lowest AUC without adaptation {before.min():.4f} >= "
-                f"{SATURATED_AUC}), no gain can show and adaptation does no harm (meets the rule)")
+                f"{SATURATED_AUC}): no gain can show, and adaptation does no measurable harm")
         return "negative", "harm on saturated validation", (
             f"{numbers}; validation is saturated and adaptation loses more than the rule allows (fails the rule)")
     return "negative", "no gain", f"{numbers} (fails the rule)"
