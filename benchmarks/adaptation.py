@@ -114,8 +114,6 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench_adaptation")
-    ap.add_argument("--card-operating-point-only", action="store_true",
-                    help="skip the 'bn + adapted operating point' rows (an artifact from before them has none)")
     ap.add_argument("--strong", choices=["yes", "no"], default="yes", help="also the twice-as-far shifts")
     ap.add_argument("--methods", choices=["none,bn", "none"], default="none,bn",
                     help="'none' only: a model that is not adapted (an ensemble) or a member measured alone")
@@ -133,7 +131,7 @@ def main(argv=None) -> int:
     print(f"{len(val)} {args.part} validation images ({int(y.sum())} {card.positive_class}) decoded in "
           f"{time.time() - start:.0f}s; model {card.model_id}, threshold {card.threshold:.4f}", flush=True)
     # a candidate stored by benchmarks/refit_adaptation.py --operating-point (measured, rejected; the product ignores it)
-    point = (card.adaptation or {}).get("operating_point") if not args.card_operating_point_only else None
+    point = (card.adaptation or {}).get("operating_point")
     rows = []
     for name, xs in shifted_sets(x, spec.mean, spec.std, args.strong == "yes"):
         p_none = probabilities(model, xs, card.temperature)[:, card.positive_index]

@@ -14,10 +14,8 @@ The rule (docs/adaptation.md; version 3, session 22):
                 that one label-free pass helped on the maintainers' held-back test and the scratch
                 ResNet18 it hurt there; so it is not positive;
   negative      otherwise (also: nothing to adapt).
-Scoring treats every verdict but positive alike: `auto` keeps the training statistics, `bn` needs
-score.adapt_override.
-The verdict and every number go into the artifact's card (`adaptation`); scoring refuses
-`score.adapt=bn` on a negative verdict without score.adapt_override, and `auto` never adapts it.
+The verdict and every number go into the artifact's card (`adaptation`). Scoring treats every verdict
+but positive alike: `auto` keeps the training statistics, and `bn` needs score.adapt_override.
 """
 
 from __future__ import annotations
