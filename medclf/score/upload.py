@@ -2,9 +2,10 @@
 
 The size limit is enforced on the bytes actually received, as they arrive (Starlette's
 `request.stream()`), whatever Content-Length says or whether it is there at all (chunked
-transfer). A body over the limit is dropped at the first chunk past it: a replica holds at most
-`max_bytes` plus one chunk per request, and with at most `serve.max_ongoing_requests` requests in
-flight, memory for bodies stays under the budget ServeConfig checks.
+transfer). A body over the limit is dropped at the first chunk past it, and with at most
+`serve.max_ongoing_requests` requests in flight, the bodies this code holds stay under the budget
+ServeConfig checks. Serve's proxy can still hand a replica more than one chunk at a time: it
+buffers the client without backpressure (docs/security.md, "Bounded memory per request").
 """
 
 from __future__ import annotations
