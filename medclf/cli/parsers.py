@@ -227,6 +227,11 @@ def ensemble_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         "guard; default: built-in defaults with the first member's data.modalities")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set ood.quantile=0.99 (repeatable)")
+    p.add_argument("--threshold-rule", choices=("youden", "target_sensitivity", "argmax"), default=None,
+                   help="how the threshold is chosen on the labelled films; default: the members' own rule, "
+                        "refused when they differ")
+    p.add_argument("--target-sensitivity", type=float, default=None,
+                   help="with target_sensitivity: the sensitivity to reach (default: the members')")
     p.add_argument("--extensions", nargs="+", default=list(IMAGE_EXTENSIONS),
                    help="image files to take from a folder (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (medclf's own loggers)")

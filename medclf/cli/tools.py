@@ -63,7 +63,7 @@ def ensemble_config(args: argparse.Namespace, first_member: str):
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from medclf.model.artifact import read_artifact
     from medclf.model.site_fit import labelled_sample
-    from medclf.train.ensemble import check_members, label_indices, make_ensemble
+    from medclf.train.ensemble import check_members, label_indices, make_ensemble, threshold_rule
 
     for path in args.members:
         storage.check_input_url(path)
@@ -72,10 +72,14 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     # Everything that can be refused is refused before any image is read or any network built.
     cards = [read_artifact(path, weights=False) for path in args.members]
     check_members(cards)
+    if args.target_sensitivity is not None and not 0.0 < args.target_sensitivity <= 1.0:
+        raise ConfigError(f"--target-sensitivity must be in (0, 1], got {args.target_sensitivity:g}")
+    threshold_rule(cards, args.threshold_rule, args.target_sensitivity)
     cfg = ensemble_config(args, args.members[0])
     paths, labels = labelled_sample(args.labelled, [], args.extensions)
     label_indices(labels, cards[0].card.classes, args.labelled)
-    card = make_ensemble(args.members, args.out, paths, labels, cfg, source=args.labelled)
+    card = make_ensemble(args.members, args.out, paths, labels, cfg, source=args.labelled,
+                         rule=args.threshold_rule, target_sensitivity=args.target_sensitivity)
     films = card.metrics["labelled_films"]
     print(f"ensemble {card.model_id} of {len(args.members)} members -> {args.out}")
     print(f"{films['n']} labelled films: threshold {card.threshold} ({card.threshold_rule}); "

@@ -65,6 +65,24 @@ def check_members(members: list[ArtifactFiles]) -> None:
                                  f"{getattr(first.card, name)!r} of member {first.path}{why}")
 
 
+def threshold_rule(members: list[ArtifactFiles], rule: Optional[str] = None,
+                   target_sensitivity: Optional[float] = None) -> tuple[str, float]:
+    """The ensemble's threshold rule and target: `rule` where given (the target defaults to the members'),
+    else the members' own rule, which must then be the same for every member: members trained to different
+    operating points leave no rule to inherit, so that is refused (ModelError naming them), not decided
+    by which member was listed first."""
+    rules = [resolve_rule(m.card, "model", target_sensitivity) for m in members]
+    if rule is not None:
+        return rule, rules[0][1] if target_sensitivity is None else float(target_sensitivity)
+    def described(r):
+        return r[0] + (f" {r[1]:g}" if r[0] == "target_sensitivity" else "")
+    if len({described(r) for r in rules}) > 1:
+        listed = "; ".join(f"{m.path}: {described(r)}" for m, r in zip(members, rules))
+        raise ModelError(f"the members' threshold rules differ ({listed}): name the ensemble's with "
+                         "--threshold-rule (and --target-sensitivity)")
+    return rules[0]
+
+
 def member_entry(member: ArtifactFiles) -> dict:
     """What the ensemble card records of a member (medclf.model.ensemble.MEMBER_FIELDS, plus its path)."""
     card = member.card
@@ -105,24 +123,26 @@ def label_indices(labels: list[str], classes: list[str], source: str) -> np.ndar
     return np.array([classes.index(lab) for lab in labels])
 
 
-def decision(first: ModelCard, y: np.ndarray, probs: np.ndarray, n: int) -> tuple[Optional[float], str]:
-    """The threshold chosen on the labelled films with the members' rule (the first member's card's);
-    None (argmax) for a multi-class model."""
+def decision(first: ModelCard, y: np.ndarray, probs: np.ndarray, n: int, rule: str,
+             target: float) -> tuple[Optional[float], str]:
+    """The threshold chosen on the labelled films with `rule` (threshold_rule's); None (argmax) for a
+    multi-class model."""
     positive = first.positive_index
     if positive is None or len(first.classes) != 2:
         return None, "argmax"
-    rule, target = resolve_rule(first, "model", None)
     threshold = choose_threshold((y == positive).astype(int), probs[:, positive], rule, target)
     return threshold, rule + (f" {target:g}" if rule == "target_sensitivity" else "") + \
         f" on {n} labelled films, ensemble probabilities"
 
 
-def ensemble_card(members: list[ArtifactFiles], y: np.ndarray, probs: np.ndarray, source: str) -> ModelCard:
+def ensemble_card(members: list[ArtifactFiles], y: np.ndarray, probs: np.ndarray, source: str,
+                  rule: tuple[str, float]) -> ModelCard:
     """The ensemble's card: the members' question and input, temperature 1.0 (the members' own are
-    inside the network), the threshold and metrics on the labelled films, no adaptation verdict."""
+    inside the network), the threshold (by `rule`: threshold_rule's) and metrics on the labelled films,
+    no adaptation verdict."""
     first = members[0].card
-    threshold, rule_text = decision(first, y, probs, len(y))
-    rule, target = resolve_rule(first, "model", None)
+    rule, target = rule
+    threshold, rule_text = decision(first, y, probs, len(y), rule, target)
     metrics = classification_metrics(y, probs, first.positive_index, threshold)
     metrics["n"] = int(len(y))
     return ModelCard(
@@ -139,16 +159,19 @@ def ensemble_card(members: list[ArtifactFiles], y: np.ndarray, probs: np.ndarray
 
 
 def make_ensemble(member_paths: list[str], dest: str, labelled_paths: list[str], labels: list[str], cfg: Config,
-                  source: str = "labelled films", seed: int = 0) -> ModelCard:
+                  source: str = "labelled films", seed: int = 0, rule: Optional[str] = None,
+                  target_sensitivity: Optional[float] = None) -> ModelCard:
     """Write the ensemble artifact of `member_paths` to `dest` (local or s3://): weights and card, then
     its out-of-scope domain (`cfg.ood`, `cfg.data.modalities`...; skipped when ood.enabled is false)
-    and drift reference, all fitted on the labelled films, and MODEL_CARD.md. Returns the final card."""
+    and drift reference, all fitted on the labelled films, and MODEL_CARD.md. The threshold rule:
+    threshold_rule(members, rule, target_sensitivity). Returns the final card."""
     members = read_members(member_paths)
+    chosen = threshold_rule(members, rule, target_sensitivity)
     first = members[0].card
     y = label_indices(labels, first.classes, source)
     ensemble = join_networks(members)
     probs = labelled_probabilities(ensemble, first.preprocess_spec, labelled_paths)
-    card = ensemble_card(members, y, probs, source)
+    card = ensemble_card(members, y, probs, source, chosen)
     with tempfile.TemporaryDirectory() as tmp:
         plain, guarded = os.path.join(tmp, "plain"), os.path.join(tmp, "guarded")
         save_artifact(ensemble, card, plain)

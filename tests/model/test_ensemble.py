@@ -33,13 +33,13 @@ TEMPERATURES = (1.7, 0.6)
 
 
 def member(dest: str, seed: int, temperature: float, image_size: int = 32, classes=CLASSES,
-           test_time_hflip: bool = False) -> str:
+           test_time_hflip: bool = False, train: dict | None = None) -> str:
     """An untrained small CNN saved as a member artifact with its own temperature."""
     torch.manual_seed(seed)
     card = ModelCard(arch="small_cnn", classes=list(classes), preprocess={"image_size": image_size},
                      positive_class=classes[1], threshold=0.5, temperature=temperature,
                      test_time_hflip=test_time_hflip,
-                     config={"train": {"threshold": "youden"}, "data": {"modalities": ["CR", "DX"]}})
+                     config={"train": train or {"threshold": "youden"}, "data": {"modalities": ["CR", "DX"]}})
     save_artifact(build_model("small_cnn", len(classes)).eval(), card, dest)
     return dest
 
@@ -169,6 +169,31 @@ def test_a_member_with_another_spec_or_other_classes_is_refused_naming_it(made, 
     assert code == 2 and f"member {odd}: {field}" in err and not os.path.exists(out)
     if field == "preprocess":
         assert "one preprocessing function" in err
+
+
+def test_members_with_different_threshold_rules_are_refused_unless_the_rule_is_named(made, capsys):
+    """The first member's rule is not silently the ensemble's: differing rules are refused naming both,
+    before any film is read; a named rule is applied and recorded."""
+    members, _, _, base = made
+    odd = member(str(base / "odd-rule"), 3, 1.0, train={"threshold": "target_sensitivity",
+                                                         "target_sensitivity": 0.9})
+    refused = str(base / "refused-rule")
+    code = main(["ensemble", "--members", members[0], odd, "--labelled", str(base / "ph" / "train"),
+                 "--out", refused, "--extensions", ".png"])
+    err = capsys.readouterr().err
+    assert code == 2 and not os.path.exists(refused)
+    assert f"{members[0]}: youden" in err and f"{odd}: target_sensitivity 0.9" in err and "--threshold-rule" in err
+
+    named = str(base / "named-rule")
+    code = main(["ensemble", "--members", members[0], odd, "--labelled", str(base / "ph" / "train"),
+                 "--out", named, "--extensions", ".png", "--threshold-rule", "target_sensitivity",
+                 "--target-sensitivity", "0.8"])
+    assert code == 0
+    card = load_card(named)
+    assert card.threshold_rule.startswith("target_sensitivity 0.8 on 60 labelled films")
+    assert card.config["train"] == {"threshold": "target_sensitivity", "target_sensitivity": 0.8}
+    # the rule did decide: the named target is reached on the labelled films, the members' youden is not asked
+    assert card.metrics["labelled_films"]["sensitivity"] >= 0.8
 
 
 def test_the_model_card_lists_the_members(made):
