@@ -9,7 +9,10 @@ detectors are compared on the same images and the same penultimate features:
     (Lee et al. 2018);
   * knn: distance to the k-th nearest reference feature after L2 normalisation (Sun et al. 2022, k=10;
     medclf.monitor.ood's default);
-  * energy: -logsumexp of the logits (Liu et al. 2020).
+  * energy: -logsumexp of the logits (Liu et al. 2020);
+  * disagreement (ensembles only): the mutual information between the members' calibrated predictions,
+    H(mean_m p_m) - mean_m H(p_m) (Lakshminarayanan et al. 2017; Depeweg et al. 2018). It fits nothing but
+    its threshold (the `--quantile` of the fit part's scores) and has no stored record.
 
 The threshold must carry across parts of the archive, so it is never judged on the part it was
 fitted on: with the family-held-out validation of the run (val_group `family` and `patient`),
@@ -71,8 +74,28 @@ class Detector:
         held = out_of_fold_scores(kind, f, logits, y, groups=groups, k=KNN_K)
         self.threshold = float(np.quantile(held, quantile))
 
-    def scores(self, f, logits) -> np.ndarray:
-        return _score(self.kind, self.arrays, f, logits, self.k)
+    def scores(self, s: dict) -> np.ndarray:
+        return _score(self.kind, self.arrays, s["f"], s["logits"], self.k)
+
+
+class Disagreement:
+    """The members' mutual information; the threshold = the quantile of the fit part's scores."""
+
+    kind = "disagreement"
+
+    def __init__(self, member_probs: np.ndarray, quantile: float):
+        self.threshold = float(np.quantile(mutual_information(member_probs), quantile))
+
+    def scores(self, s: dict) -> np.ndarray:
+        return mutual_information(s["member_probs"])
+
+
+def mutual_information(member_probs: np.ndarray) -> np.ndarray:
+    """(N, M members, C classes) calibrated probabilities -> (N,) H(mean) - mean H, in nats."""
+    def entropy(p):
+        return -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=-1)
+
+    return entropy(member_probs.mean(axis=1)) - entropy(member_probs).mean(axis=1)
 
 
 # ---------------------------------------------------------------- images
@@ -140,14 +163,35 @@ def load(path: str, gate: dict):
 # ---------------------------------------------------------------- main
 
 
-def embed_images(model, card, images: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def embed_images(model, card, images: list) -> dict:
     spec = card.preprocess_spec
     x = np.stack([preprocess_gray(im, spec) for im in images]) if images else np.zeros((0, 1, spec.image_size,
                                                                                         spec.image_size), np.float32)
+    return embed_x(model, card, x)
+
+
+def embed_x(model, card, x: np.ndarray) -> dict:
+    """x, features, logits and (an ensemble) the members' calibrated probabilities (N, M, C), one pass."""
+    members = len(getattr(model, "members", []))
     if not len(x):
-        return x, np.zeros((0, 1)), np.zeros((0, 2))
-    f, logits = features_and_logits(model, card.arch, x, batch=32)
-    return x, f, logits
+        return {"x": x, "f": np.zeros((0, 1)), "logits": np.zeros((0, 2)),
+                "member_probs": np.zeros((0, members, len(card.classes)))}
+    seen: list = []
+    if members:  # what Ensemble averages, recorded on the way (this instance only)
+        average = type(model)._mean_log_probs.__get__(model)
+
+        def recording(member_logits):
+            seen.append(np.stack([torch.softmax(lg.float() / t, dim=1).numpy()
+                                  for lg, t in zip(member_logits, model.temperatures)], axis=1))
+            return average(member_logits)
+
+        model._mean_log_probs = recording
+    try:
+        f, logits = features_and_logits(model, card.arch, x, batch=32)
+    finally:
+        model.__dict__.pop("_mean_log_probs", None)
+    return {"x": x, "f": f, "logits": logits,
+            "member_probs": np.concatenate(seen) if seen else np.zeros((len(x), 0, len(card.classes)))}
 
 
 def main(argv=None) -> int:
@@ -198,9 +242,8 @@ def main(argv=None) -> int:
                 images.append(image)
                 y.append(labels[i] if labels is not None else -1)
                 groups.append(patient_id_of(path, patient_regex))
-        x, f, logits = embed_images(model, card, images)
-        sets[name] = {"stage": reasons, "x": x, "f": f, "logits": logits, "y": np.array(y), "in_domain": in_domain,
-                      "groups": groups}
+        sets[name] = {**embed_images(model, card, images), "stage": reasons, "y": np.array(y),
+                      "in_domain": in_domain, "groups": groups}
         print(f"{name}: {len(paths)} files ({undecodable} undecodable), {time.time() - start:.0f}s", file=sys.stderr)
 
     if args.splits:
@@ -224,16 +267,15 @@ def main(argv=None) -> int:
     for name, images in synthetic_sets(max(10, args.n // 4)).items():
         reasons = [input_out_of_scope({"width": im.shape[1], "height": im.shape[0]}, gate) or content_reason(im)
                    for im in images]
-        x, f, logits = embed_images(model, card, [im for im, r in zip(images, reasons) if r is None])
-        sets[name] = {"stage": reasons, "x": x, "f": f, "logits": logits, "y": np.full(len(x), -1), "in_domain": False}
+        embedded = embed_images(model, card, [im for im, r in zip(images, reasons) if r is None])
+        sets[name] = {**embedded, "stage": reasons, "y": np.full(len(embedded["x"]), -1), "in_domain": False}
     if "chest_patient" in sets:  # acquisition-shifted valid films (feature detector only: same pixels otherwise)
         spec = card.preprocess_spec
         base_x, base_y = sets["chest_patient"]["x"][:args.max_shifted], sets["chest_patient"]["y"][:args.max_shifted]
         for kind in ACQUISITION_SHIFTS:
             x = acquisition_shift(torch.from_numpy(base_x), kind, spec.mean, spec.std).numpy()
-            f, logits = features_and_logits(model, card.arch, x, batch=32)
-            sets[f"shifted: {kind}"] = {"stage": [None] * len(x), "x": x, "f": f, "logits": logits,
-                                        "y": base_y, "in_domain": True}
+            sets[f"shifted: {kind}"] = {**embed_x(model, card, x), "stage": [None] * len(x), "y": base_y,
+                                        "in_domain": True}
     print(f"embedded everything, {time.time() - start:.0f}s", file=sys.stderr)
 
     rows = []
@@ -241,11 +283,13 @@ def main(argv=None) -> int:
     for s in sets.values():  # the pixel-statistics check (medclf.imaging.appearance) runs on the same pixels
         s["looks"] = np.array([appearance_stats(x) for x in s["x"]]).reshape(len(s["x"]), len(STAT_NAMES))
     stored_looks = (card.domain or {}).get("appearance")
-    for kind in ("mahalanobis", "knn", "energy"):
+    kinds = ("mahalanobis", "knn", "energy") + (("disagreement",) if getattr(model, "members", None) else ())
+    for kind in kinds:
         for fit_part, test_part in directions:
             if fit_part:
                 ref = sets[f"chest_{fit_part}"]
-                det = Detector(kind, ref["f"], ref["logits"], ref["y"], args.quantile, ref["groups"])
+                det = (Disagreement(ref["member_probs"], args.quantile) if kind == "disagreement" else
+                       Detector(kind, ref["f"], ref["logits"], ref["y"], args.quantile, ref["groups"]))
                 looks = fit_appearance(ref["looks"], ref["groups"], args.appearance_quantile) if args.appearance else None
             else:
                 det = _stored_detector(args.model, card, kind)
@@ -260,7 +304,7 @@ def main(argv=None) -> int:
                 if fit_part and name.startswith("shifted") and fit_part == "patient":
                     continue  # shifted copies of the fit part
                 stage = np.array([r is not None for r in s["stage"]])
-                feat = det.scores(s["f"], s["logits"]) > det.threshold if len(s["f"]) else np.zeros(0, bool)
+                feat = det.scores(s) > det.threshold if len(s["f"]) else np.zeros(0, bool)
                 pixel = np.zeros(len(s["f"]), bool)
                 if looks and len(s["f"]):
                     pixel = _distance(s["looks"], np.asarray(looks["mean"]),

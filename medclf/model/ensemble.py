@@ -20,6 +20,13 @@ from medclf.model.networks import build_model, penultimate, predicting_model
 
 ENSEMBLE_ARCH = "ensemble"
 MEMBER_FIELDS = ("arch", "temperature", "dropout", "model_id", "test_time_hflip")
+# How the members' penultimate features are joined (card: config.ensemble.features). Each member's
+# vector is scaled to unit length first, so no member's features outweigh another's in the guard's
+# distances: joined raw, a Lite0 + ResNet18 ensemble's guard refused 33/100 breast US images where
+# its Lite0 member alone refused 100/100 (docs/ensembles.md). Cards written before this field
+# existed have their guard and reference fitted on the raw join, which they keep.
+FEATURES_UNIT_PER_MEMBER = "unit length per member, then joined"
+FEATURES_RAW = "joined as they are"
 
 
 class Ensemble(nn.Module):
@@ -32,7 +39,7 @@ class Ensemble(nn.Module):
     is_ensemble = True  # networks.penultimate dispatches on this without importing this module
 
     def __init__(self, members: list[nn.Module], archs: list[str], temperatures: list[float],
-                 test_time_hflips: list[bool]):
+                 test_time_hflips: list[bool], features: str = FEATURES_UNIT_PER_MEMBER):
         super().__init__()
         if not (len(members) == len(archs) == len(temperatures) == len(test_time_hflips)) or len(members) < 2:
             raise ModelError(f"an ensemble needs at least 2 members, each with an arch, a temperature and "
@@ -41,6 +48,9 @@ class Ensemble(nn.Module):
         self.archs = list(archs)
         self.temperatures = [float(t) for t in temperatures]
         self.test_time_hflips = [bool(h) for h in test_time_hflips]
+        if features not in (FEATURES_UNIT_PER_MEMBER, FEATURES_RAW):
+            raise ModelError(f"ensemble features {features!r}: expected {FEATURES_UNIT_PER_MEMBER!r} or {FEATURES_RAW!r}")
+        self.features = features
 
     def predicting_member(self, i: int) -> nn.Module:
         """Member i as its own artifact predicts (wrapped in MirrorMean where its card says so)."""
@@ -56,10 +66,14 @@ class Ensemble(nn.Module):
         return self._mean_log_probs([self.predicting_member(i)(x) for i in range(len(self.members))])
 
     def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ensemble's logits and the concatenation of each member's penultimate features (what the
-        out-of-scope guard and the drift embedding read), from one forward pass of each member."""
+        """The ensemble's logits and each member's penultimate features side by side, joined as
+        `self.features` says (what the out-of-scope guard and the drift embedding read), from one
+        forward pass of each member."""
         outputs = [penultimate(self.predicting_member(i), self.archs[i], x) for i in range(len(self.members))]
-        return self._mean_log_probs([o[0] for o in outputs]), torch.cat([o[1] for o in outputs], dim=1)
+        parts = [o[1].float() for o in outputs]
+        if self.features == FEATURES_UNIT_PER_MEMBER:
+            parts = [torch.nn.functional.normalize(f, dim=1) for f in parts]
+        return self._mean_log_probs([o[0] for o in outputs]), torch.cat(parts, dim=1)
 
 
 def member_entries(card) -> list[dict]:
@@ -78,8 +92,9 @@ def build_ensemble(card, num_classes: int) -> Ensemble:
     """The untrained Ensemble an ensemble card describes (load its state_dict next)."""
     entries = member_entries(card)
     members = [build_model(e["arch"], num_classes, "none", dropout=float(e["dropout"] or 0.0)) for e in entries]
+    features = ((card.config or {}).get("ensemble") or {}).get("features", FEATURES_RAW)
     return Ensemble(members, [e["arch"] for e in entries], [float(e["temperature"]) for e in entries],
-                    [bool(e["test_time_hflip"]) for e in entries])
+                    [bool(e["test_time_hflip"]) for e in entries], features)
 
 
 def ensemble_state(member_states: list[dict]) -> dict:

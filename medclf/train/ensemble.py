@@ -25,7 +25,7 @@ from medclf.model.artifact import ArtifactFiles, ModelCard, read_artifact, save_
 from medclf.model import card as model_card
 from medclf.model.card import software_versions
 from medclf.model.decision import choose_threshold
-from medclf.model.ensemble import ENSEMBLE_ARCH, Ensemble, ensemble_state
+from medclf.model.ensemble import ENSEMBLE_ARCH, FEATURES_UNIT_PER_MEMBER, Ensemble, ensemble_state
 from medclf.model.networks import class_probabilities
 from medclf.model.site_fit import resolve_rule
 from medclf.monitor.ood import add_domain
@@ -96,7 +96,7 @@ def join_networks(members: list[ArtifactFiles]) -> Ensemble:
     networks = [member.network() for member in members]
     plain = [getattr(n, "inner", n) for n in networks]
     ensemble = Ensemble(plain, [m.card.arch for m in members], [m.card.temperature for m in members],
-                        [m.card.test_time_hflip for m in members])
+                        [m.card.test_time_hflip for m in members], FEATURES_UNIT_PER_MEMBER)
     # The saved state is the members' own, prefixed; checked here so a renamed key fails before saving.
     ensemble.load_state_dict(ensemble_state([m.state for m in members]))
     return ensemble.eval()
@@ -151,7 +151,8 @@ def ensemble_card(members: list[ArtifactFiles], y: np.ndarray, probs: np.ndarray
         calibration={"method": "mean of the members' probabilities, each at its own fitted temperature",
                      "fitted_on": "the members' validation sets"},
         metrics={"labelled_films": metrics, "labelled_source": source},
-        config={"ensemble": {"members": [member_entry(m) for m in members], "labelled": source},
+        config={"ensemble": {"members": [member_entry(m) for m in members], "labelled": source,
+                             "features": FEATURES_UNIT_PER_MEMBER},
                 "train": {"threshold": rule, "target_sensitivity": target}},
         intended_use=dict(first.intended_use),
         provenance={"software": software_versions(), "members": [m.card.model_id for m in members]},

@@ -120,6 +120,36 @@ def test_domain_is_fitted_on_the_members_features_and_the_reference_exists(made)
     assert set(files.files) == {card.domain["file"], card.reference["file"]}
 
 
+def test_the_guard_reads_each_members_features_at_unit_length_and_old_cards_keep_the_raw_join(made):
+    """Each member's half of the joined features is a unit vector, so neither member's scale decides
+    the guard's distances; a card without `features` (made before) is built joining them raw, as its
+    stored guard was fitted."""
+    from medclf.model.ensemble import FEATURES_RAW, FEATURES_UNIT_PER_MEMBER, build_ensemble
+
+    members, dest, test_files, _ = made
+    x = to_model_input(torch.from_numpy(pixels(test_files[:3])))
+    raw = []
+    for path in members:
+        model, member_card = load_artifact(path)
+        with torch.inference_mode():
+            raw.append(penultimate(model, member_card.arch, x)[1])
+    model, card = load_artifact(dest)
+    assert card.config["ensemble"]["features"] == FEATURES_UNIT_PER_MEMBER
+    with torch.inference_mode():
+        joined = penultimate(model, card.arch, x)[1]
+    halves = torch.split(joined, [r.shape[1] for r in raw], dim=1)
+    for half, r in zip(halves, raw):
+        torch.testing.assert_close(half, r / r.norm(dim=1, keepdim=True), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(r.norm(dim=1), torch.ones(3))  # the members' own are not unit length
+
+    old_config = {**card.config, "ensemble": {k: v for k, v in card.config["ensemble"].items() if k != "features"}}
+    old = build_ensemble(dataclasses.replace(card, config=old_config), len(card.classes))
+    old.load_state_dict(model.state_dict())
+    assert old.eval().features == FEATURES_RAW
+    with torch.inference_mode():
+        torch.testing.assert_close(penultimate(old, card.arch, x)[1], torch.cat(raw, dim=1), atol=1e-5, rtol=1e-4)
+
+
 def test_onnx_and_torchscript_exports_give_the_same_probabilities(made):
     ort = pytest.importorskip("onnxruntime")
     from medclf.model.export import ONNX_FILE, TORCHSCRIPT_FILE, export_artifact
