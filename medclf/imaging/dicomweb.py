@@ -17,7 +17,11 @@ only the site can read it back, as with hashed UIDs).
 
 Credentials come from the environment only: MEDCLF_DICOMWEB_TOKEN (a bearer token), or
 MEDCLF_DICOMWEB_USER and MEDCLF_DICOMWEB_PASSWORD (basic auth). HTTP 429 and 503 are retried with
-exponential back-off (dicomweb-client's retry, DICOMWEB_RETRIES attempts).
+exponential back-off (DICOMWEB_RETRIES attempts, 15 s of waiting at most). A connection that fails is
+tried once more; after that the PACS counts as down for the rest of the read task (`down`), whose
+other instances on it become transient error rows at once, for the next run. dicomweb-client's own
+retry is off: it retries every exception with that back-off, so a PACS that died mid-run cost each
+instance left 15 s of waiting (and a host that drops packets, 5 x its 20 s connect timeout).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ TOKEN_ENV, USER_ENV, PASSWORD_ENV = "MEDCLF_DICOMWEB_TOKEN", "MEDCLF_DICOMWEB_US
 STUDY_KEYS = ("StudyDate", "ModalitiesInStudy", "StudyInstanceUID")
 SERIES_KEYS = ("Modality", "SeriesInstanceUID")
 DICOMWEB_RETRIES = 5  # attempts on 429/503
-BACKOFF_MS = 500  # dicomweb-client waits 2^n * this between attempts (1 s, 2 s, 4 s, 8 s)
+BACKOFF_MS = 500  # waits 2^n * this between attempts (1 s, 2 s, 4 s, 8 s)
 RETRY_CODES = (429, 503)
 INCREMENTS = {"arrival": "arrival", "date": "date", "true": "date", "1": "date", "false": "", "0": ""}
 _DATE_RANGE = re.compile(r"^(\d{8})?-?(\d{8})?$")
@@ -130,14 +134,33 @@ def _session():
 _CLIENTS: dict = {}
 
 
+def _retry_policy():
+    """urllib3's Retry on the client's session: 429/503 up to DICOMWEB_RETRIES attempts, 2^n x BACKOFF_MS
+    apart; one more try of a failed connection; nothing else. Retry-After is not followed: a server
+    asking for an hour would hold a read task for an hour (the row is retried next run instead)."""
+    from urllib3.util.retry import Retry
+
+    class Backoff(Retry):
+        def get_backoff_time(self) -> float:
+            return 2 ** len(self.history) * BACKOFF_MS / 1000  # read when it waits (tests shorten it)
+
+    return Backoff(total=DICOMWEB_RETRIES, connect=1, read=0, other=0, redirect=0, status=DICOMWEB_RETRIES - 1,
+                   status_forcelist=RETRY_CODES, allowed_methods=None, raise_on_status=False,
+                   respect_retry_after_header=False)
+
+
 def client(http_base: str):
     """One dicomweb-client per base URL and process (a read task reads many instances)."""
     if http_base not in _CLIENTS:
         from dicomweb_client.api import DICOMwebClient
+        from requests.adapters import HTTPAdapter
 
-        c = DICOMwebClient(http_base, session=_session())
-        c.set_http_retry_params(retry=True, max_attempts=DICOMWEB_RETRIES, wait_exponential_multiplier=BACKOFF_MS,
-                                retriable_error_codes=RETRY_CODES)
+        session = _session()
+        adapter = HTTPAdapter(max_retries=_retry_policy())
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        c = DICOMwebClient(http_base, session=session)
+        c.set_http_retry_params(retry=False)  # the session retries (see the module docstring)
         _CLIENTS[http_base] = c
     return _CLIENTS[http_base]
 
@@ -304,16 +327,20 @@ def parse_instance_path(path: str, key: Optional[str] = None) -> tuple[str, Inst
     return parse_source(base).http_base, inst
 
 
-def read_instance(path: str, max_bytes: Optional[int] = None) -> bytes:
+def read_instance(path: str, max_bytes: Optional[int] = None, down: Optional[set] = None) -> bytes:
     """WADO-RS: the instance as a DICOM Part-10 file, in its stored transfer syntax.
 
     Errors name the path (never raw UIDs under hash/drop) and say whether the next run should
     try again: gone from the PACS (404/410) is permanent; unreachable, refused credentials, and
-    429/503 left after the retries are transient."""
+    429/503 left after the retries are transient. `down`: the PACS base URLs this read task found
+    unreachable; a read from one of them fails at once, and one that finds its PACS unreachable adds it."""
     import requests
     from pydicom.filewriter import dcmwrite
 
     http_base, inst = parse_instance_path(path)
+    if down is not None and http_base in down:
+        raise DecodeError(path, "the PACS is unreachable (an earlier read of this task could not connect; "
+                                "not tried again)", transient=True)
     try:
         ds = client(http_base).retrieve_instance(inst.study, inst.series, inst.sop,
                                                  media_types=(("application/dicom", "*"),))
@@ -327,6 +354,8 @@ def read_instance(path: str, max_bytes: Optional[int] = None) -> bytes:
         raise DecodeError(path, f"the PACS answered HTTP {code} (after {DICOMWEB_RETRIES} tries on 429/503)",
                           transient=True) from None
     except (requests.ConnectionError, requests.Timeout) as exc:
+        if down is not None:
+            down.add(http_base)
         raise DecodeError(path, f"the PACS is unreachable ({type(exc).__name__})", transient=True) from None
     buf = io.BytesIO()
     dcmwrite(buf, ds, enforce_file_format=True)

@@ -57,8 +57,10 @@ def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, fr
     """
     pre = PreprocessConfig.model_validate(spec)
     rows: list[dict] = []
+    pacs_down: set = set()  # PACS this task could not reach: the rest of its instances fail at once
     for path in (str(p) for p in batch["path"]):
-        for row in _file_rows(path, pre, skip_keys, frames, max_file_bytes, uids, gate, roots=roots):
+        for row in _file_rows(path, pre, skip_keys, frames, max_file_bytes, uids, gate, roots=roots,
+                              pacs_down=pacs_down):
             rows.append(row)
             if len(rows) == rows_per_batch:
                 yield _rows_to_batch(rows, pre.image_size)
@@ -69,15 +71,16 @@ def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, fr
 
 def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, frames: str,
                max_file_bytes: Optional[int], uids: tuple = ("keep", None), gate: Optional[dict] = None,
-               data: Optional[bytes] = None, roots: Optional[tuple] = None) -> Iterator[dict]:
+               data: Optional[bytes] = None, roots: Optional[tuple] = None,
+               pacs_down: Optional[set] = None) -> Iterator[dict]:
     """A file's rows; `data`: its bytes when they came another way (the online endpoint's request body);
-    `roots`: where files may be read from (medclf.imaging.confine)."""
+    `roots`: where files may be read from (medclf.imaging.confine); `pacs_down`: read_instance's `down`."""
     row: dict = {"path": path, "size": -1, "checksum": None, "frame": None, "status": None, "error": None,
                  "error_kind": None, "pixels": None, "first_row": True}
     started = time.perf_counter()
     try:
         if data is None and is_dicomweb(path):  # a PACS instance (medclf.imaging.dicomweb)
-            data = read_instance(path, max_file_bytes)
+            data = read_instance(path, max_file_bytes, pacs_down)
         elif data is None:
             confine.check(path, roots)  # symlinks resolved; /proc, /sys, /dev always refused
             # One read; the checksum is taken from these bytes in memory, never by reading the file again.

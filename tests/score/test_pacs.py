@@ -7,6 +7,7 @@ import glob
 import http.server
 import io
 import os
+import socket
 import threading
 from datetime import datetime, timedelta
 
@@ -121,6 +122,47 @@ def test_429_and_503_are_retried_with_back_off(monkeypatch):
     assert len(seen) == 3
     # exponential back-off, 2^n * 50 ms: at least 100 ms, then at least 200 ms (load can only lengthen them)
     assert seen[1] - seen[0] >= 0.095 and seen[2] - seen[1] >= 0.195
+
+
+def test_a_failed_connection_is_tried_once_more_and_then_the_task_stops_trying_that_pacs(monkeypatch):
+    """A PACS that refuses connections costs one retry, not dicomweb-client's five tries with 15 s of
+    back-off; the read task's later reads from it fail at once, as transient rows for the next run."""
+    from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+    policy = dicomweb._retry_policy()
+    error = NewConnectionError(None, "refused")
+    once = policy.increment(method="GET", url="/x", error=error)  # the one retry
+    with pytest.raises(MaxRetryError):
+        once.increment(method="GET", url="/x", error=error)
+    status = policy
+    for _ in range(dicomweb.DICOMWEB_RETRIES - 1):  # 429/503 keep their DICOMWEB_RETRIES attempts
+        status = status.increment(method="GET", url="/x", response=_response(503))
+    with pytest.raises(MaxRetryError):
+        status.increment(method="GET", url="/x", response=_response(503))
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(dicomweb, "BACKOFF_MS", 10)
+    src = parse_source(f"dicomweb://127.0.0.1:{port}/dicom-web")
+    paths = [dicomweb.instance_path(src, Instance("1.2", "1.2.3", f"1.2.3.{i}"), "keep", None) for i in range(3)]
+    down: set = set()
+    try:
+        with pytest.raises(DecodeError, match="unreachable") as first:
+            dicomweb.read_instance(paths[0], down=down)
+        assert first.value.transient and down == {src.http_base}
+        for path in paths[1:]:
+            with pytest.raises(DecodeError, match="not tried again") as later:
+                dicomweb.read_instance(path, down=down)
+            assert later.value.transient and path in str(later.value)
+    finally:
+        dicomweb._CLIENTS.clear()
+
+
+def _response(status: int):
+    from urllib3 import HTTPResponse
+
+    return HTTPResponse(status=status, headers={}, preload_content=False)
 
 
 @needs_orthanc
