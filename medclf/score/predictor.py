@@ -41,9 +41,17 @@ class Predictor:
         self.domain = opened.domain  # None: an artifact from before the guard
         self.reference = opened.reference  # None: an artifact from before drift
         self.adaptation_id = None  # the site profile's id (medclf.model.adapt), before the runtime is built
+        # The guard's reference features and threshold, and the drift reference, were measured with the
+        # training statistics; under a site profile they read the features of the network as trained
+        # (a second forward pass), never the adapted one's, which moved away from that reference.
+        self.training_network = None
         if site_profile:
+            import copy
+
             from medclf.model.site_profile import adapt_network
 
+            if self.domain is not None or self.reference is not None:
+                self.training_network = copy.deepcopy(self.model).to(memory_format=torch.channels_last)
             self.adaptation_id = adapt_network(self.model, self.card, site_profile)
         # A site's own temperature and threshold (medclf calibrate) replace the card's; None: the card's.
         self.calibration = load_site_calibration(site_calibration, self.card) if site_calibration else None
@@ -60,13 +68,16 @@ class Predictor:
     def logits_and_features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits and penultimate features (the out-of-scope guard's input) of preprocessed one-channel
         images (N, 1, S, S), from one forward pass of whichever runtime the config names."""
-        torch = self.torch
         if self.onnx is not None:
             logits, features = self.onnx.run(None, {"image": np.ascontiguousarray(pixels, np.float32)})
             return logits, features
+        return self._forward(self.model, pixels)
+
+    def _forward(self, network, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
         x = to_model_input(torch.from_numpy(pixels).to(self.device)).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-            logits, features = penultimate(self.model, self.card.arch, x)
+            logits, features = penultimate(network, self.card.arch, x)
         return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
     def __call__(self, batch: dict):
@@ -81,11 +92,15 @@ class Predictor:
         emb = np.full((n, len(EMB_COLUMNS)), np.nan)
         started = time.perf_counter()
         if ok.any():
-            logits, features = self.logits_and_features(batch["pixels"][ok] if not ok.all() else batch["pixels"])
+            pixels = batch["pixels"][ok] if not ok.all() else batch["pixels"]
+            logits, features = self.logits_and_features(pixels)
             probs[ok] = (self.calibration.probabilities(logits) if self.calibration else
                          class_probabilities(torch.from_numpy(logits), self.card.temperature).numpy())
+            guard_logits = logits
+            if self.training_network is not None:  # under a site profile (see __init__)
+                guard_logits, features = self._forward(self.training_network, pixels)
             if self.domain is not None:
-                ood_scores[ok] = self.domain.scores(features, logits)
+                ood_scores[ok] = self.domain.scores(features, guard_logits)
             if self.reference is not None:  # the embedding summary drift compares (medclf.monitor.drift)
                 emb[ok] = self.reference.project(features)
         # Out of scope by the feature score with ood.action=out_of_scope (the default): probabilities kept

@@ -217,6 +217,63 @@ def test_model_route_serves_the_public_card_only(endpoint, served_model, phantom
     assert os.environ["MEDCLF_SERVE_TOKEN"] not in text
 
 
+def test_the_endpoint_answers_under_a_site_profile_as_its_predictor_does_and_says_which(endpoint, served_model,
+                                                                                       phantom_root, tmp_path):
+    """`serve.site_profile` through HTTP: the answer is the profile's Predictor's to 1e-5 (which
+    tests/score/test_adapt_scoring.py ties to the scored rows), carries the profile's id, and differs
+    from the unadapted endpoint's answer for the same film."""
+    from urllib.parse import urlsplit
+
+    import pyarrow as pa
+    from ray import serve
+
+    from medclf.config import load_config
+    from medclf.imaging.stage import list_inputs, load_images
+    from medclf.score.adaptation import prepare_adaptation
+    from medclf.score.batch import Predictor
+    from medclf.score.serve import build_app
+
+    card = load_card(served_model)
+    paths = list_inputs(os.path.join(phantom_root, "test"), [".png"])
+    made = prepare_adaptation(load_config(None, ["score.adapt=bn", "score.adapt_sample=40"]), card, served_model,
+                              paths, str(tmp_path), "serve-profile")
+    assert made.adapted and made.profile_path
+    cfg = load_config(None, ["serve.cpus_per_replica=0.25", "serve.route_prefix=/adapted",
+                             f"serve.site_profile={made.profile_path}"])
+    serve.run(build_app(cfg, served_model), name="medclf-adapted", route_prefix="/adapted")
+    try:
+        port = urlsplit(endpoint).port
+        local = Predictor(served_model, "serve", threads=1, site_profile=made.profile_path)
+        rows = pa.concat_tables([local(b) for b in load_images({"path": np.array(paths[:16], object)},
+                                                               card.preprocess, rows_per_batch=16)]).to_pandas()
+        # The guard and the drift embedding read the network as trained, whose features their references
+        # hold: the same ood_score and embedding as without the profile, while the answers move.
+        unadapted = Predictor(served_model, "serve", threads=1)
+        before = pa.concat_tables([unadapted(b) for b in load_images({"path": np.array(paths[:16], object)},
+                                                                     card.preprocess, rows_per_batch=16)]).to_pandas()
+        assert rows.ood_score.notna().all() and rows.emb_pc1.notna().all()  # the model has both references
+        np.testing.assert_allclose(rows.ood_score, before.ood_score, atol=1e-5)
+        np.testing.assert_allclose(rows[["emb_pc1", "emb_pc2"]], before[["emb_pc1", "emb_pc2"]], atol=1e-4)
+        assert list(rows.status) == list(before.status)
+        assert np.abs(rows[prob_column(card.classes[0])] - before[prob_column(card.classes[0])]).max() > 1e-4
+        ok = rows[rows.status == "ok"].head(3)  # films the guard lets through (the rest answer 422 either way)
+        assert len(ok) == 3, rows[["status", "error"]].to_string()
+        rows = ok
+        moved = 0.0
+        for path, row in zip(rows.path, rows.itertuples()):
+            body = open(path, "rb").read()
+            status, answer = _post(f"http://127.0.0.1:{port}/adapted/predict", body)
+            assert status == 200 and answer["adaptation_id"] == made.profile_id, answer
+            for c in card.classes:
+                assert answer["probabilities"][c] == pytest.approx(float(getattr(row, prob_column(c))), abs=1e-5)
+            _, plain = _post(f"{endpoint}/predict", body)
+            assert plain.get("adaptation_id") is None
+            moved = max(moved, abs(plain["probabilities"][card.classes[0]] - answer["probabilities"][card.classes[0]]))
+        assert moved > 1e-4  # the profile is what differs between the two endpoints
+    finally:
+        serve.delete("medclf-adapted")
+
+
 def test_chunked_body_over_the_limit_is_cut_and_the_replica_stays_small(endpoint, served_model):
     """A chunked body (no Content-Length) 32 x the limit: 413, and the replica's RSS never grows by the body."""
     import http.client
