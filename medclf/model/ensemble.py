@@ -22,8 +22,8 @@ ENSEMBLE_ARCH = "ensemble"
 MEMBER_FIELDS = ("arch", "temperature", "dropout", "model_id", "test_time_hflip")
 # How the members' penultimate features are joined (card: config.ensemble.features). Each member's
 # vector is scaled to unit length first, so no member's features outweigh another's in the guard's
-# distances: joined raw, a Lite0 + ResNet18 ensemble's guard refused 33/100 breast US images where
-# its Lite0 member alone refused 100/100 (docs/ensembles.md). Cards written before this field
+# distances: joined raw, a Lite0 + ResNet18 ensemble's guard refused 42/100 breast US images where
+# the Lite0 member's half of the same features refused 100/100 (docs/ensembles.md). Cards written before this field
 # existed have their guard and reference fitted on the raw join, which they keep.
 FEATURES_UNIT_PER_MEMBER = "unit length per member, then joined"
 FEATURES_RAW = "joined as they are"
