@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
+from scipy import stats
 
 from medclf.imaging.stage import load_images
 from medclf.model.adapt import fit_profile
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--part", default="patient", help="val_group of the validation part (default: %(default)s)")
     ap.add_argument("--sample", type=int, default=300, help="films the profile is fitted on")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5, help="timing repeats (the ratio's CI is over them)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     card = load_card(args.model)
@@ -52,11 +54,14 @@ def main(argv=None) -> int:
     plain = Predictor(args.model, "plain", threads=args.threads)
     adapted = Predictor(args.model, "adapted", threads=args.threads, site_profile=path)
     plain(batches[0]), adapted(batches[0])  # warm-up
-    seconds, rows = {}, {}
-    for name, predictor in (("plain", plain), ("adapted", adapted), ("plain again", plain)):
-        started = time.perf_counter()
-        rows[name] = pa.concat_tables([predictor(b) for b in batches]).to_pandas()
-        seconds[name] = time.perf_counter() - started
+    rows, ratios = {}, []
+    for _ in range(args.repeats):  # each repeat: without, with, without again (its own baseline)
+        seconds = {}
+        for name, predictor in (("plain", plain), ("adapted", adapted), ("plain again", plain)):
+            started = time.perf_counter()
+            rows[name] = pa.concat_tables([predictor(b) for b in batches]).to_pandas()
+            seconds[name] = time.perf_counter() - started
+        ratios.append(seconds["adapted"] / ((seconds["plain"] + seconds["plain again"]) / 2))
     rows_plain, rows_adapted = rows["plain"], rows["adapted"]
     before = []  # the guard on the adapted network's own features (scoring before session 23)
     for b in batches:
@@ -76,9 +81,12 @@ def main(argv=None) -> int:
                      refused_now - by_feature_now + int((before > threshold).sum()))):
         lo, hi = wilson(k, n)
         print(f"{name}: {k}/{n} = {100 * k / n:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})")
-    base = (seconds["plain"] + seconds["plain again"]) / 2  # before and after: load drift shows as their gap
-    print(f"Predictor time for the {n} films: without a profile {seconds['plain']:.1f} s and "
-          f"{seconds['plain again']:.1f} s, with it {seconds['adapted']:.1f} s: x{seconds['adapted'] / base:.2f}")
+    ratios = np.array(ratios)
+    half = (stats.t.ppf(0.975, len(ratios) - 1) * ratios.std(ddof=1) / np.sqrt(len(ratios))
+            if len(ratios) > 1 else float("nan"))
+    print(f"Predictor time with the profile / without (baseline before and after, {len(ratios)} repeats on "
+          f"the {n} films): x{ratios.mean():.2f} (95% CI {ratios.mean() - half:.2f}-{ratios.mean() + half:.2f}); "
+          f"each: {', '.join(f'{r:.2f}' for r in ratios)}")
     print(f"threshold {threshold:.4f}; median ood_score: adapted features {np.median(before):.3f}, "
           f"as trained {np.nanmedian(rows_adapted.ood_score):.3f}")
     return 0

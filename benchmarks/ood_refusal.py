@@ -48,13 +48,13 @@ from medclf.config import load_config
 from medclf.data.augment import ACQUISITION_SHIFTS, acquisition_shift
 from medclf.data.phantoms import render
 from medclf.imaging.decode import open_images
-from medclf.imaging.preprocess import preprocess_gray
+from medclf.imaging.preprocess import preprocess_gray, to_model_input
 from medclf.model.artifact import load_artifact
 from medclf.imaging.content import content_reason
 from medclf.monitor.drift import wilson
 from medclf.data.labelled import patient_id_of
 from medclf.imaging.appearance import STAT_NAMES, _distance, appearance_stats, fit_appearance
-from medclf.monitor.ood import KNN_K, _score, features_and_logits, fit_reference, out_of_fold_scores
+from medclf.monitor.ood import KNN_K, _score, features_and_logits, fit_reference, in_batches, out_of_fold_scores
 from medclf.model.records import input_gate
 from medclf.imaging.scope import input_out_of_scope
 
@@ -176,22 +176,18 @@ def embed_x(model, card, x: np.ndarray) -> dict:
     if not len(x):
         return {"x": x, "f": np.zeros((0, 1)), "logits": np.zeros((0, 2)),
                 "member_probs": np.zeros((0, members, len(card.classes)))}
-    seen: list = []
-    if members:  # what Ensemble averages, recorded on the way (this instance only)
-        average = type(model)._mean_log_probs.__get__(model)
-
-        def recording(member_logits):
-            seen.append(np.stack([torch.softmax(lg.float() / t, dim=1).numpy()
-                                  for lg, t in zip(member_logits, model.temperatures)], axis=1))
-            return average(member_logits)
-
-        model._mean_log_probs = recording
-    try:
+    if not members:
         f, logits = features_and_logits(model, card.arch, x, batch=32)
-    finally:
-        model.__dict__.pop("_mean_log_probs", None)
-    return {"x": x, "f": f, "logits": logits,
-            "member_probs": np.concatenate(seen) if seen else np.zeros((len(x), 0, len(card.classes)))}
+        return {"x": x, "f": f, "logits": logits, "member_probs": np.zeros((len(x), 0, len(card.classes)))}
+    out: list[list] = [[], [], []]
+    model.eval()
+    with torch.inference_mode():
+        for _, batch in in_batches(x, 32):
+            results = model.logits_features_and_member_probs(to_model_input(torch.from_numpy(batch)))
+            for kept, result in zip(out, results):
+                kept.append(result.float().numpy())
+    logits, f, member_probs = (np.concatenate(kept) for kept in out)
+    return {"x": x, "f": f, "logits": logits, "member_probs": member_probs}
 
 
 def main(argv=None) -> int:

@@ -69,12 +69,20 @@ class Ensemble(nn.Module):
         """The ensemble's logits and each member's penultimate features side by side, joined as
         `self.features` says (what the out-of-scope guard and the drift embedding read), from one
         forward pass of each member."""
+        logits, features, _ = self.logits_features_and_member_probs(x)
+        return logits, features
+
+    def logits_features_and_member_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits_and_features, plus each member's calibrated probabilities (N, members, classes), from
+        the same forward pass (the members' disagreement: benchmarks/ood_refusal.py)."""
         outputs = [penultimate(self.predicting_member(i), self.archs[i], x) for i in range(len(self.members))]
         parts = [o[1].float() for o in outputs]
         if self.features == FEATURES_UNIT_PER_MEMBER:
             parts = [torch.nn.functional.normalize(f, dim=1) for f in parts]
-        return self._mean_log_probs([o[0] for o in outputs]), torch.cat(parts, dim=1)
-
+        member_logits = [o[0] for o in outputs]
+        member_probs = torch.stack([torch.softmax(logits.float() / t, dim=1)
+                                    for logits, t in zip(member_logits, self.temperatures)], dim=1)
+        return self._mean_log_probs(member_logits), torch.cat(parts, dim=1), member_probs
 
 def member_entries(card) -> list[dict]:
     """The members recorded in an ensemble card (`config["ensemble"]["members"]`), each field checked."""
