@@ -74,7 +74,8 @@ class _Stop(Exception):
     """Raised by a hook once the layer being fitted has seen its input: the rest of the forward is not needed."""
 
 
-def fit_bn_statistics(model: nn.Module, arch: str, transfer: str, batches, passes: Optional[int] = None) -> FittedStats:
+def fit_bn_statistics(model: nn.Module, arch: str, transfer: str, batches, passes: Optional[int] = None,
+                      weights: Optional[np.ndarray] = None) -> FittedStats:
     """Re-estimate the running statistics of the adaptable BatchNorm layers of `model` (modified in place,
     left in eval mode) from `batches`: a callable returning the same iterable of model-input tensors
     (N, 3, S, S), in the same order, each time it is called (once per pass).
@@ -86,7 +87,10 @@ def fit_bn_statistics(model: nn.Module, arch: str, transfer: str, batches, passe
     the previous, wrong, statistics of the layers before it. To keep the cost near that of 2-3 full
     passes, the output of the last finished top-level block (medclf.model.artifact.backbone_blocks) is
     kept in memory and fed in place of the blocks before it (BlockCache).
-    `passes`: stop after that many layers (tests of a partial fit); default all."""
+    `passes`: stop after that many layers (tests of a partial fit); default all.
+    `weights`: one non-negative weight per image, in the order `batches` yields them: each image's
+    activations count that much in the statistics (prior_weights: the sample re-weighted to another
+    class prevalence). Scaled to mean 1; default equal."""
     from medclf.model.networks import plain_model
 
     net = plain_model(model)
@@ -95,6 +99,11 @@ def fit_bn_statistics(model: nn.Module, arch: str, transfer: str, batches, passe
         note = ("the model has no BatchNorm layer" if not skipped else
                 f"every BatchNorm layer ({len(skipped)}) is frozen by model.transfer={transfer}")
         return FittedStats({}, [], skipped, 0, 0, 0.0, f"nothing to adapt: {note}")
+    if weights is not None:
+        weights = np.asarray(weights, np.float64)
+        if weights.ndim != 1 or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+            raise AdaptError("adaptation weights must be finite, non-negative and not all zero")
+        weights = torch.from_numpy(weights / weights.mean())
     layers = dict(net.named_modules())
     model.eval()
     order = _forward_order(model, layers, adapt, batches)[:passes]
@@ -104,13 +113,15 @@ def fit_bn_statistics(model: nn.Module, arch: str, transfer: str, batches, passe
         bn = layers[name]
         cache.advance_to(bn, batches)
         acc: dict[str, list] = {}
-        hook = bn.register_forward_pre_hook(_accumulator(name, bn, acc, stop=True))
+        hook = bn.register_forward_pre_hook(_accumulator(name, bn, acc, stop=True, weights=weights))
         try:
             n_images = cache.run(batches)
         finally:
             hook.remove()
         if n_images == 0:
             raise AdaptError("adaptation sample is empty: no image decoded")
+        if weights is not None and n_images != len(weights):
+            raise AdaptError(f"adaptation weights: {len(weights)} for a sample of {n_images} images")
         shift, s1, s2, n = acc[name]
         d = s1 / n
         mean = shift + d
@@ -232,9 +243,11 @@ def _forward_order(model: nn.Module, layers: dict, adapt: list[str], batches) ->
     return list(dict.fromkeys(seen))
 
 
-def _accumulator(name: str, bn: nn.Module, acc: dict, stop: bool = False):
+def _accumulator(name: str, bn: nn.Module, acc: dict, stop: bool = False, weights: Optional[torch.Tensor] = None):
     """Forward pre-hook: add the layer input's per-channel sums (shifted by the current running mean,
-    so float64 sums of squares keep their precision) to `acc[name]`."""
+    so float64 sums of squares keep their precision) to `acc[name]`; with `weights`, each image's
+    sums times its weight (images are counted off in the order the pass sees them)."""
+    seen = [0]
 
     def hook(module, args):
         x = args[0].detach().double()
@@ -243,9 +256,20 @@ def _accumulator(name: str, bn: nn.Module, acc: dict, stop: bool = False):
             acc[name] = [module.running_mean.detach().double().clone(), 0.0, 0.0, 0]
         shift = acc[name][0]
         xc = x - shift.view(1, -1, *([1] * (x.dim() - 2)))
-        acc[name][1] = acc[name][1] + xc.sum(dims)
-        acc[name][2] = acc[name][2] + (xc * xc).sum(dims)
-        acc[name][3] += x.numel() // x.shape[1]
+        per_image = x.numel() // (x.shape[0] * x.shape[1])
+        if weights is None:
+            acc[name][1] = acc[name][1] + xc.sum(dims)
+            acc[name][2] = acc[name][2] + (xc * xc).sum(dims)
+            acc[name][3] += x.shape[0] * per_image
+        else:
+            w = weights[seen[0]:seen[0] + x.shape[0]]
+            if len(w) != x.shape[0]:
+                raise AdaptError(f"adaptation weights: {len(weights)} for a sample of more images")
+            w = w.view(-1, *([1] * (x.dim() - 1)))
+            acc[name][1] = acc[name][1] + (w * xc).sum(dims)
+            acc[name][2] = acc[name][2] + (w * xc * xc).sum(dims)
+            acc[name][3] += float(w.sum()) * per_image
+        seen[0] += x.shape[0]
         if stop:
             raise _Stop
 
@@ -275,8 +299,10 @@ def tensor_batches(pixels: np.ndarray, batch_size: int = 64):
 
 
 def fit_profile(model: nn.Module, card, pixels: np.ndarray, seed: Optional[int], passes: Optional[int] = None,
-                source: str = "", batch_size: int = 64) -> tuple[SiteProfile, FittedStats]:
+                source: str = "", batch_size: int = 64, weights: Optional[np.ndarray] = None
+                ) -> tuple[SiteProfile, FittedStats]:
     """Fit a site profile for the artifact (`model`, `card`) on preprocessed images; `model` is adapted
     in place. A model with nothing to adapt gives a profile with no layers (fit.note says why)."""
-    fit = fit_bn_statistics(model, card.arch, transfer_mode(card), tensor_batches(pixels, batch_size), passes)
+    fit = fit_bn_statistics(model, card.arch, transfer_mode(card), tensor_batches(pixels, batch_size), passes,
+                            weights)
     return profile_from_fit(fit, card.model_id, seed, source), fit

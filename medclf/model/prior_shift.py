@@ -88,3 +88,27 @@ def calibration_prior(card, site_calibration=None) -> np.ndarray:
         return shares / shares.sum()
     raise ValueError(f"model {card.model_id}: its card does not record the class shares its calibration was fitted "
                      "on; pass them (--train-prior)")
+
+
+def training_prior(card) -> np.ndarray:
+    """The class shares of the model's training split (card provenance): the mix its BatchNorm running
+    statistics were fitted on."""
+    counts = ((card.provenance or {}).get("training_data", {}).get("images", {}) or {}).get("train", {})
+    shares = np.array([counts.get(c, 0) for c in card.classes], float)
+    if shares.sum() <= 0 or not (shares > 0).all():
+        raise ValueError(f"model {card.model_id}: its card does not record the class counts of its training split")
+    return shares / shares.sum()
+
+
+def prevalence_weights(probs: np.ndarray, train_prior, target_prior) -> tuple[np.ndarray, PriorEstimate]:
+    """Per-image importance weights that make a sample's class mix look like `target_prior`, without labels.
+
+    The sample's own prior is found by EM (em_prior, from calibrated `probs` made under `train_prior`);
+    with q_i its EM-adjusted posteriors, w_i = sum_c q_i(c) * target(c) / prior(c), the density ratio
+    p_target(x) / p_sample(x) when only the prior differs. Mean 1."""
+    probs = np.asarray(probs, np.float64)
+    if not np.isfinite(probs).all():
+        raise ValueError("prevalence weights need a finite posterior for every image")
+    est = em_prior(probs, train_prior)
+    w = (est.posteriors * (np.asarray(target_prior, np.float64) / est.prior)).sum(axis=1)
+    return w / w.mean(), est

@@ -225,3 +225,57 @@ def test_prediction_files_without_adaptation_id_are_still_read(tmp_path):
                             schema=new), folder / "part-new.parquet")
     rows = read_predictions(str(tmp_path))
     assert sorted(rows.adaptation_id.fillna("null")) == ["abc", "null"]
+
+
+def test_weighted_statistics_count_each_image_by_its_weight():
+    # Prevalence-weighted adaptation (medclf.model.prior_shift.prevalence_weights): equal weights change
+    # nothing, and an image of weight 2 counts as that image twice, whatever the batching.
+    import copy
+
+    x = _sample() * 0.8 + 0.3
+    base = _trained_stats(build_model("small_cnn", 2).eval())
+    plain = _fit(copy.deepcopy(base), x)
+    equal = fit_bn_statistics(copy.deepcopy(base), "small_cnn", "finetune", tensor_batches(x, 16), weights=np.full(len(x), 3.0))
+    twice = np.r_[np.full(8, 2.0), np.ones(len(x) - 8)]
+    weighted = fit_bn_statistics(copy.deepcopy(base), "small_cnn", "finetune", tensor_batches(x, 7), weights=twice)
+    duplicated = _fit(copy.deepcopy(base), np.concatenate([x, x[:8]]), batch_size=16)
+    for name in plain.adapted:
+        std = np.sqrt(plain.stats[name][1])
+        assert np.max(np.abs(equal.stats[name][0] - plain.stats[name][0]) / std) < 1e-6
+        assert np.max(np.abs(equal.stats[name][1] / plain.stats[name][1] - 1)) < 1e-5
+        # The same up to the unbiased variance factor, whose count differs (weights of mean 1: N S values
+        # against (N + 8) S): 1e-3 of a variance at the first layer, 48/47 vs 56/55 where a layer's input is
+        # 1 x 1, and through those, a little in the means of the layers after.
+        first = name == plain.adapted[0]
+        assert np.max(np.abs(weighted.stats[name][0] - duplicated.stats[name][0]) / std) < (1e-5 if first else 1e-2)
+        assert np.max(np.abs(weighted.stats[name][1] / duplicated.stats[name][1] - 1)) < (1e-3 if first else 1e-2)
+        assert np.max(np.abs(weighted.stats[name][0] - plain.stats[name][0]) / std) > 1e-3  # the weights mattered
+    with pytest.raises(AdaptError, match="weights"):
+        fit_bn_statistics(copy.deepcopy(base), "small_cnn", "finetune", tensor_batches(x, 16), weights=np.ones(5))
+    with pytest.raises(AdaptError, match="non-negative"):
+        fit_bn_statistics(copy.deepcopy(base), "small_cnn", "finetune", tensor_batches(x, 16),
+                          weights=-np.ones(len(x)))
+
+
+def test_prevalence_weights_make_the_sample_look_like_the_target_mix():
+    # Calibrated posteriors of a sample holding 20% positives, from a model calibrated at 50%: EM finds
+    # the 20% without labels, and weighted by them the sample's feature moments are those of a sample at
+    # the training split's 80% (what BatchNorm statistics are: moments of the input, not label shares).
+    from medclf.model.prior_shift import prevalence_weights
+
+    g = np.random.default_rng(0)
+
+    def draw(n, prevalence):
+        y = (g.random(n) < prevalence).astype(int)
+        return y, g.normal(1.5 * (2 * y - 1), 1.0)  # a likelihood ratio of exp(3 * feature) between the classes
+
+    y, feature = draw(20000, 0.2)
+    p_pos = 1 / (1 + np.exp(-3 * feature))  # calibrated at a 50% prior
+    w, est = prevalence_weights(np.c_[1 - p_pos, p_pos], [0.5, 0.5], [0.2, 0.8])
+    assert abs(est.prior[1] - 0.2) < 0.01
+    assert abs(w.mean() - 1) < 1e-9 and (w > 0).all()
+    _, target = draw(20000, 0.8)
+    for f in (lambda v: v, lambda v: v > 1.0):  # the mean, and a share in the positives' tail
+        weighted = np.sum(w * f(feature)) / np.sum(w)
+        assert abs(weighted - np.mean(f(target))) < 0.05, (weighted, np.mean(f(target)))
+        assert abs(np.mean(f(feature)) - np.mean(f(target))) > 0.3  # unweighted, they differ
