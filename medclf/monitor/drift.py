@@ -14,6 +14,10 @@ validation images the figures came from: the model artifact's drift reference (m
   * the penultimate-layer embedding (its first principal components): MMD with a permutation
     p-value (`drift.embedding_test`, or a classifier two-sample test).
 
+Rows scored under a site profile or a site calibration (`adaptation_id`, `calibration_id`) got their
+answers from another state of the model, so the score and positive-rate statistics are tested once per
+state (`scoring_states`, the report's `scored_with` column); the other statistics take every row.
+
 One family of tests per report: p-values are Holm-adjusted and a statistic flags when its adjusted
 p-value is below `drift.alpha` AND its effect is large enough to matter (`drift.min_psi`,
 `drift.min_rate_change`); on same-distribution phantom batches this keeps false alarms under 10%
@@ -43,7 +47,8 @@ log = logging.getLogger(__name__)
 
 DRIFT_EXIT = 4  # any flag tripped: a scheduler can alert (2 is a user error, 3 LeaseHeld)
 REPORT_COLUMNS = ["statistic", "kind", "value", "reference", "test", "test_statistic", "p_value", "p_adjusted",
-                  "psi", "ci_low", "ci_high", "n", "n_reference", "flag", "detail"]
+                  "psi", "ci_low", "ci_high", "n", "n_reference", "flag", "scored_with", "detail"]
+TRAINING_STATE = "training statistics"  # rows scored with neither a site profile nor a site calibration
 # Rows that went through the decode stage (stats, format, modality); `ok` rows also have scores.
 DECODED = ("ok", "out_of_scope")
 
@@ -198,21 +203,33 @@ def compare(rows: pd.DataFrame, reference, domain, card, dc: DriftConfig) -> pd.
         if name in decoded:
             distribution(name, decoded[name], ref[name], "mean of the batch vs mean of validation")
     pos = card.positive_index
-    if pos is not None and prob_column(card.positive_class) in ok:
-        distribution(f"score_{card.positive_class}", ok[prob_column(card.positive_class)], ref["probs"][:, pos],
-                     "calibrated positive-class probability")
+    states = scoring_states(ok)
+    groups = list(ok.groupby(states, sort=False))
+    suffixes = [state_suffix(part) for _, part in groups]
+    for (state, part), suffix in zip(groups, suffixes):
+        # The answers depend on the site profile and calibration the rows were scored with, so each
+        # state is compared with validation on its own; the inputs, ood_score and embedding do not
+        # (the Predictor reads those from the network as trained), so they take every row.
+        if suffixes.count(suffix) > 1:  # two profiles in one selection (a date range): name each
+            suffix = f"{suffix[:-1]} {short_state(state)})"
+        before = len(out)
+        if pos is not None and prob_column(card.positive_class) in part:
+            distribution(f"score_{card.positive_class}{suffix}", part[prob_column(card.positive_class)],
+                         ref["probs"][:, pos], "calibrated positive-class probability")
+        if pos is not None and rec.predicted_positive_rate is not None:
+            k = int((part["predicted_label"] == card.positive_class).sum())
+            z, p = two_proportions(k, len(part), rec.predicted_positive_rate, rec.n)
+            low, high = wilson(k, len(part))
+            out.append({"statistic": f"positive_rate{suffix}", "kind": "rate", "value": k / len(part),
+                        "reference": rec.predicted_positive_rate, "test": "two-proportion z", "test_statistic": z,
+                        "p_value": p, "ci_low": low, "ci_high": high, "n": len(part), "n_reference": rec.n,
+                        "detail": f"predicted {card.positive_class} at the threshold the rows were scored with "
+                                  f"(the model's: {card.threshold:.3g}); validation prevalence {rec.prevalence:.3f}"})
+        for row in out[before:]:
+            row["scored_with"] = state
     if rec.has_ood_scores and "ood_score" in rows:
         # One-sided: only less familiar matters, and the reference's out-of-fold scores run a little high.
         distribution("ood_score", rows["ood_score"], ref["ood_scores"], "distance from the training domain", "less")
-    if pos is not None and rec.predicted_positive_rate is not None and len(ok):
-        k = int((ok["predicted_label"] == card.positive_class).sum())
-        z, p = two_proportions(k, len(ok), rec.predicted_positive_rate, rec.n)
-        low, high = wilson(k, len(ok))
-        out.append({"statistic": "positive_rate", "kind": "rate", "value": k / len(ok),
-                    "reference": rec.predicted_positive_rate, "test": "two-proportion z", "test_statistic": z,
-                    "p_value": p, "ci_low": low, "ci_high": high, "n": len(ok), "n_reference": rec.n,
-                    "detail": f"predicted {card.positive_class} at threshold {card.threshold:.3g}; validation "
-                              f"prevalence {rec.prevalence:.3f}"})
     if domain is not None and len(decoded):
         scored = decoded["ood_score"].astype(float) if "ood_score" in decoded else pd.Series(np.nan, decoded.index)
         beyond = (decoded["status"] == "out_of_scope") | (scored > domain.record.threshold)
@@ -241,6 +258,32 @@ def compare(rows: pd.DataFrame, reference, domain, card, dc: DriftConfig) -> pd.
     table["p_adjusted"] = holm(table["p_value"].to_numpy(float))
     table["flag"] = [_flag(r, dc) for r in table.itertuples()]
     return table
+
+
+def scoring_states(rows: pd.DataFrame) -> pd.Series:
+    """What each row's answer was scored with: TRAINING_STATE, or the site profile and site calibration
+    ids (`adaptation_id`, `calibration_id`; medclf.score.adaptation, medclf.model.site_calibration)."""
+    def ids(column: str, what: str) -> pd.Series:
+        values = rows[column] if column in rows else pd.Series(None, index=rows.index, dtype=object)
+        return values.map(lambda v: f"{what} {v}" if isinstance(v, str) and v else "")
+
+    both = ids("adaptation_id", "site profile").str.cat(ids("calibration_id", "site calibration"), sep=" + ")
+    return both.str.strip(" +").replace("", TRAINING_STATE)
+
+
+def state_suffix(part: pd.DataFrame) -> str:
+    """The statistic-name suffix of one scoring state: none for the training statistics (the names the
+    reports always had), else " (adapted)", " (calibrated)" or " (adapted, calibrated)". The ids are in
+    the report's `scored_with` column, so a nightly profile (a new id each night) keeps one name in the
+    time series."""
+    kinds = [word for column, word in (("adaptation_id", "adapted"), ("calibration_id", "calibrated"))
+             if column in part and part[column].notna().any()]
+    return f" ({', '.join(kinds)})" if kinds else ""
+
+
+def short_state(state: str) -> str:
+    """The first 12 characters of each id in a scoring state, for a statistic's name."""
+    return "+".join(part.rsplit(" ", 1)[-1][:12] for part in state.split(" + "))
 
 
 def _mix_row(name: str, values: pd.Series, reference: dict) -> dict:
@@ -320,7 +363,8 @@ def run_drift(dc: DriftConfig, model_path: str, predictions: str, output: str, r
         files.append(_write(output, "drift_history.parquet", history.to_parquet(index=False)))
     from medclf.report.plots import drift_histograms, drift_timeseries
 
-    files.append(_write(output, "drift_histograms.png", drift_histograms(rows, reference, card, table)))
+    files.append(_write(output, "drift_histograms.png", drift_histograms(rows, reference, card, table,
+                                                                            scoring_states(rows))))
     if history["run_date"].nunique() > 1 if not history.empty else False:
         files.append(_write(output, "drift_timeseries.png", drift_timeseries(history)))
     what = _selection(run_id, run_date, date_from, date_to)

@@ -145,9 +145,11 @@ def gallery_plot(images: list, captions: list[str], wrong: list[bool], title: st
     return _png(fig, tight=False)
 
 
-def drift_histograms(rows: pd.DataFrame, reference, card, table: pd.DataFrame) -> bytes:
+def drift_histograms(rows: pd.DataFrame, reference, card, table: pd.DataFrame,
+                     states: Optional[pd.Series] = None) -> bytes:
     """Reference (validation) vs batch histograms of each distribution statistic of a drift report;
-    a flagged statistic's title is red."""
+    a flagged statistic's title is red. `states`: each row's scoring state (medclf.monitor.drift.scoring_states),
+    so a score histogram shows the rows of the state its report row compares; None: every row."""
     from medclf.data.predictions import prob_column
 
     dist = table[table["kind"] == "distribution"]
@@ -159,9 +161,10 @@ def drift_histograms(rows: pd.DataFrame, reference, card, table: pd.DataFrame) -
         ax.axis("off")
     for ax, r in zip(axes.ravel(), dist.itertuples()):
         name = r.statistic
-        if name.startswith("score_"):
+        if name.startswith("score_"):  # the rows of the scoring state this row compares (medclf.monitor.drift)
             ref = reference.arrays["probs"][:, card.positive_index]
-            batch = rows.loc[rows["status"] == "ok", prob_column(card.positive_class)]
+            ok = (rows["status"] == "ok") & (True if states is None else states == r.scored_with)
+            batch = rows.loc[ok, prob_column(card.positive_class)]
         elif name == "ood_score":
             ref, batch = reference.arrays["ood_scores"], rows["ood_score"]
         else:

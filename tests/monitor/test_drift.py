@@ -95,20 +95,20 @@ def drift_model(trained_model, tmp_path_factory):
     return dest
 
 
-def score_table(model_path, paths, run_id="run", action="flag"):
+def score_table(model_path, paths, run_id="run", action="flag", site_profile=None):
     """Prediction rows as scoring writes them (decode stage + Predictor), as an Arrow table."""
     card = load_card(model_path)
     # ood.action=flag by default here: the drift statistics are measured on every decoded phantom, as
     # before refusal became the default (out_of_scope_rate counts flagged rows either way).
-    predictor = Predictor(model_path, run_id, threads=1, ood_action=action)
+    predictor = Predictor(model_path, run_id, threads=1, ood_action=action, site_profile=site_profile)
     batches = load_images({"path": np.array(paths, object)}, card.preprocess, rows_per_batch=16,
                           gate=input_gate(card, action))
     table = pa.concat_tables([predictor(b) for b in batches])
     return table.drop_columns(["first_row"])
 
 
-def score_frame(model_path, paths, run_id="run", action="flag"):
-    return score_table(model_path, paths, run_id, action).to_pandas()
+def score_frame(model_path, paths, run_id="run", action="flag", site_profile=None):
+    return score_table(model_path, paths, run_id, action, site_profile).to_pandas()
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +207,48 @@ def test_another_class_prevalence_flags_the_positive_rate(drift_model, pool, tmp
     rate = table.loc["positive_rate"]
     assert rate.flag and rate.value > rate.reference and rate.ci_low > rate.reference, rate
     assert not table.loc[["img_height", "img_width", "format_mix"], "flag"].any()
+
+
+def test_answers_under_a_site_profile_are_compared_apart_from_the_unadapted_ones(drift_model, pool, tmp_path):
+    # Issue 32: drift per profile. A night scored partly with the training statistics and partly with a site
+    # profile fitted on it (as `score.adapt: bn` writes it): the score and positive-rate statistics compare each
+    # state with validation on its own and name the profile; the input statistics, ood_score and embedding
+    # (read from the network as trained under a profile) take every row.
+    from medclf.score.adaptation import prepare_adaptation
+
+    card = load_card(drift_model)
+    paths = write_shifted(list(pool.path[:160]), str(tmp_path / "gamma"), gamma=0.85)  # mild: the guard lets it in
+    profiles = []
+    for seed in (0, 1):
+        cfg = load_config(None, TINY + ["score.adapt=bn", "score.adapt_override=true", "score.adapt_sample=60",
+                                        f"run.seed={seed}"])
+        made = prepare_adaptation(cfg, card, drift_model, paths, str(tmp_path / f"out{seed}"), f"night{seed}")
+        assert made.adapted and made.profile_path, made
+        profiles.append(made)
+    plain = score_frame(drift_model, paths[:80])
+    adapted = score_frame(drift_model, paths[80:], site_profile=profiles[0].profile_path)
+    assert plain["adaptation_id"].isna().all() and (adapted["adaptation_id"] == profiles[0].profile_id).all()
+    score = f"score_{card.positive_class}"
+
+    table = report(drift_model, pd.concat([plain, adapted], ignore_index=True)).set_index("statistic")
+    for name, rows, state in ((score, plain, "training statistics"),
+                              (f"{score} (adapted)", adapted, f"site profile {profiles[0].profile_id}")):
+        alone = report(drift_model, rows).set_index("statistic")
+        for stat in (name, name.replace(score, "positive_rate")):
+            assert table.loc[stat, "n"] == len(rows) and table.loc[stat, "scored_with"] == state, table.loc[stat]
+            # the same figures as a report on that state's rows alone
+            assert table.loc[stat, "value"] == pytest.approx(alone.loc[stat, "value"])
+            assert table.loc[stat, "test_statistic"] == pytest.approx(alone.loc[stat, "test_statistic"])
+    # The answers moved under the profile, so the two states are not the same figure twice.
+    assert table.loc[score, "value"] != pytest.approx(table.loc[f"{score} (adapted)", "value"], abs=1e-3)
+    for stat in ("img_mean", "ood_score", "embedding", "out_of_scope_rate"):
+        assert table.loc[stat, "n"] == 160 and pd.isna(table.loc[stat, "scored_with"]), table.loc[stat]
+
+    # Two profiles in one selection (a date range of nightly profiles): each gets its own, named, rows.
+    other = score_frame(drift_model, paths[:80], site_profile=profiles[1].profile_path)
+    names = set(report(drift_model, pd.concat([adapted, other], ignore_index=True))["statistic"])
+    assert {f"{score} (adapted {p.profile_id[:12]})" for p in profiles} <= names, names
+    assert score not in names and "positive_rate" not in names
 
 
 def write_night(folder, table, date, run_id):
