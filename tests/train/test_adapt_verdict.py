@@ -35,6 +35,14 @@ def test_saturated_validation_without_harm_is_inconclusive():
     assert (verdict, basis) == ("inconclusive", "no harm on saturated validation") and "saturated" in why
 
 
+def test_a_tiny_mean_gain_on_saturated_validation_is_not_positive():
+    # the 6-epoch pneumonia default of session 24: mean +0.0001, worst -0.0002, every set 0.999. Before the
+    # saturation clause came first, this read as a gain and made the shipped default "positive".
+    verdict, basis, _ = decide(sets((0.99926, 0.99942), (0.99907, 0.99932), (0.99935, 0.99949), (0.99917, 0.99942),
+                                    (0.99935, 0.99949), (0.99913, 0.99891)))
+    assert (verdict, basis) == ("inconclusive", "no harm on saturated validation")
+
+
 @pytest.mark.parametrize("after", [(0.999, 0.990), (0.994, 0.994)])  # one set loses 0.009; mean -0.005
 def test_saturated_validation_with_harm_is_negative(after):
     verdict, basis, _ = decide(sets((0.999, after[0]), (0.999, after[1])))
