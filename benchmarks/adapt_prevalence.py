@@ -36,7 +36,7 @@ from medclf.imaging.decode import decode  # noqa: E402
 from medclf.imaging.preprocess import preprocess_gray  # noqa: E402
 from medclf.model.adapt import fit_profile  # noqa: E402
 from medclf.model.artifact import load_artifact  # noqa: E402
-from medclf.model.prior_shift import calibration_prior, prevalence_weights, training_prior  # noqa: E402
+from medclf.model.prior_shift import calibration_prior, training_prior  # noqa: E402
 from medclf.report.metrics import bootstrap_ci  # noqa: E402
 
 
@@ -91,20 +91,19 @@ def main(argv=None) -> int:
             for shift in args.shifts:
                 x = x_all[idx] if shift == "as is" else acquisition_shift(x_all[idx], shift, spec.mean, spec.std)
                 pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:args.sample])
-                probs = probabilities(model, x, card.temperature)
-                weights, est = prevalence_weights(probs[pick], pi_cal, pi_train)
-                answers = {"none": probs[:, pos]}
-                for method, w in (("bn", None), ("bn weighted", weights)):
+                answers = {"none": probabilities(model, x, card.temperature)[:, pos]}
+                for method, weighting in (("bn", "none"), ("bn weighted", "prior")):
                     adapted = copy.deepcopy(model)
-                    fit_profile(adapted, card, x[pick].numpy(), seed, weights=w)
+                    profile, _ = fit_profile(adapted, card, x[pick].numpy(), seed, weighting=weighting)
                     answers[method] = probabilities(adapted, x, card.temperature)[:, pos]
+                how = profile.extra  # the weighted fit's record: EM's estimate of the sample's prevalence
                 for method, p in answers.items():
                     m = measure(y, p, card.threshold, args.resamples)
                     rows.append({"seed": seed, "prevalence": prevalence, "shift": shift, "method": method,
-                                 "n": len(y), "em_prevalence": float(est.prior[pos]),
-                                 "weight_range": f"{weights.min():.2f}-{weights.max():.2f}",
+                                 "n": len(y), "em_prevalence": how["sample_prior"][pos],
+                                 "weight_range": "-".join(f"{v:.2f}" for v in how["weight_range"]),
                                  **{f"{k}{s}": v[i] for k, v in m.items() for i, s in enumerate(("", "_lo", "_hi"))}})
-                print(f"seed {seed} prevalence {prevalence} {shift}: EM {est.prior[pos]:.3f}; " + "; ".join(
+                print(f"seed {seed} prevalence {prevalence} {shift}: EM {how['sample_prior'][pos]:.3f}; " + "; ".join(
                     f"{r['method']} AUC {r['roc_auc']:.4f} sens {r['sensitivity']:.3f} spec {r['specificity']:.3f}"
                     for r in rows[-3:]) + f" ({time.time() - start:.0f}s)", flush=True)
     table = pd.DataFrame(rows)

@@ -276,10 +276,45 @@ def _accumulator(name: str, bn: nn.Module, acc: dict, stop: bool = False, weight
     return hook
 
 
-def profile_from_fit(fit: FittedStats, model_id: str, seed: Optional[int], source: str = "") -> SiteProfile:
-    profile = SiteProfile(model_id, fit.stats, fit.n_images, seed, fit.passes, fit.skipped, source)
+def profile_from_fit(fit: FittedStats, model_id: str, seed: Optional[int], source: str = "",
+                     extra: Optional[dict] = None) -> SiteProfile:
+    profile = SiteProfile(model_id, fit.stats, fit.n_images, seed, fit.passes, fit.skipped, source, dict(extra or {}))
     profile.profile_id = profile.content_id()
     return profile
+
+
+WEIGHTINGS = ("none", "prior")
+
+
+def sample_weights(model: nn.Module, card, pixels: np.ndarray, weighting: str) -> tuple[Optional[np.ndarray], dict]:
+    """(weights for fit_bn_statistics, what was done) for an adaptation sample of preprocessed images.
+
+    `none` (what scoring uses): equal weights, an empty record. `prior` (benchmarks/adapt_prevalence.py):
+    the sample re-weighted to the training split's class shares, with the unadapted model's calibrated
+    posteriors and EM (medclf.model.prior_shift.prevalence_weights). Unweighted statistics carry the
+    archive's prevalence into the answers: on pneumonia archives drawn at 25% positives from one validation
+    part, plain `bn` took specificity at the stored threshold from 1.00 to 0.73-0.79, and `prior` kept it
+    at 1.00; but it moved sensitivity with prevalence twice as much as no adaptation, so by the rule written
+    before that run it is not in scoring (docs/adaptation.md). A card that does not record the class shares
+    it needs is fitted unweighted, and the record says why."""
+    from medclf.model.networks import class_probabilities
+    from medclf.model.prior_shift import calibration_prior, prevalence_weights, training_prior
+
+    if weighting not in WEIGHTINGS:
+        raise AdaptError(f"unknown adaptation weighting {weighting!r}; one of {', '.join(WEIGHTINGS)}")
+    if weighting == "none":
+        return None, {}
+    try:
+        pi_cal, pi_train = calibration_prior(card), training_prior(card)
+    except ValueError as e:
+        return None, {"weighting": "none", "why": f"prior weighting not possible: {e}"}
+    with torch.inference_mode():
+        probs = np.concatenate([class_probabilities(model(x), card.temperature).numpy()
+                                for x in tensor_batches(pixels)()])
+    weights, est = prevalence_weights(probs, pi_cal, pi_train)
+    return weights, {"weighting": "prior", "sample_prior": [round(float(v), 4) for v in est.prior],
+                     "target_prior": [round(float(v), 4) for v in pi_train], "classes": list(card.classes),
+                     "weight_range": [round(float(weights.min()), 4), round(float(weights.max()), 4)]}
 
 
 def transfer_mode(card) -> str:
@@ -299,10 +334,16 @@ def tensor_batches(pixels: np.ndarray, batch_size: int = 64):
 
 
 def fit_profile(model: nn.Module, card, pixels: np.ndarray, seed: Optional[int], passes: Optional[int] = None,
-                source: str = "", batch_size: int = 64, weights: Optional[np.ndarray] = None
-                ) -> tuple[SiteProfile, FittedStats]:
+                source: str = "", batch_size: int = 64, weighting: str = "none") -> tuple[SiteProfile, FittedStats]:
     """Fit a site profile for the artifact (`model`, `card`) on preprocessed images; `model` is adapted
-    in place. A model with nothing to adapt gives a profile with no layers (fit.note says why)."""
+    in place. `weighting`: sample_weights'; the profile's `extra` records a weighted fit.
+    A model with nothing to adapt gives a profile with no layers (fit.note says why)."""
+    # One estimate, from the unadapted model. Re-estimating with the adapted model's posteriors and fitting
+    # again was tried and runs away: weighting toward the training prevalence moves the statistics so that the
+    # next estimate errs further the same way (phantoms, a 10%-positive archive under gamma 0.5 + contrast 0.6:
+    # 1.0, then 0.63, 0.75, 0.85, 0.93, 0.98, 1.0 over rounds). Where the unadapted model misreads an archive
+    # that badly, the estimate saturates, the weights come out flat, and the fit is plain `bn`'s.
+    weights, how = sample_weights(model, card, pixels, weighting)
     fit = fit_bn_statistics(model, card.arch, transfer_mode(card), tensor_batches(pixels, batch_size), passes,
                             weights)
-    return profile_from_fit(fit, card.model_id, seed, source), fit
+    return profile_from_fit(fit, card.model_id, seed, source, how), fit

@@ -122,6 +122,7 @@ def prepare_adaptation(cfg: Config, card, model_path: str, paths: list[str], out
             return AdaptDecision("auto", False, f"not adapted: the sample ({int(ok.sum())} images) shows no drift "
                                  "against the model's validation reference")
     model, _ = load_artifact(model_path)
+    warning = prevalence_warning(model, card, batch["pixels"][ok])  # before fit_profile adapts the model in place
     profile, fit = fit_profile(model, card, batch["pixels"][ok], cfg.run.seed, source=source)
     if not fit.adapted:
         return AdaptDecision(sc.adapt, False, f"not adapted: {fit.note}")
@@ -132,7 +133,38 @@ def prepare_adaptation(cfg: Config, card, model_path: str, paths: list[str], out
               f"{len(fit.skipped)} frozen layer(s) kept")
     if sc.adapt == "auto":
         reason = f"drift flagged ({', '.join(flags)}) and the verdict is positive: {reason}"
+    if warning:
+        log.warning("%s", warning)
+        reason = f"{reason}; WARNING: {warning}"
     return AdaptDecision(sc.adapt, True, reason, where, profile.profile_id, flags)
+
+
+PREVALENCE_GAP = 0.3  # estimated positive share this far from the training split's: say so
+
+
+def prevalence_warning(model, card, pixels) -> Optional[str]:
+    """A warning when the sample's prevalence, estimated without labels (EM over the unadapted model's
+    calibrated posteriors), is far from the training split's: statistics re-estimated on it then carry it
+    into the answers (docs/adaptation.md: at 25% pneumonia against 80% in training, plain `bn` took
+    specificity at the stored threshold from 1.00 to 0.73-0.79). None when close, or when the card lacks
+    the class shares the estimate needs (a multi-class card, an old one)."""
+    from medclf.model.adapt import sample_weights
+
+    if card.positive_index is None:
+        return None
+    _, how = sample_weights(model, card, pixels, "prior")
+    if "sample_prior" not in how:
+        return None
+    pos = card.positive_index
+    estimate, training = how["sample_prior"][pos], how["target_prior"][pos]
+    if abs(estimate - training) < PREVALENCE_GAP:
+        return None
+    negative = card.classes[1 - pos]
+    effect = (f"{negative} films then score higher (more false positives)" if estimate < training else
+              f"{card.positive_class} films then score lower (more missed positives)")
+    return (f"the sample's estimated {card.positive_class} share, {estimate:.2f}, is far from the training split's "
+            f"{training:.2f}; BatchNorm statistics re-estimated on it carry that share into the answers: {effect}. "
+            "Check the positive rate, or score with score.adapt=none")
 
 
 def sample_drift_flags(cfg: Config, card, model_path: str, batch: dict, run_id: str) -> Optional[list[str]]:
