@@ -89,7 +89,7 @@ def fit_bn_statistics(model: nn.Module, arch: str, transfer: str, batches, passe
     kept in memory and fed in place of the blocks before it (BlockCache).
     `passes`: stop after that many layers (tests of a partial fit); default all.
     `weights`: one non-negative weight per image, in the order `batches` yields them: each image's
-    activations count that much in the statistics (prior_weights: the sample re-weighted to another
+    activations count that much in the statistics (sample_weights: the sample re-weighted to another
     class prevalence). Scaled to mean 1; default equal."""
     from medclf.model.networks import plain_model
 
@@ -308,6 +308,7 @@ def sample_weights(model: nn.Module, card, pixels: np.ndarray, weighting: str) -
         pi_cal, pi_train = calibration_prior(card), training_prior(card)
     except ValueError as e:
         return None, {"weighting": "none", "why": f"prior weighting not possible: {e}"}
+    model.eval()  # a train-mode forward would move the running statistics it is about to estimate from
     with torch.inference_mode():
         probs = np.concatenate([class_probabilities(model(x), card.temperature).numpy()
                                 for x in tensor_batches(pixels)()])
