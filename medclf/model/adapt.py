@@ -297,25 +297,34 @@ def sample_weights(model: nn.Module, card, pixels: np.ndarray, weighting: str) -
     at 1.00; but it moved sensitivity with prevalence twice as much as no adaptation, so by the rule written
     before that run it is not in scoring (docs/adaptation.md). A card that does not record the class shares
     it needs is fitted unweighted, and the record says why."""
-    from medclf.model.networks import class_probabilities
-    from medclf.model.prior_shift import calibration_prior, prevalence_weights, training_prior
+    from medclf.model.prior_shift import prevalence_weights
 
     if weighting not in WEIGHTINGS:
         raise AdaptError(f"unknown adaptation weighting {weighting!r}; one of {', '.join(WEIGHTINGS)}")
     if weighting == "none":
         return None, {}
     try:
-        pi_cal, pi_train = calibration_prior(card), training_prior(card)
+        probs, pi_cal, pi_train = sample_posteriors(model, card, pixels)
     except ValueError as e:
         return None, {"weighting": "none", "why": f"prior weighting not possible: {e}"}
-    model.eval()  # a train-mode forward would move the running statistics it is about to estimate from
-    with torch.inference_mode():
-        probs = np.concatenate([class_probabilities(model(x), card.temperature).numpy()
-                                for x in tensor_batches(pixels)()])
     weights, est = prevalence_weights(probs, pi_cal, pi_train)
     return weights, {"weighting": "prior", "sample_prior": [round(float(v), 4) for v in est.prior],
                      "target_prior": [round(float(v), 4) for v in pi_train], "classes": list(card.classes),
                      "weight_range": [round(float(weights.min()), 4), round(float(weights.max()), 4)]}
+
+
+def sample_posteriors(model: nn.Module, card, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(calibrated posteriors of the unadapted `model` on the sample, the prior they were calibrated under,
+    the training split's class shares). ValueError when the card does not record the class shares."""
+    from medclf.model.networks import class_probabilities
+    from medclf.model.prior_shift import calibration_prior, training_prior
+
+    pi_cal, pi_train = calibration_prior(card), training_prior(card)
+    model.eval()  # a train-mode forward would move the running statistics it is about to estimate from
+    with torch.inference_mode():
+        probs = np.concatenate([class_probabilities(model(x), card.temperature).numpy()
+                                for x in tensor_batches(pixels)()])
+    return probs, pi_cal, pi_train
 
 
 def transfer_mode(card) -> str:

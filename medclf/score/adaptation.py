@@ -148,15 +148,17 @@ def prevalence_warning(model, card, pixels) -> Optional[str]:
     into the answers (docs/adaptation.md: at 25% pneumonia against 80% in training, plain `bn` took
     specificity at the stored threshold from 1.00 to 0.73-0.79). None when close, or when the card lacks
     the class shares the estimate needs (a multi-class card, an old one)."""
-    from medclf.model.adapt import sample_weights
+    from medclf.model.adapt import sample_posteriors
+    from medclf.model.prior_shift import em_prior
 
     if card.positive_index is None:
         return None
-    _, how = sample_weights(model, card, pixels, "prior")
-    if "sample_prior" not in how:
+    try:
+        probs, pi_cal, pi_train = sample_posteriors(model, card, pixels)
+    except ValueError:
         return None
     pos = card.positive_index
-    estimate, training = how["sample_prior"][pos], how["target_prior"][pos]
+    estimate, training = float(em_prior(probs, pi_cal).prior[pos]), float(pi_train[pos])
     if abs(estimate - training) < PREVALENCE_GAP:
         return None
     negative = card.classes[1 - pos]
