@@ -25,6 +25,7 @@ Also the EM estimate on subsamples of known prevalence (0.3 and 0.8), per condit
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -100,7 +101,6 @@ def cmd_logits(args) -> int:
 def ece_fast(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
     """medclf.model.calibration.expected_calibration_error, vectorised (same bins: equal width, last closed)."""
     b = np.clip(np.digitize(p, np.linspace(0, 1, n_bins + 1)[1:-1]), 0, n_bins - 1)
-    n = np.bincount(b, minlength=n_bins)
     sp = np.bincount(b, weights=p, minlength=n_bins)
     sy = np.bincount(b, weights=y, minlength=n_bins)
     return float(np.abs(sy - sp).sum() / len(y))
@@ -135,6 +135,18 @@ def over_draws(values: list[dict]) -> dict:
     return out
 
 
+class _CountedWarnings(logging.Filter):
+    """Swallows a logger's records and counts them: the fit warns on every perfectly separated draw."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record) -> bool:
+        self.count += 1
+        return False
+
+
 def few_shot(logits, y, card, k: int, draws: int, seed: int, **fit_kwargs) -> dict:
     from sklearn.metrics import roc_auc_score
 
@@ -145,25 +157,31 @@ def few_shot(logits, y, card, k: int, draws: int, seed: int, **fit_kwargs) -> di
     none_p = _softmax(logits / card.temperature)[:, pi]
     rng = np.random.default_rng(seed)
     results, refused, platt = [], 0, 0
-    for _ in range(draws):
-        idx = rng.permutation(len(y))
-        fit_idx, rest = idx[:k], idx[k:]
-        try:
-            cal = fit(logits[fit_idx], y[fit_idx], card, n_resamples=0, **fit_kwargs)
-        except SiteCalibrationError:
-            refused += 1
-            continue
-        platt += cal.map == "platt"
-        p = cal.probabilities(logits[rest])[:, pi]
-        yr = (y[rest] == pi).astype(int)
-        called, base = p >= cal.threshold, none_p[rest] >= card.threshold
-        r = {"auc": roc_auc_score(yr, p), "sens": called[yr == 1].mean(), "spec": 1 - called[yr == 0].mean(),
-             "ece": ece_fast(yr, p), "threshold": cal.threshold, "temperature": cal.temperature}
-        r.update(d_sens=r["sens"] - base[yr == 1].mean(), d_spec=r["spec"] - (1 - base[yr == 0].mean()),
-                 d_ece=r["ece"] - ece_fast(yr, none_p[rest]))
-        results.append(r)
+    quiet = _CountedWarnings()
+    calibration_log = logging.getLogger("medclf.model.calibration")
+    calibration_log.addFilter(quiet)
+    try:
+        for _ in range(draws):
+            idx = rng.permutation(len(y))
+            fit_idx, rest = idx[:k], idx[k:]
+            try:
+                cal = fit(logits[fit_idx], y[fit_idx], card, n_resamples=0, **fit_kwargs)
+            except SiteCalibrationError:
+                refused += 1
+                continue
+            platt += cal.map == "platt"
+            p = cal.probabilities(logits[rest])[:, pi]
+            yr = (y[rest] == pi).astype(int)
+            called, base = p >= cal.threshold, none_p[rest] >= card.threshold
+            r = {"auc": roc_auc_score(yr, p), "sens": called[yr == 1].mean(), "spec": 1 - called[yr == 0].mean(),
+                 "ece": ece_fast(yr, p), "threshold": cal.threshold, "temperature": cal.temperature}
+            r.update(d_sens=r["sens"] - base[yr == 1].mean(), d_spec=r["spec"] - (1 - base[yr == 0].mean()),
+                     d_ece=r["ece"] - ece_fast(yr, none_p[rest]))
+            results.append(r)
+    finally:
+        calibration_log.removeFilter(quiet)
     out = over_draws(results)
-    out.update(draws=len(results), refused=refused, platt_chosen=platt)
+    out.update(draws=len(results), refused=refused, platt_chosen=platt, calibration_warnings=quiet.count)
     return out
 
 
