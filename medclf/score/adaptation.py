@@ -175,6 +175,7 @@ def sample_drift_flags(cfg: Config, card, model_path: str, batch: dict, run_id: 
     from medclf.monitor.drift import compare
     from medclf.score.predictor import Predictor
 
+    # float32 on the driver's CPU whatever score.precision says: the reference was measured in float32
     predictor = Predictor(model_path, run_id, threads=max(1, int(cfg.score.torch_threads or 1)),
                           ood_action=cfg.ood.action)
     if predictor.reference is None:

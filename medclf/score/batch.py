@@ -223,7 +223,7 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
         fn_constructor_kwargs={"model_path": model_path, "run_id": run_id, "use_gpu": sc.use_gpu,
                                "threads": threads, "runtime": sc.runtime,
                                "ood_action": cfg.ood.action, "site_profile": site_profile,
-                               "site_calibration": sc.site_calibration},
+                               "site_calibration": sc.site_calibration, "precision": sc.precision},
         batch_size=sc.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(

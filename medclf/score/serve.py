@@ -73,7 +73,8 @@ class Classifier:
         self.token = serve_token(self.cfg.token_file, self.cfg.insecure_no_auth)
         threads = self.cfg.threads or max(1, int(self.cfg.cpus_per_replica))
         self.predictor = Predictor(model_path, "serve", self.cfg.use_gpu, threads, self.cfg.runtime, ood_action,
-                                   site_profile=self.cfg.site_profile, site_calibration=self.cfg.site_calibration)
+                                   site_profile=self.cfg.site_profile, site_calibration=self.cfg.site_calibration,
+                                   precision=self.cfg.precision)
         self.card = self.predictor.card
         self.spec = self.card.preprocess_spec
         self.gate = input_gate(self.card, ood_action)  # the checks batch scoring's decode stage makes
