@@ -302,8 +302,9 @@ class DicomImages:
         if pixels.dtype.kind == "f":  # float pixel data: real-world values, no LUTs apply
             return _minmax(pixels.astype(np.float32))
         frame_ds = _frame_luts(self.ds, index)
-        values = apply_modality_lut(pixels, frame_ds)  # rescale slope/intercept or modality LUT
-        if _has_voi(frame_ds):
+        image = _linear_window(pixels, frame_ds)  # the common CR/DX/CT header: one float32 pass
+        if image is None and _has_voi(frame_ds):
+            values = apply_modality_lut(pixels, frame_ds)  # rescale slope/intercept or modality LUT
             # VOI LUT sequence or window with its VOI LUT function (LINEAR, LINEAR_EXACT, SIGMOID). Its
             # output range is that of the transform itself: map it to [0, 1] as the display would.
             with np.errstate(over="ignore"):  # SIGMOID of the extremes saturates, as it should
@@ -316,8 +317,8 @@ class DicomImages:
                 image = out
             else:
                 image = _minmax(out)
-        else:
-            image = _minmax(np.asarray(values, dtype=np.float32))
+        elif image is None:
+            image = _minmax(np.asarray(apply_modality_lut(pixels, frame_ds), dtype=np.float32))
         if self.photometric == "MONOCHROME1":
             np.subtract(1.0, image, out=image)  # MONOCHROME1: low values are bright; make air dark as in MONOCHROME2
         return np.clip(image, 0.0, 1.0, out=image)
@@ -358,6 +359,39 @@ def _default_transfer_syntax(ds) -> None:
         ds.file_meta = meta = FileMetaDataset()
     meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                               ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _linear_window(pixels: np.ndarray, ds) -> Optional[np.ndarray]:
+    """A LINEAR or LINEAR_EXACT window (PS3.3 C.11.2.1.2.1, C.11.2.1.3.2) over rescaled values, mapped to
+    [0, 1] as the display would, in one float32 pass: the rescale and the window fold into one scale and
+    offset. pydicom's apply_modality_lut + apply_voi_lut give the same image within 1e-6 but work in
+    float64 with boolean masks, ~25 ms of a 2,000^2 radiograph's ~35 ms decode (issue 35: decode cost).
+    None where another path applies (a LUT sequence, SIGMOID, no window, or a degenerate width)."""
+    if (ds.get("VOILUTSequence") or ds.get("ModalityLUTSequence") or "WindowCenter" not in ds
+            or "WindowWidth" not in ds):
+        return None
+    function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+    try:
+        center, width = _first_value(ds, "WindowCenter"), _first_value(ds, "WindowWidth")  # as pydicom: view 0
+        slope, intercept = ((float(ds.RescaleSlope), float(ds.RescaleIntercept))
+                            if "RescaleSlope" in ds and "RescaleIntercept" in ds else (1.0, 0.0))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if function == "LINEAR":
+        center, width = center - 0.5, width - 1.0
+    elif function != "LINEAR_EXACT":
+        return None
+    if not width > 0:  # pydicom names the bad width, or a width-1 LINEAR window is a step
+        return None
+    image = pixels.astype(np.float32)  # the one full-frame copy
+    image *= slope / width
+    image += (intercept - center) / width + 0.5
+    return np.clip(image, 0.0, 1.0, out=image)
+
+
+def _first_value(ds, keyword: str) -> float:
+    element = ds[keyword]
+    return float(element.value[0] if element.VM > 1 else element.value)
 
 
 def _has_voi(ds) -> bool:

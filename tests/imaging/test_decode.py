@@ -274,3 +274,27 @@ def test_errors_do_not_echo_file_bytes():
     with pytest.raises(Exception) as err:
         decode(secret, "note.txt")
     assert "DOE" not in str(err.value) and "1961" not in str(err.value)
+
+
+@pytest.mark.parametrize("attrs", [
+    {"WindowCenter": 40.0, "WindowWidth": 400.0},                                  # LINEAR (the default)
+    {"WindowCenter": 40.0, "WindowWidth": 400.0, "VOILUTFunction": "LINEAR_EXACT"},
+    {"WindowCenter": [40.0, 300.0], "WindowWidth": [400.0, 1500.0]},               # several views: the first
+    {"WindowCenter": 40.0, "WindowWidth": 400.0, "RescaleSlope": -2.0, "RescaleIntercept": 100.0},
+    {"WindowCenter": 40.0, "WindowWidth": 1.0},                                    # a step: pydicom's path
+])
+def test_the_one_pass_window_gives_pydicoms_image(attrs):
+    """medclf.imaging.decode._linear_window folds the rescale and the window into one float32 pass; the
+    image must be pydicom's apply_modality_lut + apply_voi_lut, mapped to [0, 1] by the window's range."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from medclf.imaging.decode import _linear_window
+
+    data = _with("CT_small.dcm", **attrs)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    values = apply_modality_lut(ds.pixel_array, ds)
+    lo, hi = apply_voi_lut(np.array([-(2**31), 2**31 - 1], np.int64), ds)
+    expected = (apply_voi_lut(values, ds) - lo) / (hi - lo)
+    fast = _linear_window(ds.pixel_array, ds)
+    assert (fast is None) == (attrs["WindowWidth"] == 1.0)  # width 1: no ramp to fold, pydicom decides
+    np.testing.assert_allclose(decode(data, "w.dcm").image, expected, atol=1e-6)
