@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
 import multiprocessing as mp
 import os

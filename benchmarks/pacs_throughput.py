@@ -58,7 +58,7 @@ def main() -> None:
     from medclf.config import load_config
     from medclf.data.phantoms import dicom_bytes
     from medclf.ops.orthanc import LocalOrthanc
-    from medclf.ops.runs import LOCAL_RAY_ENV
+    from medclf.ops.runs import local_ray_options
     from medclf.score.batch import run_scoring
     from medclf.score.pacs import run_pacs_scoring
     from score_throughput import make_model
@@ -81,7 +81,7 @@ def main() -> None:
     model = make_model(tmp, "resnet18", 224)
     cfg = load_config(None, ["score.batch_size=16", "score.decode_batch_size=8", "score.cpus_per_actor=1",
                              "ood.enabled=false", f"run.root={tmp}/runs"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": LOCAL_RAY_ENV})
+    ray.init(**local_ray_options(2), log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     results: dict = {"local": [], "pacs": [], "pacs+sr": []}
     mb = sum(os.path.getsize(f) for f in files) / 2**20

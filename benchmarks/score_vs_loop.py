@@ -1,7 +1,8 @@
 """`medclf score` against a plain single-process loop, at 224 px and at full size (issue 35, item 4).
 
 For each archive kind, in one run (so the ratios share the machine's load):
-- the plain loop: one process, read -> sha256 -> full decode (no draft) -> the same preprocessing ->
+- the plain loop: one process, read -> sha256 -> full decode (no draft; DICOM by pydicom's own LUT
+  functions: `plain_decode`) -> the same preprocessing ->
   eager torch (channels_last, `--threads` threads) in batches of 32;
 - medclf: `run_scoring` on a local Ray already started (start-up excluded), with the pneumonia
   config's model (EfficientNet-Lite0, 224 px, untrained: weights do not change the cost), local
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -51,6 +53,24 @@ def make_model(tmp: str) -> str:
     return path
 
 
+def plain_decode(data: bytes, path: str) -> np.ndarray:
+    """What a plain loop decodes with: Pillow's full decode for JPEG/PNG (medclf's decode without draft
+    mode), and for DICOM pydicom's own pipeline (pixel_array, apply_modality_lut, apply_voi_lut, in
+    float64), mapped to [0, 1] by the window's range and MONOCHROME1 inverted, as medclf's image is."""
+    if not path.lower().endswith(".dcm"):
+        return decode(data, path).image
+    import io
+
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    values = apply_modality_lut(ds.pixel_array, ds)
+    lo, hi = apply_voi_lut(np.array([-(2**31), 2**31 - 1], np.int64), ds)
+    image = np.clip((apply_voi_lut(values, ds) - lo) / (hi - lo), 0.0, 1.0)
+    return 1.0 - image if ds.PhotometricInterpretation == "MONOCHROME1" else image
+
+
 def plain_loop(files: list[str], model_path: str, threads: int, batch_size: int = 32) -> float:
     """Images/s of the baseline: full decode, the same preprocessing, eager torch."""
     torch.set_num_threads(threads)
@@ -63,7 +83,7 @@ def plain_loop(files: list[str], model_path: str, threads: int, batch_size: int 
         for path in files[i:i + batch_size]:
             data = open(path, "rb").read()
             hashlib.sha256(data).hexdigest()
-            tensors.append(preprocess(decode(data, path).image, spec))
+            tensors.append(preprocess(plain_decode(data, path), spec))
         with torch.inference_mode():
             x = torch.from_numpy(np.stack(tensors)).contiguous(memory_format=torch.channels_last)
             torch.softmax(model(x), 1).numpy()
@@ -88,9 +108,15 @@ def kind_files(kind: str, fullsize: str, n: int, films: str = KERMANY) -> list[s
 
 
 def link_folder(files: list[str], folder: str) -> str:
+    """Hard links (a copy across file systems): scoring refuses a symlink that leaves the input folder
+    (score.allowed_roots)."""
     os.makedirs(folder, exist_ok=True)
     for i, f in enumerate(files):
-        os.symlink(os.path.abspath(f), os.path.join(folder, f"{i:06d}{os.path.splitext(f)[1]}"))
+        dest = os.path.join(folder, f"{i:06d}{os.path.splitext(f)[1]}")
+        try:
+            os.link(f, dest)
+        except OSError:
+            shutil.copyfile(f, dest)
     return folder
 
 
@@ -105,6 +131,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2, help="Ray's num_cpus")
     ap.add_argument("--memory-n", type=int, nargs="*", default=[500, 5000])
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--precision", default="auto", help="medclf's score.precision (the loop stays float32)")
     args = ap.parse_args()
 
     import ray
@@ -114,13 +141,12 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="medclf-vsloop-")
     model_path = make_model(tmp)
-    from medclf.ops.runs import LOCAL_RAY_ENV
+    from medclf.ops.runs import local_ray_options
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": LOCAL_RAY_ENV})  # as tests/conftest.py: other Rays here must not reap ours
+    ray.init(**local_ray_options(args.cpus), log_to_driver=False)  # as tests/conftest.py: other Rays here must not reap ours
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = load_config(CONFIG, [f"score.batch_size={args.batch_size}", "score.num_actors=1",
-                               "score.cpus_per_actor=1", f"score.torch_threads={args.threads}",
+                               "score.cpus_per_actor=1", f"score.torch_threads={args.threads}", f"score.precision={args.precision}",
                                "score.uids=drop", "score.extensions=[.jpeg, .png, .dcm]", "score.rescore=true",
                                "ood.enabled=false"])
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}", flush=True)
