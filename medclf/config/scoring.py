@@ -11,6 +11,10 @@ from medclf.config.training import DataConfig
 from medclf.secret import REDACTED
 
 
+# Arithmetic of the answering forward pass; medclf.score.precision says what each value runs as.
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 def check_precision(precision: str, runtime: str, use_gpu: bool) -> None:
     """A precision the runtime or device cannot run is a config error (before any work); whether a CPU
     node has native bfloat16 is checked on the node (medclf.score.precision)."""
@@ -65,7 +69,7 @@ class ScoreConfig(Section):
     """What runs the model in the inference actors: eager PyTorch (channels_last; AMP on GPU), or ONNX
     Runtime's CPU provider on the artifact exported by `medclf.model.export` (faster on CPU nodes: see
     docs/benchmarks.md). GPU scoring uses torch."""
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    precision: Precision = "auto"
     """Arithmetic of the model's forward pass (torch runtime; medclf.score.precision): `auto` is float16
     autocast on a GPU and float32 on a CPU; `bfloat16` autocasts on either (a CPU needs native bfloat16:
     AVX512-BF16 or AMX). On the build machine's Xeon bfloat16 ran the forward pass 1.75x faster and moved
@@ -216,7 +220,7 @@ class ServeConfig(Section):
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     """... after waiting at most this long for the batch to fill."""
     runtime: Literal["torch", "onnxruntime"] = "torch"
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    precision: Precision = "auto"
     """Arithmetic of the model's forward pass (torch runtime; medclf.score.precision): `auto` is float16
     autocast on a GPU and float32 on a CPU; `bfloat16` autocasts on either (a CPU needs native bfloat16:
     AVX512-BF16 or AMX). On the build machine's Xeon bfloat16 ran the forward pass 1.75x faster and moved

@@ -11,7 +11,11 @@ default.
 
 from __future__ import annotations
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+from typing import get_args
+
+from medclf.config.scoring import Precision
+
+PRECISIONS = get_args(Precision)
 
 
 class PrecisionError(ValueError):
