@@ -1,7 +1,9 @@
 """score.precision: what bfloat16 changes against float32, on real films, in one run (issue 35, item 3).
 
 The scoring actor (medclf.score.predictor.Predictor) scores the same preprocessed films twice, float32 and
-`--precision` (default bfloat16), alternating batches so both share the machine's load:
+`--precision` (default bfloat16), alternating batches so both share the machine's load. With `--unfolded`
+the float32 side is the artifact's network as stored (BatchNorms not folded, medclf.model.fold), so
+`--precision float32 --unfolded` measures what folding alone changes:
 - forward speed: images/s of each (the actor's forward pass with the guard's features, batch 32), and the
   ratio, with a 95% bootstrap CI over batches' paired time ratios;
 - agreement: the largest and the 99th-percentile change of the positive probability, decisions that
@@ -40,12 +42,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--unfolded", action="store_true", help="the float32 side keeps the stored BatchNorms")
     args = ap.parse_args(argv)
 
     import torch
 
     base = Predictor(args.model, "precision", threads=args.threads)
     other = Predictor(args.model, "precision", threads=args.threads, precision=args.precision)
+    if args.unfolded:
+        from medclf.model.artifact import load_artifact
+
+        base.model = load_artifact(args.model)[0].to(memory_format=torch.channels_last)
     card = base.card
     val = load_validation(args.splits, args.part, None, 0)
     x = np.stack([preprocess_gray(decode(open(p, "rb").read(), p).image, card.preprocess_spec) for p in val["path"]])
@@ -53,6 +60,8 @@ def main(argv=None) -> int:
           f"{args.threads} threads; load average {os.getloadavg()[0]:.1f}", flush=True)
     for p in (base, other):  # warm-up: oneDNN picks and caches its kernels on the first call
         p.logits_and_features(x[:args.batch_size])
+    if args.unfolded and args.precision == "float32":
+        args.precision = "float32 folded"  # the two sides' names
     out = {"float32": [], args.precision: []}
     times = {"float32": [], args.precision: []}
     for i in range(0, len(x), args.batch_size):
