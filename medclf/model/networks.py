@@ -10,7 +10,6 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from medclf.errors import ModelError
 
@@ -221,6 +220,8 @@ def build_model(arch: str, num_classes: int, weights: str = "none", dropout: flo
             path = _lite0_package_file() if weights == LITE0_PACKAGE else weights
             _load_backbone_state(model, load_weights_file(path), path, arch)
         return _replace_head(model, arch, num_classes, dropout)
+    import torchvision  # here: its import costs 1.2 s (torch._dynamo), on the path of every scoring actor's start
+
     builder = getattr(torchvision.models, arch)
     if weights == "none":
         model = builder(weights=None)
