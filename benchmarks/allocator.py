@@ -5,6 +5,8 @@
 Each variant runs in a fresh process (glibc reads its settings at start-up): EfficientNet-Lite0 at
 224 px, batch 32, a freeze_first:9 training step and an inference batch, timed with getrusage (CPU
 seconds, system share, minor page faults), so a busy machine changes the wall clock but not these.
+Each runs in the main thread and in a second thread, where Ray Data's actors and Ray Train's workers
+run user code (a thread's glibc arena cannot keep a block over 64 MiB: MALLOC_ARENA_MAX=1).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from medclf.ops.runs import ALLOCATOR_ENV  # noqa: E402
 VARIANTS = {
     "glibc default": {},
     "THP_MEM_ALLOC_ENABLE=1": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "ALLOCATOR_ENV without MALLOC_ARENA_MAX": {k: v for k, v in ALLOCATOR_ENV.items() if k != "MALLOC_ARENA_MAX"},
     "medclf ALLOCATOR_ENV": ALLOCATOR_ENV,
 }
 
@@ -47,14 +50,23 @@ def infer():
     with torch.inference_mode():
         m(x)
 
-for name, step, n in (("training step", train, 3), ("inference", infer, 4)):
-    step()  # warm-up
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(n):
-        step()
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    user, sys_ = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
-    print(f"{name}|{(user + sys_) / (32 * n):.4f}|{sys_ / (user + sys_):.2f}|{r1.ru_minflt - r0.ru_minflt}")
+def measure():
+    for name, step, n in (("training step", train, 3), ("inference", infer, 4)):
+        step()  # warm-up
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        for _ in range(n):
+            step()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        user, sys_ = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+        print(f"{name}|{(user + sys_) / (32 * n):.4f}|{sys_ / (user + sys_):.2f}|{r1.ru_minflt - r0.ru_minflt}")
+
+if sys.argv[2] == "thread":  # where Ray Data's actors and Ray Train's workers run user code
+    import threading
+    t = threading.Thread(target=measure)
+    t.start()
+    t.join()
+else:
+    measure()
 """
 
 
@@ -62,14 +74,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    print("| work | allocator | CPU seconds per image | sys share | minor faults |\n|---|---|---|---|---|")
-    for label, extra in VARIANTS.items():
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "THP_"))}
-        out = subprocess.run([sys.executable, "-c", MEASURE, str(args.threads)], env={**env, **extra}, cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout
-        for line in out.strip().splitlines():
-            work, cost, share, faults = line.split("|")
-            print(f"| {work} | {label} | {cost} | {float(share):.0%} | {int(faults):,} |")
+    print("| work | runs in | allocator | CPU seconds per image | sys share | minor faults |\n|---|---|---|---|---|---|")
+    for where in ("main", "thread"):  # the main thread, or a second one
+        for label, extra in VARIANTS.items():
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "THP_"))}
+            out = subprocess.run([sys.executable, "-c", MEASURE, str(args.threads), where], env={**env, **extra},
+                                 cwd=ROOT, capture_output=True, text=True, check=True).stdout
+            for line in out.strip().splitlines():
+                work, cost, share, faults = line.split("|")
+                print(f"| {work} | {where} | {label} | {cost} | {float(share):.0%} | {int(faults):,} |")
     return 0
 
 

@@ -20,7 +20,12 @@ from medclf.ops import logs
 # re-zeroes them page by page on the next one: on the 2-core VM that was ~60% of a training worker's
 # CPU time. Keeping freed memory in the process (never mmap, never trim) made a training step 1.6x and
 # inference 2.6x cheaper (docs/benchmarks.md); memory stays at the process's peak, which it reaches anyway.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**30), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
+# One arena: Ray Data's actors and Ray Train's workers run user code in a thread, and a thread's arena is
+# a 64 MiB heap, so any larger block (a batch's activations) was mmapped afresh whatever the threshold:
+# the pneumonia model's forward pass in an actor's thread ran at 108 images/s without it, 137 with it
+# (bfloat16: 167 and 233; docs/performance.md).
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**30), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30),
+                 "MALLOC_ARENA_MAX": "1"}
 
 
 # Ray Train's PlacementGroupCleaner (a detached actor, one per training run) asks the state API every

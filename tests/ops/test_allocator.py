@@ -40,3 +40,45 @@ def test_ray_workers_keep_freed_memory():
     faults = int(out.stdout.split("FAULTS")[-1])
     # one 50 MB buffer is ~12,200 pages: ten of them re-faulted would be ~122,000
     assert faults < 2 * 12_200, faults
+
+
+THREAD_SCRIPT = """
+import resource, torch, ray
+from concurrent.futures import ThreadPoolExecutor
+from medclf.ops.runs import init_ray
+from medclf.config import Config
+cfg = Config(); cfg.ray.num_cpus = 1
+init_ray(cfg)
+
+@ray.remote(num_cpus=0.5)
+def faults():
+    from medclf.model.networks import build_model
+    torch.set_num_threads(1)
+    model = build_model("efficientnet_lite0", 2).eval()
+    x = torch.rand(32, 3, 224, 224)  # activations of ~100 MB: over a thread arena's 64 MiB heap
+
+    def infer():
+        with torch.inference_mode():
+            model(x)  # warm-up: the process reaches its peak
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            model(x)
+            model(x)
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    with ThreadPoolExecutor(1) as pool:  # as Ray Data's actors and Ray Train's workers run user code
+        return pool.submit(infer).result()
+
+print("FAULTS", ray.get(faults.remote()))
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_a_worker_thread_keeps_freed_memory_too():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "RAY_ADDRESS"))}
+    out = subprocess.run([sys.executable, "-c", THREAD_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=170)
+    assert out.returncode == 0, out.stderr[-2000:]
+    faults = int(out.stdout.split("FAULTS")[-1])
+    # without MALLOC_ARENA_MAX=1, two such batches in a thread faulted ~300,000 pages (benchmarks/allocator.py)
+    assert faults < 20_000, faults
