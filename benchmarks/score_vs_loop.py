@@ -4,7 +4,8 @@ For each archive kind, in one run (so the ratios share the machine's load):
 - the plain loop: one process, read -> sha256 -> full decode (no draft; DICOM by pydicom's own LUT
   functions: `plain_decode`) -> the same preprocessing ->
   eager torch (channels_last, `--threads` threads) in batches of 32;
-- medclf: `run_scoring` on a local Ray already started (start-up excluded), with the pneumonia
+- medclf: `run_scoring` on a local Ray already started as `medclf score` starts it (start-up excluded;
+  its workers get medclf's allocator settings, medclf.ops.runs.ALLOCATOR_ENV), with the pneumonia
   config's model (EfficientNet-Lite0, 224 px, untrained: weights do not change the cost), local
   files, Parquet committed; its own summary line, stage costs included, is printed.
 Each pair runs `--repeats` times, alternating; the ratio's 95% CI is a percentile bootstrap over the
@@ -133,6 +134,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="auto", help="medclf's score.precision (the loop stays float32)")
     args = ap.parse_args()
+    shell_malloc = sorted(k for k in os.environ if k.startswith("MALLOC_"))  # init_ray adds medclf's below
 
     import ray
 
@@ -141,15 +143,19 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="medclf-vsloop-")
     model_path = make_model(tmp)
-    from medclf.ops.runs import local_ray_options
+    from medclf.ops.runs import init_ray
 
-    ray.init(**local_ray_options(args.cpus), log_to_driver=False)  # as tests/conftest.py: other Rays here must not reap ours
-    ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = load_config(CONFIG, [f"score.batch_size={args.batch_size}", "score.num_actors=1",
                                "score.cpus_per_actor=1", f"score.torch_threads={args.threads}", f"score.precision={args.precision}",
                                "score.uids=drop", "score.extensions=[.jpeg, .png, .dcm]", "score.rescore=true",
-                               "ood.enabled=false"])
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}", flush=True)
+                               "ood.enabled=false", f"ray.num_cpus={args.cpus}"])
+    # Ray starts as `medclf score` starts it (medclf.ops.runs.init_ray), with medclf's allocator settings
+    # for its workers. This process, where the plain loop runs, started with whatever the shell gave it:
+    # glibc reads its settings once, at start, so the loop stays plain.
+    init_ray(cfg)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}; the loop's process started with "
+          f"MALLOC_* {shell_malloc or 'unset'}", flush=True)
     results = {}
     ns = args.n * len(args.kinds) if len(args.n) == 1 else args.n
     for kind, n in zip(args.kinds, ns):
