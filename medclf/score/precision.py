@@ -5,7 +5,8 @@ answer alike. `auto` keeps what scoring always did: float16 autocast on a GPU, f
 `bfloat16` on a CPU uses oneDNN's native bfloat16 kernels (AVX512-BF16 / AMX): on the 2-core Xeon build
 machine the pneumonia model's forward pass ran 1.75x faster, and on 399 Kermany validation films the
 positive probability moved by up to 0.078 (99th percentile 0.035) and 1 decision of 399 changed side
-(benchmarks/precision_agreement.py, docs/performance.md). So it is an opt-in for throughput, never the
+(with BatchNorm folded, medclf.model.fold: up to 0.069, 1 decision, 1 out-of-scope call;
+benchmarks/precision_agreement.py, docs/performance.md). So it is an opt-in for throughput, never the
 default.
 """
 
