@@ -2,8 +2,9 @@
 
 The scoring actor (medclf.score.predictor.Predictor) scores the same preprocessed films twice, float32 and
 `--precision` (default bfloat16), alternating batches so both share the machine's load. With `--unfolded`
-the float32 side is the artifact's network as stored (BatchNorms not folded, medclf.model.fold), so
-`--precision float32 --unfolded` measures what folding alone changes:
+the float32 side is the artifact's network as stored (BatchNorms not folded, medclf.model.fold, and no
+convolution fused with its activation, medclf.model.conv_fusion), so `--precision float32 --unfolded`
+measures what those rewrites alone change:
 - forward speed: images/s of each (the actor's forward pass with the guard's features, batch 32), and the
   ratio, with a 95% bootstrap CI over batches' paired time ratios;
 - agreement: the largest and the 99th-percentile change of the positive probability, decisions that
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--resamples", type=int, default=2000)
-    ap.add_argument("--unfolded", action="store_true", help="the float32 side keeps the stored BatchNorms")
+    ap.add_argument("--unfolded", action="store_true", help="the float32 side is the network as stored")
     args = ap.parse_args(argv)
 
     import torch
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     for p in (base, other):  # warm-up: oneDNN picks and caches its kernels on the first call
         p.logits_and_features(x[:args.batch_size])
     if args.unfolded and args.precision == "float32":
-        args.precision = "float32 folded"  # the two sides' names
+        args.precision = "float32 folded+fused"  # the two sides' names
     out = {"float32": [], args.precision: []}
     times = {"float32": [], args.precision: []}
     for i in range(0, len(x), args.batch_size):
