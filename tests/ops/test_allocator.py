@@ -30,14 +30,19 @@ print("FAULTS", n)
 """
 
 
+def _faults(script: str) -> int:
+    """Run `script` in a fresh process with no MALLOC_* of ours (glibc reads them at start): its FAULTS."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "RAY_ADDRESS"))}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=170)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split("FAULTS")[-1])
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(180)
 def test_ray_workers_keep_freed_memory():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "RAY_ADDRESS"))}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=170)
-    assert out.returncode == 0, out.stderr[-2000:]
-    faults = int(out.stdout.split("FAULTS")[-1])
+    faults = _faults(SCRIPT)
     # one 50 MB buffer is ~12,200 pages: ten of them re-faulted would be ~122,000
     assert faults < 2 * 12_200, faults
 
@@ -75,10 +80,6 @@ print("FAULTS", ray.get(faults.remote()))
 @pytest.mark.ray
 @pytest.mark.timeout(180)
 def test_a_worker_thread_keeps_freed_memory_too():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "RAY_ADDRESS"))}
-    out = subprocess.run([sys.executable, "-c", THREAD_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=170)
-    assert out.returncode == 0, out.stderr[-2000:]
-    faults = int(out.stdout.split("FAULTS")[-1])
+    faults = _faults(THREAD_SCRIPT)
     # without MALLOC_ARENA_MAX=1, two such batches in a thread faulted ~300,000 pages (benchmarks/allocator.py)
     assert faults < 20_000, faults
