@@ -38,6 +38,10 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="medclf-gpuscore-")
     model_path = make_model(tmp)
     started = time.perf_counter()
+    from medclf.ops.runs import ALLOCATOR_ENV
+
+    # the workers get medclf's allocator settings, as under `medclf score` (medclf.ops.runs.init_ray)
+    os.environ.update({k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()})
     ray.init(num_cpus=cpus, num_gpus=1 if cuda else 0, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_start = time.perf_counter() - started

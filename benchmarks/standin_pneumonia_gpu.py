@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    classes, positive = ["NORMAL", "PNEUMONIA"], 1
+    classes = ["NORMAL", "PNEUMONIA"]
     spec = PreprocessConfig(image_size=224, mean=0.5, std=0.5)
     df = pd.read_parquet(args.splits)
     df = df[(df.split == "train") | (df.val_group == "family")].reset_index(drop=True)
