@@ -16,6 +16,10 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+# At import, not in software_versions: torchvision imports torch._dynamo, which reads the working
+# directory; a `ray job submit` driver's working directory can be gone by the time the card is written
+# (a two-raylet cluster on one machine cleared it: tests/project/test_cluster_jobs.py).
+import torchvision
 
 from medclf import storage
 from medclf.config import Config
@@ -33,7 +37,6 @@ SCHEME_MEANING = {
 def software_versions() -> dict[str, str]:
     import ray
     import torch
-    import torchvision
 
     from medclf import __version__
 

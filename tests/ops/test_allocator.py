@@ -81,5 +81,6 @@ print("FAULTS", ray.get(faults.remote()))
 @pytest.mark.timeout(180)
 def test_a_worker_thread_keeps_freed_memory_too():
     faults = _faults(THREAD_SCRIPT)
-    # without MALLOC_ARENA_MAX=1, two such batches in a thread faulted ~300,000 pages (benchmarks/allocator.py)
-    assert faults < 20_000, faults
+    # without MALLOC_ARENA_MAX=1, two such batches in a thread faulted 403,453 pages; with it, 0 on an idle
+    # machine and 36,850 under the full test run's load (the kernel reclaims idle pages)
+    assert faults < 150_000, faults
