@@ -8,15 +8,20 @@ other devices, with gradients on, and while exporting to ONNX, the fused module 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from medclf.model.fold import module_calls, replace_submodule
 
 # activation -> (oneDNN post-op, its scalars)
 _FUNCTIONS = {F.relu6: ("hardtanh", [0.0, 6.0]), F.relu: ("relu", []), torch.relu: ("relu", [])}
 _MODULES = {nn.ReLU6: ("hardtanh", [0.0, 6.0]), nn.ReLU: ("relu", [])}
 
 
+@functools.cache
 def fused_op_available() -> bool:
     """Whether this torch build has oneDNN's fused convolution (a private op: checked, never assumed)."""
     try:
@@ -97,10 +102,7 @@ def _activation(gm: fx.GraphModule, node: fx.Node):
 
 
 def _fuse_graph(gm: fx.GraphModule) -> int:
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_calls(gm.graph)
     fused = 0
     for node in list(gm.graph.nodes):
         post_op = _activation(gm, node)
@@ -115,8 +117,7 @@ def _fuse_graph(gm: fx.GraphModule) -> int:
         conv = gm.get_submodule(source.target)
         if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             continue
-        parent, _, leaf = source.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, leaf, ConvActivation(conv, *post_op))
+        replace_submodule(gm, source.target, ConvActivation(conv, *post_op))
         node.replace_all_uses_with(node.args[0])  # the activation now happens inside the convolution
         gm.graph.erase_node(node)
         fused += 1

@@ -24,10 +24,7 @@ def fold_batchnorm(module: nn.Module) -> int:
         graph = symbolic_trace(module).graph
     except Exception:  # dynamic control flow: fold inside the children, which usually trace
         return sum(fold_batchnorm(child) for child in module.children())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_calls(graph)
     folded = 0
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(module.get_submodule(node.target), nn.BatchNorm2d):
@@ -39,12 +36,22 @@ def fold_batchnorm(module: nn.Module) -> int:
         conv, bn = module.get_submodule(source.target), module.get_submodule(node.target)
         if type(conv) is not nn.Conv2d or bn.running_mean is None or not bn.affine:
             continue
-        _replace(module, source.target, fuse_conv_bn_eval(conv, bn))
-        _replace(module, node.target, nn.Identity())
+        replace_submodule(module, source.target, fuse_conv_bn_eval(conv, bn))
+        replace_submodule(module, node.target, nn.Identity())
         folded += 1
     return folded
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+def module_calls(graph: torch.fx.Graph) -> dict[str, int]:
+    """How many times the traced forward calls each submodule (a module called twice is shared)."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the dotted `name` is under `root`."""
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
