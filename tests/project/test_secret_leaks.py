@@ -13,7 +13,6 @@ import shutil
 import urllib.request
 import uuid
 
-import pandas as pd
 import pytest
 import yaml
 

@@ -1,7 +1,6 @@
 """Secrets, serving auth and the memory budget as config and unit rules (no Ray; issue 34, docs/security.md)."""
 
 import asyncio
-import os
 
 import pytest
 import yaml

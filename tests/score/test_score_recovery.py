@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from medclf import storage
 from medclf.score.lease import LEASE_HELD_EXIT, read_lease
 from medclf.data.predictions import read_predictions
 
