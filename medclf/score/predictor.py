@@ -28,14 +28,6 @@ from medclf.score.costs import per_row
 from medclf.score.precision import autocast_dtype
 
 
-# On a CPU the forward pass runs in chunks of this many images, whatever score.batch_size hands the
-# actor: a chunk's feature maps then stay in the caches from one layer to the next. On the 2-core Xeon,
-# 2 threads, images/s at 8 rows against 64 in one pass: float32 EfficientNet-Lite0 1.55x, ResNet18
-# 1.20x, DenseNet121 1.75x; bfloat16 Lite0 1.59x; logits within 6e-7 (benchmarks/forward_rows.py,
-# docs/performance.md). A GPU takes the whole batch.
-CPU_FORWARD_ROWS = 8
-
-
 class Predictor:
     """Ray Data actor: holds the model, turns a batch of tensors into prediction rows."""
 
@@ -89,23 +81,19 @@ class Predictor:
 
     def logits_and_features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits and penultimate features (the out-of-scope guard's input) of preprocessed one-channel
-        images (N, 1, S, S), from a forward pass of whichever runtime the config names."""
-        if self.onnx is not None:  # CPU only; chunked too: ONNX Runtime's Lite0 1.2x at 8 rows against 64
-            return _in_chunks(lambda chunk: self.onnx.run(None, {"image": np.ascontiguousarray(chunk, np.float32)}),
-                              pixels, CPU_FORWARD_ROWS)
+        images (N, 1, S, S), from one forward pass of whichever runtime the config names."""
+        if self.onnx is not None:
+            logits, features = self.onnx.run(None, {"image": np.ascontiguousarray(pixels, np.float32)})
+            return logits, features
         return self._forward(self.model, pixels)
 
     def _forward(self, network, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
+        x = to_model_input(torch.from_numpy(pixels).to(self.device)).contiguous(memory_format=torch.channels_last)
         cast = torch.autocast(self.device, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
-
-        def run(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            x = to_model_input(torch.from_numpy(chunk).to(self.device)).contiguous(memory_format=torch.channels_last)
-            logits, features = penultimate(network, self.card.arch, x)
-            return logits.float().cpu().numpy(), features.float().cpu().numpy()
-
         with torch.inference_mode(), cast:
-            return _in_chunks(run, pixels, CPU_FORWARD_ROWS if self.device == "cpu" else len(pixels))
+            logits, features = penultimate(network, self.card.arch, x)
+        return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
     def __call__(self, batch: dict):
         import pyarrow as pa
@@ -172,12 +160,6 @@ class Predictor:
         for name in ("t_read", "t_decode"):
             table = table.append_column(name, pa.array(np.asarray(batch.get(name, np.zeros(n)), np.float64)))
         return table.append_column("t_forward", pa.array(per_row(time.perf_counter() - started, n)))
-
-
-def _in_chunks(forward, pixels: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """`forward` (pixels -> logits, features) over `pixels` in chunks of `rows` images, outputs joined."""
-    outs = [forward(pixels[start:start + rows]) for start in range(0, len(pixels), max(1, rows))]
-    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
 
 def _nullable(values: np.ndarray):
