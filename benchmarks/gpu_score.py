@@ -1,6 +1,7 @@
 """medclf scoring end to end on this machine (issue 35): Ray started first (start-up excluded), then
 `run_scoring` of a folder with the pneumonia model (EfficientNet-Lite0 224 px, untrained: weights do not
-change the cost), Parquet committed; prints the summary (with stage costs) and one JSON line.
+change the cost), Parquet committed; prints the summary (with stage costs), where the wall time went
+(benchmarks/timeline.py: decode tasks running at once, the actor's start and busy time) and one JSON line.
 On a CUDA machine: score.use_gpu, one actor per GPU (score.num_actors=auto), AMP fp16 channels_last.
 
     python benchmarks/gpu_score.py INPUT_DIR LABEL [--out FILE] [--set KEY=VALUE ...]
@@ -25,6 +26,8 @@ def main() -> None:
     ap.add_argument("label")
     ap.add_argument("--out", default=None)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--cpus", type=int, default=None,
+                    help="Ray's num_cpus (default: this machine's); more than it has simulates a bigger node's scheduling")
     args = ap.parse_args()
     import ray
     import torch
@@ -34,7 +37,7 @@ def main() -> None:
     from score_vs_loop import CONFIG, make_model
 
     cuda = torch.cuda.is_available()
-    cpus = os.cpu_count()
+    cpus = args.cpus or os.cpu_count()
     tmp = tempfile.mkdtemp(prefix="medclf-gpuscore-")
     model_path = make_model(tmp)
     started = time.perf_counter()
@@ -51,12 +54,18 @@ def main() -> None:
                                f"score.cpus_per_actor={max(0.5, min(2, cpus // 4))}",
                                "score.buffer_mb=4096", "score.rows_per_file=50000", "score.uids=drop",
                                "score.extensions=[.jpeg]", "ood.enabled=false", *args.set])
+    run_started = time.time()
     summary = run_scoring(cfg, f"gpu-{args.label}", args.input, model_path, os.path.join(tmp, "pred"))
     print(summary, flush=True)
+    from timeline import summarise
+
+    spans = summarise(ray.timeline(), run_started)  # decode concurrency, the actor's start and its busy time
+    print(f"timeline: {json.dumps(spans)}", flush=True)
     line = json.dumps({"medclf_score": args.label, "images_per_s": round(summary.images_per_s, 1),
                        "scored": summary.scored, "failed": summary.failed, "seconds": round(summary.seconds, 1),
                        "ray_start_s": round(ray_start, 1), "stage_seconds": {k: round(v, 2) for k, v in
                                                                             summary.stage_seconds.items()},
+                       "timeline": spans,
                        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "cpus": cpus,
                        "settings": args.set})
     print(line, flush=True)
