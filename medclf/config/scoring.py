@@ -74,6 +74,10 @@ class ScoreConfig(Section):
     autocast on a GPU and float32 on a CPU; `bfloat16` autocasts on either (a CPU needs native bfloat16:
     AVX512-BF16 or AMX). On the build machine's Xeon bfloat16 ran the forward pass 1.75x faster and moved
     probabilities by up to 0.078 (1 decision in 399 changed): docs/performance.md. An opt-in, never the default."""
+    compile: bool = False
+    """Run the model under torch.compile (torch runtime; medclf.model.compiled): compiled at the actor's
+    first batch and again for each new batch shape, so it can pay only on long runs, on GPU nodes. On the
+    2-core CPU machine it compiled in 11 s and then ran 0.90x the eager network (docs/performance.md)."""
     uids: Literal["keep", "hash", "drop"] = "hash"
     """DICOM UIDs in the predictions: raw, keyed hash (HMAC-SHA256 with the site key, so the site can
     re-link by hashing its own UIDs), or left out."""
@@ -123,6 +127,8 @@ class ScoreConfig(Section):
     @model_validator(mode="after")
     def _precision_runs(self):
         check_precision(self.precision, self.runtime, self.use_gpu)
+        if self.compile and self.runtime != "torch":
+            raise ValueError("compile: true runs on the torch runtime only (runtime: torch)")
         return self
 
 

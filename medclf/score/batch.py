@@ -151,6 +151,10 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
         log.warning("model %s has no domain record (trained before the out-of-scope guard): no ood_score, and "
                     "no modality or size check; retrain it to get them", card.model_id)
     check_adapt_config(sc, card)
+    if sc.compile:
+        from medclf.model.compiled import check_compilable
+
+        check_compilable(card.arch)
     listed = time.perf_counter()
     inputs = find_inputs(input_path, sc.extensions)
     list_seconds = time.perf_counter() - listed
@@ -223,7 +227,8 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
         fn_constructor_kwargs={"model_path": model_path, "run_id": run_id, "use_gpu": sc.use_gpu,
                                "threads": threads, "runtime": sc.runtime,
                                "ood_action": cfg.ood.action, "site_profile": site_profile,
-                               "site_calibration": sc.site_calibration, "precision": sc.precision},
+                               "site_calibration": sc.site_calibration, "precision": sc.precision,
+                               "compile_model": sc.compile},
         batch_size=sc.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
