@@ -15,6 +15,8 @@ shape. So it is an opt-in for GPU nodes, off by default; benchmarks/gpu_check.sh
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx, nn
 
@@ -51,7 +53,7 @@ def logits_and_features_module(model: nn.Module, arch: str) -> fx.GraphModule:
     with graph.inserting_before(output):
         features = graph.call_function(torch.flatten, (calls[0].args[0], 1))
         if isinstance(model, MirrorMean):  # rows [:N] are the images as given, [N:] their mirror images
-            half = graph.call_function(torch.floor_divide, (graph.call_method("size", (features, 0)), 2))
+            half = graph.call_function(operator.floordiv, (graph.call_method("size", (features, 0)), 2))
             features = graph.call_function(_first_rows, (features, half))
     output.args = ((output.args[0], features),)
     graph.lint()
