@@ -4,7 +4,7 @@ torch.compile wants one graph with no Python side effects, but the answering pat
 penultimate features (the out-of-scope guard's and drift's input) through a hook on the head
 (medclf.model.networks.penultimate), registered and removed on every call. So the network is first
 traced whole with torch.fx into a module that returns both outputs itself, (logits, features), the
-features exactly what `penultimate` reads; that module is compiled. The compiled copy only answers: it
+features by the same rule as `penultimate` (networks.head_features); that module is compiled. The compiled copy only answers: it
 is never trained, adapted or saved.
 
 Measured on the 2-core CPU machine (Lite0, float32, batch 64, benchmarks/compile_forward.py): the
@@ -15,14 +15,12 @@ shape. So it is an opt-in for GPU nodes, off by default; benchmarks/gpu_check.sh
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx, nn
 
 from medclf.errors import ModelError
 from medclf.model.ensemble import ENSEMBLE_ARCH
-from medclf.model.networks import MirrorMean, head_module, plain_model
+from medclf.model.networks import MirrorMean, head_features, head_module, plain_model
 
 
 class CompileError(ModelError):
@@ -51,10 +49,7 @@ def logits_and_features_module(model: nn.Module, arch: str) -> fx.GraphModule:
     graph = gm.graph
     output = next(n for n in graph.nodes if n.op == "output")
     with graph.inserting_before(output):
-        features = graph.call_function(torch.flatten, (calls[0].args[0], 1))
-        if isinstance(model, MirrorMean):  # rows [:N] are the images as given, [N:] their mirror images
-            half = graph.call_function(operator.floordiv, (graph.call_method("size", (features, 0)), 2))
-            features = graph.call_function(_first_rows, (features, half))
+        features = graph.call_function(head_features, (calls[0].args[0], isinstance(model, MirrorMean)))
     output.args = ((output.args[0], features),)
     graph.lint()
     gm.recompile()
@@ -71,10 +66,6 @@ class _HeadAsLeaf(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return m is self.head or super().is_leaf_module(m, module_qualified_name)
-
-
-def _first_rows(x: torch.Tensor, n) -> torch.Tensor:
-    return x[:n]
 
 
 def compiled_network(model: nn.Module, arch: str):

@@ -174,8 +174,14 @@ def penultimate(model: nn.Module, arch: str, x: torch.Tensor) -> tuple[torch.Ten
         logits = model(x)
     finally:
         hook.remove()
-    features = seen[0][:seen[0].shape[0] // 2] if isinstance(model, MirrorMean) else seen[0]
-    return logits, torch.flatten(features, 1)
+    return logits, head_features(seen[0], isinstance(model, MirrorMean))
+
+
+def head_features(head_input: torch.Tensor, mirrored: bool) -> torch.Tensor:
+    """The penultimate features, from what the head reads: flattened per image; under MirrorMean the first
+    half of the rows (the images as given). `penultimate` and medclf.model.compiled's graph both use it."""
+    rows = head_input[:head_input.shape[0] // 2] if mirrored else head_input
+    return torch.flatten(rows, 1)
 
 
 def backbone_blocks(model: nn.Module, arch: str) -> list[nn.Module]:
