@@ -19,19 +19,22 @@ from typing import Optional
 
 import numpy as np
 
+from medclf.imaging.arrays import as_float64, concat, diff, log, quantile, std, var
+
 REASONS = {"appearance": "image statistics"}
 FOLDS = 10
 STAT_NAMES = ("mean", "sd", "p2", "p25", "p50", "p75", "p98", "grad_x", "grad_y", "log_laplacian_var", "skew")
 
 
-def appearance_stats(pixels: np.ndarray) -> np.ndarray:
-    """The statistics of one preprocessed image ((1, S, S) or (S, S), as medclf.imaging.preprocess gives it)."""
-    g = np.asarray(pixels, np.float64).reshape(pixels.shape[-2:])
+def appearance_stats(pixels):
+    """The statistics of one preprocessed image ((1, S, S) or (S, S), as medclf.imaging.preprocess gives it):
+    numpy for a numpy image, a float64 tensor on the image's device for a torch one (medclf.imaging.arrays)."""
+    g = as_float64(pixels).reshape(tuple(pixels.shape[-2:]))
     lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
-    sd = g.std()
-    return np.r_[g.mean(), sd, np.quantile(g, [0.02, 0.25, 0.5, 0.75, 0.98]),
-                 np.abs(np.diff(g, axis=1)).mean(), np.abs(np.diff(g, axis=0)).mean(),
-                 np.log(lap.var() + 1e-8), ((g - g.mean()) ** 3).mean() / (sd ** 3 + 1e-8)]
+    sd = std(g)
+    return concat([g.mean(), sd, quantile(g, [0.02, 0.25, 0.5, 0.75, 0.98]),
+                   abs(diff(g, axis=1)).mean(), abs(diff(g, axis=0)).mean(),
+                   log(var(lap) + 1e-8), ((g - g.mean()) ** 3).mean() / (sd ** 3 + 1e-8)])
 
 
 def fold_of(n: int, groups: Optional[list], folds: int, seed: int) -> np.ndarray:
@@ -75,7 +78,12 @@ def fit_appearance(stats: np.ndarray, groups: Optional[list], quantile: float, s
 
 
 def appearance_distance(pixels: np.ndarray, reference: dict) -> float:
-    return float(_distance(appearance_stats(pixels), np.asarray(reference["mean"]),
+    return distance_from(appearance_stats(pixels), reference)
+
+
+def distance_from(stats: np.ndarray, reference: dict) -> float:
+    """`appearance_distance` from an image's `appearance_stats` (on the host)."""
+    return float(_distance(np.asarray(stats, np.float64), np.asarray(reference["mean"]),
                            np.asarray(reference["precision"]))[0])
 
 
@@ -83,7 +91,12 @@ def appearance_reason(pixels: np.ndarray, reference: Optional[dict]) -> Optional
     """Why this preprocessed image does not look like the validation images, or None."""
     if not reference:
         return None
-    distance = appearance_distance(pixels, reference)
+    return reason_from(appearance_stats(pixels), reference)
+
+
+def reason_from(stats: np.ndarray, reference: dict) -> Optional[str]:
+    """`appearance_reason` from an image's `appearance_stats` (on the host), with a reference."""
+    distance = distance_from(stats, reference)
     if distance <= reference["threshold"]:
         return None
     return (f"{REASONS['appearance']} unlike the training images: distance {distance:.3g} above the threshold "

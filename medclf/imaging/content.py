@@ -25,6 +25,8 @@ from typing import Optional
 
 import numpy as np
 
+from medclf.imaging.arrays import as_float32, concat, nanmean, quantile, ratio, sqrt
+
 WORK_SIDE = 256
 
 # Reason phrases: each out_of_scope `error` starts with one of them after '<path>: ' (see medclf.imaging.scope.REASONS).
@@ -46,9 +48,10 @@ class ContentLimits:
     tell noise from anatomy (the too-small rule of the domain record refuses them for a real model)."""
 
 
-def shrink(image: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
-    """Block mean by one integer factor so the longer side is at most about `side` (crops the remainder)."""
-    image = np.asarray(image, np.float32)
+def shrink(image, side: int = WORK_SIDE):
+    """Block mean by one integer factor so the longer side is at most about `side` (crops the remainder).
+    A numpy image gives numpy, a tensor a tensor on its device (medclf.imaging.arrays)."""
+    image = as_float32(image)
     if image.ndim == 3:  # tolerate an RGB array; the decoder gives grey
         image = image.mean(axis=2)
     f = int(np.ceil(max(image.shape) / side))
@@ -60,38 +63,48 @@ def shrink(image: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
     return image[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
 
 
-def _neighbour_correlation(a: np.ndarray) -> float:
-    pairs = []
-    if a.shape[1] >= 2:
-        pairs.append((a[:, :-1].ravel(), a[:, 1:].ravel()))
-    if a.shape[0] >= 2:
-        pairs.append((a[:-1, :].ravel(), a[1:, :].ravel()))
+def _neighbour_correlation(a):
     values = []
-    for x, y in pairs:
-        x, y = x - x.mean(), y - y.mean()
-        den = float(np.sqrt((x * x).sum() * (y * y).sum()))
-        if den > 0:
-            values.append(float((x * y).sum()) / den)
-    return float(np.mean(values)) if values else float("nan")
+    if a.shape[1] >= 2:
+        values.append(_correlation(a[:, :-1].reshape(-1), a[:, 1:].reshape(-1)))
+    if a.shape[0] >= 2:
+        values.append(_correlation(a[:-1, :].reshape(-1), a[1:, :].reshape(-1)))
+    return nanmean(values)
 
 
-def measures(image: np.ndarray) -> dict:
-    """peak, spread and structure of a decoded image (see the module docstring)."""
+def _correlation(x, y):
+    x, y = x - x.mean(), y - y.mean()
+    return ratio((x * y).sum(), sqrt((x * x).sum() * (y * y).sum()))  # NaN when either is constant
+
+
+def measure_vector(image):
+    """peak, spread and structure (see the module docstring) as one vector: numpy for a numpy image, a
+    tensor on the image's device for a torch one, so a GPU batch is read back once."""
+    if not np.prod(tuple(image.shape)):
+        return np.array([0.0, 0.0, np.nan])
     a = shrink(image)
-    lo, hi = np.percentile(a, [1, 99]) if a.size else (0.0, 0.0)
-    return {"peak": float(np.max(image)) if np.size(image) else 0.0, "spread": float(hi - lo),
-            "structure": _neighbour_correlation(a)}
+    lo, hi = quantile(a.reshape(-1), [0.01, 0.99])
+    return concat([image.max(), hi - lo, _neighbour_correlation(a)])
 
 
-def content_reason(image: np.ndarray, limits: ContentLimits = ContentLimits()) -> Optional[str]:
+def measures(image) -> dict:
+    """peak, spread and structure of a decoded image (see the module docstring)."""
+    return dict(zip(("peak", "spread", "structure"), (float(v) for v in measure_vector(image))))
+
+
+def content_reason(image, limits: ContentLimits = ContentLimits()) -> Optional[str]:
     """Why the pixels are not an image the model should judge (a REASONS phrase and the measure), or None."""
-    m = measures(image)
+    return reason_from(measures(image), tuple(image.shape), limits)
+
+
+def reason_from(m: dict, shape: tuple, limits: ContentLimits = ContentLimits()) -> Optional[str]:
+    """`content_reason` from an image's `measures` and its shape."""
     if m["peak"] <= 0.0:
         return f"{REASONS['all_zero']} (blank image, or the decoder returned nothing)"
     if m["spread"] < limits.min_spread:
         return (f"{REASONS['constant']} (blank, saturated or uniform grey): 1st-99th percentile spread "
                 f"{m['spread']:.3f} < {limits.min_spread:g}")
-    if min(np.shape(image)[:2]) >= limits.min_structure_side and m["structure"] < limits.min_structure:
+    if min(shape[:2]) >= limits.min_structure_side and m["structure"] < limits.min_structure:
         return (f"{REASONS['noise']} (mostly noise): neighbour correlation {m['structure']:.2f} "
                 f"< {limits.min_structure:g}")
     return None

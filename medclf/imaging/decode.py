@@ -18,6 +18,7 @@ UIDs in `DICOM_META_TAGS` leave this module.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import warnings
@@ -158,27 +159,49 @@ def _check_memory(path: str, rows: int, cols: int, frames: int, samples: int, by
                                 "(decompression-bomb guard)")
 
 
-def _decode_pil(data: bytes, path: str, kind: str, max_pixels: int, min_side: Optional[int] = None) -> Decoded:
+def jpeg_header(data: bytes, path: str, max_pixels: int = MAX_PIXELS) -> dict:
+    """A JPEG's meta as `open_images` gives it (format, stored width and height, mode), from its header
+    alone: for the inference actor that decodes the pixels itself (medclf.imaging.device_decode)."""
+    with _pil_errors(path, "jpeg"):
+        img = _open_pil(data, path, max_pixels)
+    return {"format": "jpeg", "width": img.width, "height": img.height, "mode": img.mode}
+
+
+def _open_pil(data: bytes, path: str, max_pixels: int) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Image.open reads only the header. Pillow's own bomb check is switched off for it
+        # because ours, just below, is stricter and names the size and the limit.
+        pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+    _check_size(path, img.width, img.height, max_pixels)  # before any pixel is decoded
+    return img
+
+
+@contextlib.contextmanager
+def _pil_errors(path: str, kind: str):
+    """Pillow's exceptions as DecodeErrors naming the file and the problem."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            # Image.open reads only the header. Pillow's own bomb check is switched off for it
-            # because ours, just below, is stricter and names the size and the limit.
-            pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                img = Image.open(io.BytesIO(data))
-            finally:
-                Image.MAX_IMAGE_PIXELS = pil_limit
-            _check_size(path, img.width, img.height, max_pixels)  # before any pixel is decoded
-            width, height = img.size  # the stored size, whatever scale it is decoded at
-            scale = apply_draft(img, min_side)
-            img.load()
+            yield
     except DecodeError:
         raise
     except Image.DecompressionBombError as exc:
         raise DecodeError(path, f"decompression-bomb guard: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DecodeError(path, f"corrupt or truncated {kind.upper()}: {exc}") from None
+
+
+def _decode_pil(data: bytes, path: str, kind: str, max_pixels: int, min_side: Optional[int] = None) -> Decoded:
+    with _pil_errors(path, kind):
+        img = _open_pil(data, path, max_pixels)
+        width, height = img.size  # the stored size, whatever scale it is decoded at
+        scale = apply_draft(img, min_side)
+        img.load()
 
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):

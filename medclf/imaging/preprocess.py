@@ -26,13 +26,19 @@ def preprocess_gray(image: np.ndarray, spec: PreprocessConfig) -> np.ndarray:
     """
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    return preprocess_tensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), spec).numpy()
+
+
+def preprocess_tensor(image: torch.Tensor, spec: PreprocessConfig) -> torch.Tensor:
+    """`preprocess_gray` on a float32 HxW tensor, on whatever device it is (the inference actor's GPU when
+    it decodes JPEGs itself: medclf.imaging.device_decode) -> (1, S, S) on that device."""
+    x = image[None, None]
     size = spec.image_size
     if x.shape[-2:] != (size, size):
         # antialias: downscaling a 2000 px radiograph without it aliases fine texture.
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     x = (x.clamp_(0.0, 1.0) - spec.mean) / spec.std
-    return x[0].numpy()
+    return x[0]
 
 
 def to_model_input(gray: torch.Tensor) -> torch.Tensor:

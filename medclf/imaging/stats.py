@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from medclf.imaging.arrays import as_float32, concat, quantile, std
+
 # Per-image statistics: predictions columns and reference arrays share these names.
 STAT_COLUMNS = {
     "img_mean": "mean intensity of the decoded image in [0, 1] (before resizing and normalisation)",
@@ -22,12 +24,22 @@ STAT_COLUMNS = {
 _STAT_PIXELS = 512 * 512
 
 
+def intensity_stats(image):
+    """mean, sd, p5, p50, p95 of a decoded HxW image in [0, 1], as one vector: numpy for a numpy image,
+    a tensor on the image's device for a torch one (medclf.imaging.arrays), so no value leaves a GPU."""
+    height, width = image.shape
+    step = max(1, int(np.ceil(np.sqrt(height * width / _STAT_PIXELS))))
+    pixels = as_float32(image[::step, ::step]).reshape(-1)
+    return concat([pixels.mean(), std(pixels), quantile(pixels, [0.05, 0.5, 0.95])])
+
+
+def stats_from(intensity, height: int, width: int) -> dict[str, float]:
+    """The STAT_COLUMNS values from `intensity_stats`'s vector (on the host) and the decoded size."""
+    mean, sd, p5, p50, p95 = (float(v) for v in intensity)
+    return {"img_mean": mean, "img_sd": sd, "img_p5": p5, "img_p50": p50, "img_p95": p95,
+            "img_height": float(height), "img_width": float(width), "img_aspect": float(width / height)}
+
+
 def image_stats(image: np.ndarray) -> dict[str, float]:
     """The per-image input statistics of a decoded HxW image in [0, 1] (medclf.imaging.decode)."""
-    height, width = image.shape
-    step = max(1, int(np.ceil(np.sqrt(image.size / _STAT_PIXELS))))
-    pixels = np.asarray(image[::step, ::step], np.float32).ravel()
-    p5, p50, p95 = np.percentile(pixels, [5, 50, 95])
-    return {"img_mean": float(pixels.mean()), "img_sd": float(pixels.std()), "img_p5": float(p5),
-            "img_p50": float(p50), "img_p95": float(p95), "img_height": float(height), "img_width": float(width),
-            "img_aspect": float(width / height)}
+    return stats_from(intensity_stats(image), *image.shape)
