@@ -78,6 +78,11 @@ class ScoreConfig(Section):
     """Run the model under torch.compile (torch runtime; medclf.model.compiled): compiled at the actor's
     first batch and again for each new batch shape, so it can pay only on long runs, on GPU nodes. On the
     2-core CPU machine it compiled in 11 s and then ran 0.90x the eager network (docs/performance.md)."""
+    jpeg_decode: Literal["auto", "tasks", "actor"] = "auto"
+    """Where JPEGs are decoded (medclf.imaging.device_decode): `tasks`, the CPU decode tasks (with draft mode);
+    `actor`, the inference actor, in batches on its device (nvJPEG on a GPU; on a CPU only slower); `auto`,
+    the actor for JPEGs whose shorter side is at least 4x the model's input (a 2,048^2 film for a 224 px
+    model) when the actors have GPUs, else the tasks. PNG and DICOM always decode in the tasks."""
     uids: Literal["keep", "hash", "drop"] = "hash"
     """DICOM UIDs in the predictions: raw, keyed hash (HMAC-SHA256 with the site key, so the site can
     re-link by hashing its own UIDs), or left out."""

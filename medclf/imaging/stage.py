@@ -18,7 +18,8 @@ import numpy as np
 
 from medclf import storage
 from medclf.config import PreprocessConfig
-from medclf.imaging.decode import DICOM_META_TAGS, DecodeError, NotAnImage, open_images
+from medclf.imaging.decode import DICOM_META_TAGS, DecodeError, NotAnImage, jpeg_header, open_images, sniff_format
+from medclf.imaging.device_decode import DEVICE_MODES
 from medclf.imaging.dicomweb import is_dicomweb, read_instance
 from medclf.imaging.manifest import read_manifest
 from medclf.imaging.scope import image_out_of_scope, input_out_of_scope, pixels_out_of_scope
@@ -43,7 +44,7 @@ def scored_key(path: str, checksum: str, frame: Optional[int] = None) -> int:
 def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, frames: str = "middle",
                 max_file_bytes: Optional[int] = None, rows_per_batch: int = 16,
                 uids: tuple = ("keep", None), gate: Optional[dict] = None,
-                roots: Optional[tuple] = None) -> Iterator[dict]:
+                roots: Optional[tuple] = None, actor_jpeg: Optional[int] = None) -> Iterator[dict]:
     """Ray Data task: paths -> bytes -> checksum -> one row per image -> model tensors; errors as rows.
 
     A generator: a multi-frame file's rows leave in batches of `rows_per_batch` as they are
@@ -53,28 +54,31 @@ def load_images(batch: dict, spec: dict, skip_keys: np.ndarray | None = None, fr
     sink can count files as well as images. `uids`: (score.uids, site key): DICOM UIDs are
     hashed or dropped here, so raw ones never leave the task (medclf.imaging.privacy). `gate`: the
     model's domain checks known from the header (medclf.model.records.input_gate): a file that fails them
-    gives `out_of_scope` rows, its pixels never decoded.
+    gives `out_of_scope` rows, its pixels never decoded. `actor_jpeg`: JPEGs whose shorter side is at least
+    this are not decoded here: their rows carry the file's bytes in `encoded`, for the inference actor
+    to decode on its GPU (medclf.imaging.device_decode); None: every file is decoded here.
     """
     pre = PreprocessConfig.model_validate(spec)
     rows: list[dict] = []
     pacs_down: set = set()  # PACS this task could not reach: the rest of its instances fail at once
     for path in (str(p) for p in batch["path"]):
         for row in _file_rows(path, pre, skip_keys, frames, max_file_bytes, uids, gate, roots=roots,
-                              pacs_down=pacs_down):
+                              pacs_down=pacs_down, actor_jpeg=actor_jpeg):
             rows.append(row)
             if len(rows) == rows_per_batch:
-                yield _rows_to_batch(rows, pre.image_size)
+                yield _rows_to_batch(rows, pre.image_size, actor_jpeg is not None)
                 rows = []
     if rows:
-        yield _rows_to_batch(rows, pre.image_size)
+        yield _rows_to_batch(rows, pre.image_size, actor_jpeg is not None)
 
 
 def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, frames: str,
                max_file_bytes: Optional[int], uids: tuple = ("keep", None), gate: Optional[dict] = None,
                data: Optional[bytes] = None, roots: Optional[tuple] = None,
-               pacs_down: Optional[set] = None) -> Iterator[dict]:
+               pacs_down: Optional[set] = None, actor_jpeg: Optional[int] = None) -> Iterator[dict]:
     """A file's rows; `data`: its bytes when they came another way (the online endpoint's request body);
-    `roots`: where files may be read from (medclf.imaging.confine); `pacs_down`: read_instance's `down`."""
+    `roots`: where files may be read from (medclf.imaging.confine); `pacs_down`: read_instance's `down`;
+    `actor_jpeg`: see `load_images`."""
     row: dict = {"path": path, "size": -1, "checksum": None, "frame": None, "status": None, "error": None,
                  "error_kind": None, "pixels": None, "first_row": True}
     started = time.perf_counter()
@@ -91,15 +95,25 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
             yield {**row, "status": ALREADY_SCORED}
             return
         header_started = time.perf_counter()
-        images = open_images(data, path, frames, min_side=pre.image_size)  # JPEG draft decode (imaging.draft)
+        images, meta = None, _actor_jpeg_meta(data, path, actor_jpeg)
+        if meta is None:
+            images = open_images(data, path, frames, min_side=pre.image_size)  # JPEG draft decode (imaging.draft)
+            meta = images.meta
         header_seconds = time.perf_counter() - header_started
-        row.update({key: _meta_value(key, images.meta.get(key), uids) for key in META_KEYS})
-        out_of_scope = input_out_of_scope(images.meta, gate)
+        row.update({key: _meta_value(key, meta.get(key), uids) for key in META_KEYS})
+        out_of_scope = input_out_of_scope(meta, gate)
     except NotAnImage as exc:
         yield {**row, "status": "skipped", "error": str(exc)}
         return
     except Exception as exc:  # one bad file must not end the night's run
-        yield {**row, "status": "error", "error": _error_text(path, exc), "error_kind": _error_kind(exc)}
+        yield {**row, "status": "error", "error": error_text(path, exc), "error_kind": error_kind(exc)}
+        return
+    if images is None:  # the inference actor decodes it (medclf.imaging.device_decode)
+        row["t_decode"] = header_seconds
+        if out_of_scope:
+            yield {**row, "status": "out_of_scope", "error": f"{path}: {out_of_scope}"}
+        else:
+            yield {**row, "encoded": data}
         return
     for frame in images.frames:
         out = {**row, "frame": frame}
@@ -123,9 +137,19 @@ def _file_rows(path: str, pre: PreprocessConfig, skip_keys: np.ndarray | None, f
             else:
                 out["pixels"] = pixels
         except Exception as exc:  # a bad frame is a row; the file's other frames go on
-            out.update(status="error", error=_error_text(path, exc), error_kind=_error_kind(exc))
+            out.update(status="error", error=error_text(path, exc), error_kind=error_kind(exc))
         out["t_decode"] = time.perf_counter() - started + (header_seconds if frame == images.frames[0] else 0.0)
         yield out
+
+
+def _actor_jpeg_meta(data: bytes, path: str, actor_jpeg: Optional[int]) -> Optional[dict]:
+    """A JPEG's header meta when the inference actor is to decode it (see `load_images`), else None."""
+    if actor_jpeg is None or sniff_format(data, path) != "jpeg":
+        return None
+    meta = jpeg_header(data, path)  # a corrupt header fails here, as a full decode would
+    if meta["mode"] not in DEVICE_MODES or min(meta["width"], meta["height"]) < actor_jpeg:
+        return None
+    return meta
 
 
 def _meta_value(key: str, value, uids: tuple):
@@ -140,7 +164,7 @@ def _in(keys: np.ndarray | None, key: int) -> bool:
     return bool(j < len(keys) and keys[j] == k)
 
 
-def _error_kind(exc: Exception) -> str:
+def error_kind(exc: Exception) -> str:
     """Permanent when the content is at fault (corrupt, unsupported, refused by the per-file limits);
     transient otherwise (access errors, MemoryError, file not found, decoder missing, anything
     unknown): the next night tries the file again."""
@@ -149,7 +173,7 @@ def _error_kind(exc: Exception) -> str:
     return PERMANENT if isinstance(exc, storage.InputRefused) else TRANSIENT
 
 
-def _error_text(path: str, exc: Exception) -> str:
+def error_text(path: str, exc: Exception) -> str:
     if isinstance(exc, (DecodeError, storage.InputRefused)):
         return str(exc)  # already names the file and the problem
     if isinstance(exc, FileNotFoundError):
@@ -162,7 +186,7 @@ def _error_text(path: str, exc: Exception) -> str:
     return f"{path}: {type(exc).__name__} while reading or decoding"
 
 
-def _rows_to_batch(rows: list[dict], size: int) -> dict:
+def _rows_to_batch(rows: list[dict], size: int, encoded: bool = False) -> dict:
     pixels = np.zeros((len(rows), 1, size, size), np.float32)  # one channel: 3x less to ship to the model
     for i, row in enumerate(rows):
         if row["pixels"] is not None:
@@ -173,6 +197,8 @@ def _rows_to_batch(rows: list[dict], size: int) -> dict:
     out["frame"] = np.array([-1 if row["frame"] is None else row["frame"] for row in rows], np.int64)  # -1: none
     out["first_row"] = np.array([row["first_row"] for row in rows], bool)
     out["pixels"] = pixels
+    if encoded:  # JPEG bytes for the inference actor to decode (b"": decoded here, or nothing to decode)
+        out["encoded"] = np.array([row.get("encoded") or b"" for row in rows] + [None], object)[:-1]
     for name in ("t_read", "t_decode"):  # stage costs (medclf.score.costs); read counted on a file's first row
         out[name] = np.array([row.get(name) or 0.0 for row in rows], np.float64)
     for name in STAT_COLUMNS:  # NaN: not decoded (error, skipped, out of scope by header)
@@ -254,13 +280,13 @@ def decode_blocks(n_files: int, decode_batch_size: int) -> int:
 def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: int = 16,
                    skip_keys: np.ndarray | None = None, frames: str = "middle", max_file_mb: Optional[float] = None,
                    retries: int = DECODE_RETRIES, uids: tuple = ("keep", None), gate: Optional[dict] = None,
-                   roots: Optional[tuple] = None):
+                   roots: Optional[tuple] = None, actor_jpeg: Optional[int] = None):
     """Ray Dataset of decoded, preprocessed images (the stage training reuses).
 
     `frames` defaults to one image per file (what training, with one label per file, wants);
     scoring passes `score.frames`. A task whose worker dies is retried `retries` times; its files
     are then missing from the output, and `run_scoring` writes error rows for them. `uids`, `gate`,
-    `roots`: see `load_images`.
+    `roots`, `actor_jpeg`: see `load_images`.
     """
     import ray.data
 
@@ -271,7 +297,7 @@ def images_dataset(paths: list[str], spec: PreprocessConfig, decode_batch_size: 
         load_images,
         fn_kwargs={"spec": spec.model_dump(), "skip_keys": skip_keys, "frames": frames,
                    "max_file_bytes": max_file_bytes, "rows_per_batch": decode_batch_size, "uids": uids,
-                   "gate": gate, "roots": roots},
+                   "gate": gate, "roots": roots, "actor_jpeg": actor_jpeg},
         batch_size=decode_batch_size,
         batch_format="numpy",
         num_cpus=0.5,  # leave CPU for the inference actors on small machines

@@ -25,6 +25,7 @@ from medclf import storage
 from medclf.ops import faults
 from medclf.config import Config
 from medclf.errors import UserError
+from medclf.imaging.device_decode import actor_jpeg_side
 from medclf.imaging.stage import ALREADY_SCORED, TRANSIENT, find_inputs, images_dataset, scored_key
 from medclf.score.actors import gpus_per_actor, resolve_num_actors
 from medclf.score.costs import cost_line
@@ -220,7 +221,8 @@ def _scoring_dataset(cfg: Config, paths: list[str], card, model_path: str, run_i
     sc = cfg.score
     ds = images_dataset(paths, card.preprocess_spec, sc.decode_batch_size, skip if len(skip) else None,
                         sc.frames, sc.max_file_mb, sc.decode_retries, (sc.uids, uid_key(sc.uid_key, sc.uid_key_file)),
-                        input_gate(card, cfg.ood.action), roots=roots)
+                        input_gate(card, cfg.ood.action), roots=roots,
+                        actor_jpeg=actor_jpeg_side(sc.jpeg_decode, sc.use_gpu, card.preprocess_spec.image_size))
     threads = sc.torch_threads or max(1, int(sc.cpus_per_actor))
     ds = ds.map_batches(
         Predictor,

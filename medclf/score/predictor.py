@@ -15,11 +15,13 @@ import numpy as np
 
 from medclf.data.predictions import EMB_COLUMNS, prediction_schema, prob_column
 from medclf.imaging.preprocess import to_model_input
-from medclf.imaging.stage import META_KEYS, text_or_none
+from medclf.imaging.device_decode import decode_on_device
+from medclf.imaging.stage import META_KEYS, error_kind, error_text, text_or_none
 from medclf.model.networks import class_probabilities, penultimate
 from medclf.model.conv_fusion import fuse_conv_activation
 from medclf.model.decision import predict_labels
 from medclf.model.fold import fold_batchnorm
+from medclf.model.records import input_gate
 from medclf.model.site_calibration import load as load_site_calibration
 from medclf.monitor.ood import score_reason
 from medclf.monitor.opened import open_model
@@ -83,21 +85,25 @@ class Predictor:
         self.autocast = autocast_dtype(precision, self.device) if runtime == "torch" else None
         self.onnx = _onnx_session(self.model, self.card, threads) if runtime == "onnxruntime" else None
         self.ood_action = ood_action
+        self.gate = input_gate(self.card, ood_action)  # the decode task's checks, for the JPEGs decoded here
         self.run_id = run_id
         self.prob_columns = [prob_column(c) for c in self.card.classes]
         self.schema = prediction_schema(self.card.classes)
 
-    def logits_and_features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def logits_and_features(self, pixels) -> tuple[np.ndarray, np.ndarray]:
         """Logits and penultimate features (the out-of-scope guard's input) of preprocessed one-channel
-        images (N, 1, S, S), from one forward pass of whichever runtime the config names."""
+        images (N, 1, S, S), numpy or a tensor, from one forward pass of whichever runtime the config names."""
         if self.onnx is not None:
+            if isinstance(pixels, self.torch.Tensor):
+                pixels = pixels.cpu().numpy()
             logits, features = self.onnx.run(None, {"image": np.ascontiguousarray(pixels, np.float32)})
             return logits, features
         return self._forward(self.model, pixels)
 
-    def _forward(self, network, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, network, pixels) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
-        x = to_model_input(torch.from_numpy(pixels).to(self.device)).contiguous(memory_format=torch.channels_last)
+        x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
+        x = to_model_input(x.to(self.device)).contiguous(memory_format=torch.channels_last)
         cast = torch.autocast(self.device, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with torch.inference_mode(), cast:
             if network is self.model and self.compiled is not None:
@@ -111,14 +117,29 @@ class Predictor:
 
         torch = self.torch
         statuses = text_or_none(batch["status"])  # set by the decode task for rows not to be scored
-        ok = np.array([s is None for s in statuses], bool)
+        errors, kinds = text_or_none(batch["error"]), text_or_none(batch["error_kind"])
         n = len(statuses)
+        stats = {name: np.array(batch[name], np.float64) if name in batch else np.full(n, np.nan)
+                 for name in STAT_COLUMNS}
+        t_decode = np.asarray(batch.get("t_decode", np.zeros(n)), np.float64)
+        decoded = {}  # row -> (1, S, S) tensor on this actor's device: the JPEGs it decoded itself
+        if "encoded" in batch and any(len(b) for b in batch["encoded"]):
+            started = time.perf_counter()
+            decoded, rows = self._decode_jpegs(batch, statuses, errors, kinds, stats)
+            t_decode = t_decode.copy()  # (a read-only view of the batch)
+            t_decode[rows] += per_row(time.perf_counter() - started, len(rows))
+        ok = np.array([s is None for s in statuses], bool)
         probs = np.full((n, len(self.card.classes)), np.nan, np.float32)
         ood_scores = np.full(n, np.nan)
         emb = np.full((n, len(EMB_COLUMNS)), np.nan)
         started = time.perf_counter()
         if ok.any():
             pixels = batch["pixels"][ok] if not ok.all() else batch["pixels"]
+            if decoded:  # this batch's own decodes join the others on the device, no trip to the host
+                pixels = torch.from_numpy(pixels).to(self.device)
+                for j, i in enumerate(np.flatnonzero(ok)):
+                    if i in decoded:
+                        pixels[j] = decoded[i]
             logits, features = self.logits_and_features(pixels)
             probs[ok] = (self.calibration.probabilities(logits) if self.calibration else
                          class_probabilities(torch.from_numpy(logits), self.card.temperature).numpy())
@@ -134,7 +155,6 @@ class Predictor:
         beyond = ok & (ood_scores > self.domain.record.threshold) if self.domain is not None else np.zeros(n, bool)
         if self.ood_action != "out_of_scope":
             beyond[:] = False
-        errors = text_or_none(batch["error"])
         for i in np.flatnonzero(beyond):
             statuses[i] = "out_of_scope"
             errors[i] = f"{batch['path'][i]}: {score_reason(ood_scores[i], self.domain.record)}"
@@ -142,12 +162,12 @@ class Predictor:
         labels = predict_labels(probs, self.card.classes, self.card.positive_index, self.threshold)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         out = {k: v for k, v in batch.items() if k != "pixels"}  # `first_row` rides along for the sink
-        for key in ("checksum", "error_kind", *META_KEYS):
+        for key in ("checksum", *META_KEYS):
             out[key] = text_or_none(batch[key])
-        out["error"] = errors
+        out["error"], out["error_kind"] = errors, kinds
         out["ood_score"] = _nullable(ood_scores)
         for name in STAT_COLUMNS:
-            out[name] = _nullable(np.asarray(batch[name], np.float64) if name in batch else np.full(n, np.nan))
+            out[name] = _nullable(stats[name])
         for k, name in enumerate(EMB_COLUMNS):
             out[name] = _nullable(emb[:, k])
         out["predicted_label"] = [lab if good else None for lab, good in zip(labels, ok)]
@@ -168,9 +188,30 @@ class Predictor:
         table = pa.table({name: out[name] for name in self.schema.names}, schema=self.schema)
         table = table.append_column("first_row", pa.array(np.asarray(batch["first_row"], bool)))
         # Stage costs ride along for the sink, which sums them (medclf.score.costs); never written.
-        for name in ("t_read", "t_decode"):
-            table = table.append_column(name, pa.array(np.asarray(batch.get(name, np.zeros(n)), np.float64)))
+        table = table.append_column("t_read", pa.array(np.asarray(batch.get("t_read", np.zeros(n)), np.float64)))
+        table = table.append_column("t_decode", pa.array(t_decode))
         return table.append_column("t_forward", pa.array(per_row(time.perf_counter() - started, n)))
+
+    def _decode_jpegs(self, batch: dict, statuses: list, errors: list, kinds: list, stats: dict):
+        """Decode the rows whose JPEG bytes the decode task handed over (`score.jpeg_decode`) on this actor's
+        device, and fill in what the task would have: status, error, drift statistics
+        (medclf.imaging.device_decode). Returns ({row: model input on the device}, the rows decoded)."""
+        rows = [i for i, b in enumerate(batch["encoded"]) if len(b)]
+        paths = [str(batch["path"][i]) for i in rows]
+        judged = decode_on_device([batch["encoded"][i] for i in rows], paths, self.card.preprocess_spec,
+                                  self.gate, self.device)
+        decoded = {}
+        for i, path, result in zip(rows, paths, judged):
+            if result.stats:
+                for name, value in result.stats.items():
+                    stats[name][i] = value
+            if result.error is not None:
+                statuses[i], errors[i], kinds[i] = "error", error_text(path, result.error), error_kind(result.error)
+            elif result.refused:
+                statuses[i], errors[i] = "out_of_scope", f"{path}: {result.refused}"
+            else:
+                decoded[i] = result.pixels
+        return decoded, rows
 
 
 def _nullable(values: np.ndarray):
