@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Issue 35's GPU check, in ONE call of <= 7 minutes (about 5.5 with the compiled run): the machine's limits (benchmarks/gpu_limits.py) and
-# medclf's end-to-end scoring (benchmarks/gpu_score.py, Parquet written) in the same run, on 224 px and
-# 2,048^2 JPEGs generated here from a few carried films. Falls back to CPU (GPU parts skipped) without CUDA.
+# Issue 35's GPU check, in ONE call: the machine's limits (benchmarks/gpu_limits.py) and medclf's end-to-end
+# scoring (benchmarks/gpu_score.py, Parquet written) in the same run, on 224 px and 2,048^2 JPEGs generated
+# here from a few carried films. Falls back to CPU (GPU parts skipped) without CUDA.
+# Each step is capped (limits 150 s; medclf runs 110, 110, 90, 110 s), most important first, so a call's
+# own timeout of 465 s could cut only the last (compiled) run. 202 s in all on 2026-12-04, with fewer runs.
 #
 #   benchmarks/gpu_check.sh FILMS_DIR OUT_DIR [N224] [N2048]
 # Wheels: if `ray` does not import and ./whl exists, they are installed into /tmp/site first.
@@ -55,6 +57,11 @@ timeout 110 $PY "$HERE/benchmarks/gpu_score.py" "$DATA/j224" jpeg224 --out "$OUT
   > "$OUT/score224.log" 2>&1; log "medclf 224 exit $?"; grep -E "^\{|images/s|stage costs" "$OUT/score224.log" | tee -a "$OUT/check.log"
 timeout 110 $PY "$HERE/benchmarks/gpu_score.py" "$DATA/j2048" jpeg2048 --out "$OUT/score.jsonl" \
   > "$OUT/score2048.log" 2>&1; log "medclf 2048 exit $?"; grep -E "^\{|images/s|stage costs" "$OUT/score2048.log" | tee -a "$OUT/check.log"
+# the same films decoded by the CPU tasks (draft mode) instead of by the GPU actor (nvJPEG; score.jpeg_decode=auto
+# hands films >= 4x the model's input to a GPU actor: medclf.imaging.device_decode)
+timeout 90 $PY "$HERE/benchmarks/gpu_score.py" "$DATA/j2048" jpeg2048-tasks --set score.jpeg_decode=tasks \
+  --out "$OUT/score.jsonl" > "$OUT/score2048t.log" 2>&1; log "medclf 2048 tasks-decode exit $?"
+grep -E "^\{|images/s|stage costs" "$OUT/score2048t.log" | tee -a "$OUT/check.log"
 # score.compile (medclf.model.compiled): its compile time falls inside the run, as it would for a user
 timeout 110 $PY "$HERE/benchmarks/gpu_score.py" "$DATA/j224" jpeg224-compiled --set score.compile=true \
   --out "$OUT/score.jsonl" > "$OUT/score224c.log" 2>&1; log "medclf 224 compiled exit $?"
