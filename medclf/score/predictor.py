@@ -136,7 +136,7 @@ class Predictor:
         if ok.any():
             pixels = batch["pixels"][ok] if not ok.all() else batch["pixels"]
             if decoded:  # this batch's own decodes join the others on the device, no trip to the host
-                pixels = torch.from_numpy(pixels).to(self.device)
+                pixels = torch.tensor(pixels, device=self.device)  # a copy: the batch may be read-only shared memory
                 for j, i in enumerate(np.flatnonzero(ok)):
                     if i in decoded:
                         pixels[j] = decoded[i]
