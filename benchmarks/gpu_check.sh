@@ -2,9 +2,9 @@
 # Issue 35's GPU check, in ONE call: the machine's limits (benchmarks/gpu_limits.py) and medclf's end-to-end
 # scoring (benchmarks/gpu_score.py, Parquet written) in the same run, on 224 px and 2,048^2 JPEGs generated
 # here from a few carried films. Falls back to CPU (GPU parts skipped) without CUDA.
-# Each step is capped (limits 150 s; medclf runs 110, 110, 90, 80, 110 s), most important first: a call's own
-# timeout of 465 s cuts the last ones only if the first use their caps. On 2026-12-04 limits + the first two
-# runs took 202 s in all; the three added since should take about 150 s more.
+# Each step is capped (nvJPEG tolerance 60 s; limits 150 s; medclf runs 110, 110, 90, 80, 110 s), most
+# important first: a call's own timeout of 465 s cuts the last ones only if the first use their caps. On
+# 2026-12-04 limits + the first two runs took 202 s in all; the steps added since should take ~170 s more.
 #
 #   benchmarks/gpu_check.sh FILMS_DIR OUT_DIR [N224] [N2048]
 # Wheels: if `ray` does not import and ./whl exists, they are installed into /tmp/site first.
@@ -51,6 +51,8 @@ for i in range(len(uniq), n2048):
 print(f"data: {n224} x 224 px, {n2048} x 2048^2 JPEG q90 in {root}")
 PY
 log "data made"
+# nvJPEG's model input against the CPU decode task's, on 16 of the 2,048^2 films (medclf.imaging.device_decode)
+timeout 60 $PY "$HERE/benchmarks/device_tolerance.py" "$DATA/j2048" --n 16 2>&1 | grep -v Warning | tee -a "$OUT/check.log"
 timeout 150 $PY "$HERE/benchmarks/gpu_limits.py" --jpeg224 "$DATA/j224" --jpeg2048 "$DATA/j2048" \
   --seconds "${LIMIT_SECONDS:-5}" --out "$OUT/limits.jsonl" 2>&1 | grep -v Warning | tee -a "$OUT/check.log"
 log "limits done"

@@ -26,13 +26,17 @@ def _task_row(data: bytes, path: str, gate=GATE) -> dict:
     return next(_file_rows(path, SPEC, None, "middle", None, data=data, gate=gate))
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("where", ["cpu", CUDA])
 @pytest.mark.parametrize("size, mode", [(2048, "L"), (2048, "RGB"), (1000, "L"), (300, "L")])
-def test_the_device_path_gives_the_task_paths_input_and_statistics(size, mode):
+def test_the_device_path_gives_the_task_paths_input_and_statistics(size, mode, where):
     data = _jpeg(_film(size, seed=3), mode)
     task = _task_row(data, "film.jpeg")
-    [device] = decode_on_device([data], ["film.jpeg"], SPEC, GATE, "cpu")
+    [device] = decode_on_device([data], ["film.jpeg"], SPEC, GATE, where)
     assert task["status"] is None and device.error is None and device.refused is None
-    gap = np.abs(device.pixels.numpy() - task["pixels"]) * SPEC.std  # in [0, 1] grey levels
+    gap = np.abs(device.pixels.cpu().numpy() - task["pixels"]) * SPEC.std  # in [0, 1] grey levels
     assert gap.mean() <= DRAFT_TOLERANCE["mean_abs"] and gap.max() <= DRAFT_TOLERANCE["max_abs"], (gap.mean(), gap.max())
     # decoded at the draft size (2,048 -> 512, 1,000 -> 500, 300 as it is), so sizes match exactly
     for name in ("img_height", "img_width", "img_aspect"):
