@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medclf.imaging.arrays import as_float32, concat, quantile, std
+from medclf.imaging.arrays import as_float32, concat, is_tensor, quantile, std
 
 # Per-image statistics: predictions columns and reference arrays share these names.
 STAT_COLUMNS = {
@@ -30,7 +30,39 @@ def intensity_stats(image):
     height, width = image.shape
     step = max(1, int(np.ceil(np.sqrt(height * width / _STAT_PIXELS))))
     pixels = as_float32(image[::step, ::step]).reshape(-1)
-    return concat([pixels.mean(), std(pixels), quantile(pixels, [0.05, 0.5, 0.95])])
+    return concat([pixels.mean(), std(pixels), _quantiles(pixels, [0.05, 0.5, 0.95])])
+
+
+def _quantiles(pixels, qs):
+    """`quantile(pixels, qs)`, to the bit. An 8-bit image (every value k/255, as the decoder gives a JPEG or an
+    8-bit PNG) has 256 possible values, so its order statistics come from a histogram instead of from
+    partitioning the pixels: 0.7 ms instead of 4.2 on a 512^2 film, where the partition was 15% of the decode
+    task's time. The interpolation is numpy's 'linear' one written out (tests/imaging/test_stats.py)."""
+    codes = None if is_tensor(pixels) or pixels.size < 2 else _byte_codes(pixels)
+    if codes is None:
+        return quantile(pixels, qs)
+    rank = np.cumsum(np.bincount(codes, minlength=256))  # rank[c]: how many pixels are <= c/255
+    n = pixels.size
+    virtual = (n - 1) * np.asarray(qs, np.float64)
+    below = np.floor(virtual).astype(np.intp)
+    above = np.minimum(below + 1, n - 1)
+    a = _LEVELS[np.searchsorted(rank, below, side="right")]  # the sorted pixels' values at those places
+    b = _LEVELS[np.searchsorted(rank, above, side="right")]
+    t, d = virtual - below, b - a
+    return np.where(t >= 0.5, b - d * (1 - t), a + d * t)  # numpy's _lerp, same float32/float64 steps
+
+
+_LEVELS = np.arange(256, dtype=np.float32) / np.float32(255.0)  # what the decoder makes of each 8-bit code
+
+
+def _byte_codes(pixels: np.ndarray):
+    """The 8-bit codes of float32 pixels that are all exactly code / 255, else None."""
+    with np.errstate(invalid="ignore"):  # (a value outside [0, 1] casts to nonsense, and then fails the check)
+        for part in (pixels[:64], pixels):  # a 16-bit or windowed image is known from its first pixels, mostly
+            codes = (part * np.float32(255.0) + np.float32(0.5)).astype(np.uint8)
+            if not np.array_equal(codes.astype(np.float32) / np.float32(255.0), part):
+                return None
+    return codes
 
 
 def stats_from(intensity, height: int, width: int) -> dict[str, float]:
