@@ -1,7 +1,8 @@
 """JPEG decoding on the inference actor's device: nvJPEG batches on a GPU (`score.jpeg_decode`).
 
-A 2,048^2 film costs a CPU core about 3 ms to decode even in draft mode (medclf.imaging.draft), while
-one GPU decodes a batch of them at over a thousand a second. So when the actor holds a GPU, the decode
+A 2,048^2 film costs a CPU core about 8 ms even in draft mode (medclf.imaging.draft; decode, statistics and
+resize: 130 a second in one process on the 2-core build machine), while one H200 decoded them with nvJPEG
+at 3,050 a second in batches of 64 (docs/performance.md). So when the actor holds a GPU, the decode
 task reads the file, takes its checksum and judges its header (medclf.imaging.stage), and ships the
 JPEG's bytes instead of pixels; here the actor decodes the batch on its device and makes every
 per-image step the decode task would have made, on the same device, with the same rules:
