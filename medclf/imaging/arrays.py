@@ -21,6 +21,10 @@ def as_float64(x):
     return x.double() if is_tensor(x) else np.asarray(x, np.float64)
 
 
+def clip(x, low: float, high: float):
+    return x.clamp(low, high) if is_tensor(x) else np.clip(x, low, high)
+
+
 def quantile(x, qs):
     """Linear-interpolation quantiles of all of `x` (numpy's default, and torch's)."""
     if is_tensor(x):

@@ -10,11 +10,15 @@ every torchvision backbone and every ImageNet weight file then works unchanged, 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from medclf.config import PreprocessConfig
+from medclf.imaging.arrays import clip
+
+if TYPE_CHECKING:
+    import torch
 
 CHANNELS = 3
 
@@ -26,19 +30,32 @@ def preprocess_gray(image: np.ndarray, spec: PreprocessConfig) -> np.ndarray:
     """
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
-    return preprocess_tensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), spec).numpy()
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    if image.shape == (spec.image_size, spec.image_size):
+        # Already the model's size: the intensity step alone, in numpy (the same float32 arithmetic), so a
+        # decode task of such images never imports torch (a second of a fresh worker's start, on 2 cores).
+        return _intensity(image, spec)[None]
+    import torch
+
+    return preprocess_tensor(torch.from_numpy(image), spec).numpy()
 
 
 def preprocess_tensor(image: torch.Tensor, spec: PreprocessConfig) -> torch.Tensor:
     """`preprocess_gray` on a float32 HxW tensor, on whatever device it is (the inference actor's GPU when
     it decodes JPEGs itself: medclf.imaging.device_decode) -> (1, S, S) on that device."""
+    import torch.nn.functional as F
+
     x = image[None, None]
     size = spec.image_size
     if x.shape[-2:] != (size, size):
         # antialias: downscaling a 2000 px radiograph without it aliases fine texture.
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    x = (x.clamp_(0.0, 1.0) - spec.mean) / spec.std
-    return x[0]
+    return _intensity(x, spec)[0]
+
+
+def _intensity(x, spec: PreprocessConfig):
+    """The intensity step, on numpy or on a tensor (medclf.imaging.arrays): clip to [0, 1], normalise."""
+    return (clip(x, 0.0, 1.0) - spec.mean) / spec.std
 
 
 def to_model_input(gray: torch.Tensor) -> torch.Tensor:
@@ -48,6 +65,8 @@ def to_model_input(gray: torch.Tensor) -> torch.Tensor:
 
 def preprocess(image: np.ndarray, spec: PreprocessConfig) -> np.ndarray:
     """HxW float image in [0, 1] -> the model's input, float32 (3, S, S)."""
+    import torch
+
     gray = torch.from_numpy(preprocess_gray(image, spec))[None]
     return to_model_input(gray)[0].numpy().copy()
 
