@@ -119,7 +119,7 @@ class Predictor:
         statuses = text_or_none(batch["status"])  # set by the decode task for rows not to be scored
         errors, kinds = text_or_none(batch["error"]), text_or_none(batch["error_kind"])
         n = len(statuses)
-        stats = {name: np.array(batch[name], np.float64) if name in batch else np.full(n, np.nan)
+        stats = {name: np.asarray(batch[name], np.float64) if name in batch else np.full(n, np.nan)
                  for name in STAT_COLUMNS}
         t_decode = np.asarray(batch.get("t_decode", np.zeros(n)), np.float64)
         decoded = {}  # row -> (1, S, S) tensor on this actor's device: the JPEGs it decoded itself
@@ -201,6 +201,8 @@ class Predictor:
         judged = decode_on_device([batch["encoded"][i] for i in rows], paths, self.card.preprocess_spec,
                                   self.gate, self.device)
         decoded = {}
+        for name in stats:  # written below: a copy (the batch's columns may be read-only shared memory)
+            stats[name] = stats[name].copy()
         for i, path, result in zip(rows, paths, judged):
             if result.stats:
                 for name, value in result.stats.items():
