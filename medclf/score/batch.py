@@ -107,6 +107,8 @@ class ScoreSummary:
     out_of_scope_reasons: dict = field(default_factory=dict)
     """Out-of-scope rows of this run per reason (medclf.imaging.scope.REASONS keys)."""
     stage_seconds: dict = field(default_factory=dict)  # medclf.score.costs.STAGES -> busy seconds
+    startup_s: Optional[float] = None
+    """Wall seconds from the run's start to its first answer (medclf.score.costs); None: nothing answered."""
     adaptation: str = ""
     """What score.adapt decided, and why (medclf.score.adaptation.AdaptDecision)."""
     profile_path: Optional[str] = None
@@ -125,7 +127,7 @@ class ScoreSummary:
             f"{_by_reason(self.out_of_scope_reasons)}; "
             f"{self.seconds:.1f}s, {self.images_per_s:.1f} images/s -> {self.output}"
             + (f"\n{self.adaptation}" if self.adaptation else "")
-        ) + (f"\n{cost_line(self.stage_seconds, self.seen)}" if self.stage_seconds else "")
+        ) + (f"\n{cost_line(self.stage_seconds, self.seen, self.startup_s)}" if self.stage_seconds else "")
 
 
 def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, output: str,
@@ -195,7 +197,9 @@ def run_scoring(cfg: Config, run_id: str, input_path: str, model_path: str, outp
                         not_images=counts["skipped"], out_of_scope=counts["out_of_scope"],
                         files_listed=len(paths), filtered=inputs.filtered,
                         out_of_scope_reasons=_reason_counts(output, run_id) if counts["out_of_scope"] else {},
-                        stage_seconds={"list": list_seconds, **sink.stage_seconds}, adaptation=str(adaptation),
+                        stage_seconds={"list": list_seconds, **sink.stage_seconds},
+                        startup_s=None if sink.first_answer is None else max(0.0, sink.first_answer - start),
+                        adaptation=str(adaptation),
                         profile_path=adaptation.profile_path)
 
 

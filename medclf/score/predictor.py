@@ -26,7 +26,7 @@ from medclf.model.site_calibration import load as load_site_calibration
 from medclf.monitor.ood import score_reason
 from medclf.monitor.opened import open_model
 from medclf.imaging.stats import STAT_COLUMNS
-from medclf.score.costs import per_row
+from medclf.score.costs import ANSWERED_COLUMN, per_row
 from medclf.score.precision import autocast_dtype
 
 
@@ -190,7 +190,8 @@ class Predictor:
         # Stage costs ride along for the sink, which sums them (medclf.score.costs); never written.
         table = table.append_column("t_read", pa.array(np.asarray(batch.get("t_read", np.zeros(n)), np.float64)))
         table = table.append_column("t_decode", pa.array(t_decode))
-        return table.append_column("t_forward", pa.array(per_row(time.perf_counter() - started, n)))
+        table = table.append_column("t_forward", pa.array(per_row(time.perf_counter() - started, n)))
+        return table.append_column(ANSWERED_COLUMN, pa.array(np.full(n, time.time())))
 
     def _decode_jpegs(self, batch: dict, statuses: list, errors: list, kinds: list, stats: dict):
         """Decode the rows whose JPEG bytes the decode task handed over (`score.jpeg_decode`) on this actor's

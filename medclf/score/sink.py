@@ -40,7 +40,7 @@ from ray.data.datasource.datasink import Datasink
 from medclf import storage
 from medclf.ops import faults
 from medclf.score import lease
-from medclf.score.costs import sum_times
+from medclf.score.costs import first_answer, sum_times
 
 
 def part_name(run_id: str, token: str, task_idx: int) -> str:
@@ -62,6 +62,7 @@ class CommitPerFileDatasink(Datasink[list]):
         self.statuses: Counter = Counter()
         self.first_rows = 0
         self.stage_seconds: dict = {}  # read/decode/forward/write busy seconds (medclf.score.costs)
+        self.first_answer: Optional[float] = None  # time.time() of the run's first answer (medclf.score.costs)
 
     @property
     def min_rows_per_write(self) -> int:
@@ -73,6 +74,7 @@ class CommitPerFileDatasink(Datasink[list]):
         started = time.perf_counter()
         counts = _tally(tables)
         counts["seconds"] = sum_times(tables)
+        counts["first_answer"] = first_answer(tables)
         # Rows of images scored in an earlier run are counted, not written again.
         tables = [t.filter(pc.field("status") != UNWRITTEN_STATUS) for t in tables]
         tables = [t for t in tables if t.num_rows]
@@ -98,6 +100,8 @@ class CommitPerFileDatasink(Datasink[list]):
         self.statuses = sum((Counter(task["statuses"]) for task in returns), Counter())
         self.first_rows = sum(task["first_rows"] for task in returns)
         self.stage_seconds = dict(sum((Counter(task.get("seconds", {})) for task in returns), Counter()))
+        answers = [task["first_answer"] for task in returns if task.get("first_answer") is not None]
+        self.first_answer = min(answers) if answers else None
 
 
 UNWRITTEN_STATUS = "already_scored"  # medclf.imaging.stage.ALREADY_SCORED

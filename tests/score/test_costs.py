@@ -11,7 +11,7 @@ from medclf.imaging.stage import load_images
 from medclf.model.artifact import ModelCard, save_artifact
 from medclf.model.networks import build_model
 from medclf.score.batch import Predictor, run_scoring
-from medclf.score.costs import STAGES, TIME_COLUMNS, cost_line, sum_times
+from medclf.score.costs import ANSWERED_COLUMN, STAGES, TIME_COLUMNS, cost_line, first_answer, sum_times
 from tests.conftest import TINY
 
 
@@ -37,6 +37,11 @@ def test_rows_carry_their_stage_seconds_without_ray(model, phantom_root):
     assert (rows.t_forward > 0).all()  # every row gets its share of its batch's forward pass
     sums = sum_times(tables)
     assert sums["read"] == pytest.approx(rows.t_read.sum()) and sums["forward"] == pytest.approx(rows.t_forward.sum())
+    # each batch's rows carry when the actor answered them; the run's first answer is the earliest
+    answered = [t.column(ANSWERED_COLUMN).to_numpy() for t in tables]
+    assert all(len(set(a)) == 1 for a in answered)  # one time per batch
+    assert answered[0][0] <= answered[1][0] and first_answer(tables) == answered[0][0]
+    assert first_answer([t.drop_columns([ANSWERED_COLUMN]) for t in tables]) is None
 
 
 def test_a_multi_frame_file_is_read_once(model):
@@ -55,6 +60,9 @@ def test_cost_line_is_seconds_per_thousand_and_images_per_second():
         assert f"{stage} " in line
     assert "decode 100.00 s/1k (10.0 img/s)" in line and "forward 20.00 s/1k (50.0 img/s)" in line
     assert "write 0.00 s/1k (-)" in line
+    assert "start-up" not in line
+    assert line + "; start-up 2.5 s (wall, once per run" in cost_line(
+        {"list": 0.5, "read": 1.0, "decode": 20.0, "forward": 4.0, "write": 0.0}, 200, 2.46)
 
 
 @pytest.mark.ray
@@ -66,3 +74,6 @@ def test_scoring_summary_prints_every_stage(ray_cluster, model, phantom_root, tm
     assert all(summary.stage_seconds[s] > 0 for s in STAGES), summary.stage_seconds
     text = str(summary)
     assert "stage costs" in text and all(f"{s} " in text.split("stage costs")[1] for s in STAGES)
+    # the first answer came after the run started and before it ended; the summary prints it
+    assert 0 < summary.startup_s < summary.seconds
+    assert f"start-up {summary.startup_s:.1f} s" in text
