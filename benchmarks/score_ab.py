@@ -51,7 +51,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="medclf-ab-")
     model = make_model(tmp)
     base = BASE + args.base
-    init_ray(load_config(CONFIG, base))
+    init_ray(load_config(CONFIG, base), state_api=False)  # as `medclf score` starts it
     ray.data.DataContext.get_current().enable_progress_bars = False
     src = link_folder(kind_files(args.kind, args.fullsize, args.n, args.films), os.path.join(tmp, "in"))
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}; {args.kind} n={args.n}; base {base}",

@@ -9,9 +9,9 @@ For each archive kind, in one run (so the ratios share the machine's load):
   config's model (EfficientNet-Lite0, 224 px, untrained: weights do not change the cost), local
   files, Parquet committed; its own summary line, stage costs included, is printed.
 Each pair runs `--repeats` times, alternating; the ratio's 95% CI is a percentile bootstrap over the
-per-repeat ratios (with 2 repeats it is only the range). A second ratio leaves out medclf's start-up (the
-wall seconds to its first answer, paid once per run; the summary prints it), as the loop's timing leaves
-out its own (torch import, model load): what a larger archive tends to. Then peak memory (RSS of the whole Ray
+per-repeat ratios (with 2 repeats it is only the range). The first repeat is a fresh Ray's first job, as
+every `medclf score` job is (it starts its own Ray), so its start-up (the wall seconds to the first
+answer, paid once per run, printed per repeat) is the longest. Then peak memory (RSS of the whole Ray
 process tree) scoring `--memory-n` 224 px films: the ratio of the largest to the smallest N.
 
     python benchmarks/make_fullsize.py /tmp/fs --n 100            # full-size archives first
@@ -154,7 +154,7 @@ def main() -> None:
     # Ray starts as `medclf score` starts it (medclf.ops.runs.init_ray), with medclf's allocator settings
     # for its workers. This process, where the plain loop runs, started with whatever the shell gave it:
     # glibc reads its settings once, at start, so the loop stays plain.
-    init_ray(cfg)
+    init_ray(cfg, state_api=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}; the loop's process started with "
           f"MALLOC_* {shell_malloc or 'unset'}", flush=True)
@@ -163,16 +163,13 @@ def main() -> None:
     for kind, n in zip(args.kinds, ns):
         files = kind_files(kind, args.fullsize, n, args.films)
         src = link_folder(files, os.path.join(tmp, f"in-{kind}"))
-        ratios, steady, startups = [], [], []
+        ratios, startups = [], []
         for r in range(args.repeats):
             loop = plain_loop(files, model_path, args.threads, args.batch_size)
             summary = run_scoring(cfg, f"vs-{kind}-{r}", src, model_path, os.path.join(tmp, f"out-{kind}-{r}"))
             assert summary.scored == n, summary
             ratios.append(summary.images_per_s / loop)
-            # the same run less its start-up (paid once per run: medclf.score.costs), against the loop,
-            # whose own start (torch import, model load) is outside its timing too
-            startups.append(summary.startup_s)
-            steady.append(n / (summary.seconds - summary.startup_s) / loop)
+            startups.append(summary.startup_s)  # paid once per run (medclf.score.costs)
             print(f"[{kind} n={n} repeat {r}] plain loop {loop:.1f} images/s; medclf {summary}", flush=True)
             print(f"[{kind} n={n} repeat {r}] ratio medclf / loop = {ratios[-1]:.2f}", flush=True)
         lo, hi = ci(ratios)
@@ -180,8 +177,7 @@ def main() -> None:
         print(f"RESULT {kind} n={n}: medclf / plain loop {np.mean(ratios):.2f}x "
               f"(95% CI {lo:.2f}-{hi:.2f}, {len(ratios)} repeats; load average now {os.getloadavg()[0]:.1f})",
               flush=True)
-        slo, shi = ci(steady)
-        print(f"RESULT {kind} n={n} after start-up: {np.mean(steady):.2f}x (95% CI {slo:.2f}-{shi:.2f}); start-up "
+        print(f"RESULT {kind} n={n} repeats {', '.join(f'{r:.2f}' for r in ratios)}; start-up "
               f"{', '.join(f'{s:.1f}' for s in startups)} s", flush=True)
     peaks = {}
     for n in args.memory_n:

@@ -57,7 +57,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from medclf.score.adaptation import check_adapt_config
 
     check_adapt_config(cfg.score, card)  # score.adapt=bn on a negative verdict: before Ray
-    init_ray(cfg)
+    init_ray(cfg, state_api=False)  # no dashboard: scoring never trains (medclf.ops.runs.local_ray_options)
     use_shared_root(cfg)
     if cfg.score.output:
         check_shared_storage(cfg.score.output, cfg, "score.output")
@@ -119,7 +119,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             return 0
     else:
         paths = check_inputs(cfg.score.input, cfg.score.extensions).paths
-    init_ray(cfg)
+    init_ray(cfg, state_api=False)  # no dashboard: Grad-CAM never trains
     use_shared_root(cfg)
     run_dir = run_folder(cfg, new_run_id(cfg))
     output = cfg.explain.output or storage.join(run_dir, "explanations")

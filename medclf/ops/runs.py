@@ -34,10 +34,17 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**30), "MALLOC_TRIM_THRESHO
 # (/tmp/ray/ray_current_cluster): another Ray with a dashboard (a `ray start`, a second job) does not know
 # our controller, and our workers were killed mid-run (a benchmark, after epoch 2). Pointing it at a closed
 # port stopped that, but every failed query then logged "Failed to query Ray Train Controller actor state"
-# (50 lines of a 243-line demo). So a local Ray starts its own state API (the dashboard, on 127.0.0.1 and a
-# free port) and the cleaner is pointed at that one: it finds our controller alive and stays silent.
-def local_ray_options(num_cpus: int | None = None) -> dict:
-    """`ray.init` keyword arguments for a local Ray (jobs and the tests' session cluster alike)."""
+# (50 lines of a 243-line demo). So a local Ray that may train starts its own state API (the dashboard, on
+# 127.0.0.1 and a free port) and the cleaner is pointed at that one: it finds our controller alive and stays silent.
+def local_ray_options(num_cpus: int | None = None, state_api: bool = True) -> dict:
+    """`ray.init` keyword arguments for a local Ray (jobs and the tests' session cluster alike).
+
+    `state_api`: start the dashboard, whose state API Ray Train's cleaner needs (above). Jobs that never
+    train (score, explain) leave it out: on the 2-core build machine it added 1.5 s to Ray's start and
+    about a second to the first run's start-up, its processes starting on the same cores
+    (docs/performance.md)."""
+    if not state_api:
+        return {"num_cpus": num_cpus, "include_dashboard": False}
     port = _free_port()
     return {"num_cpus": num_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
             "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}  # workers only
@@ -49,8 +56,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(cfg: Config) -> None:
-    """Join the cluster in ray.address / RAY_ADDRESS, or start Ray in this process."""
+def init_ray(cfg: Config, state_api: bool = True) -> None:
+    """Join the cluster in ray.address / RAY_ADDRESS, or start Ray in this process; `state_api` False (jobs
+    that never run Ray Train) starts a local Ray without the dashboard (`local_ray_options`)."""
     import ray
 
     if ray.is_initialized():
@@ -66,8 +74,9 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": allocator}, **quiet)
     else:
-        options = local_ray_options(cfg.ray.num_cpus)
-        options["runtime_env"]["env_vars"].update(allocator)
+        options = local_ray_options(cfg.ray.num_cpus, state_api)
+        if state_api:  # (without it no runtime_env: the local raylet's workers inherit this environment)
+            options["runtime_env"]["env_vars"].update(allocator)
         ray.init(**options, **quiet)
     logs.quiet_python_warnings()  # also for library callers (the notebook), not only the CLI's run_command
     logs.configure_ray_data()

@@ -41,8 +41,10 @@ def _faults(script: str) -> int:
 
 @pytest.mark.ray
 @pytest.mark.timeout(180)
-def test_ray_workers_keep_freed_memory():
-    faults = _faults(SCRIPT)
+@pytest.mark.parametrize("state_api", [True, False], ids=["training-ray", "scoring-ray"])
+def test_ray_workers_keep_freed_memory(state_api):
+    # a scoring job's local Ray has no runtime_env: its workers get the settings from the raylet's environment
+    faults = _faults(SCRIPT.replace("init_ray(cfg)", f"init_ray(cfg, state_api={state_api})"))
     # one 50 MB buffer is ~12,200 pages: ten of them re-faulted would be ~122,000
     assert faults < 2 * 12_200, faults
 

@@ -86,6 +86,8 @@ def test_local_ray_points_the_cleaner_at_its_own_state_api():
     assert options["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
     with socket.socket() as s:  # the port was free when chosen
         s.bind(("127.0.0.1", port))
+    # a job that never trains (score, explain) starts no dashboard and needs no runtime_env
+    assert local_ray_options(2, state_api=False) == {"num_cpus": 2, "include_dashboard": False}
 
 
 @pytest.mark.ray
