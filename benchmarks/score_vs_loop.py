@@ -4,7 +4,7 @@ For each archive kind, in one run (so the ratios share the machine's load):
 - the plain loop: one process, read -> sha256 -> full decode (no draft; DICOM by pydicom's own LUT
   functions: `plain_decode`) -> the same preprocessing ->
   eager torch (channels_last, `--threads` threads) in batches of 32;
-- medclf: `run_scoring` on a local Ray already started as `medclf score` starts it (start-up excluded;
+- medclf: `run_scoring` on a local Ray already started as `medclf score` starts it (Ray's own start excluded;
   its workers get medclf's allocator settings, medclf.ops.runs.ALLOCATOR_ENV), with the pneumonia
   config's model (EfficientNet-Lite0, 224 px, untrained: weights do not change the cost), local
   files, Parquet committed; its own summary line, stage costs included, is printed.
