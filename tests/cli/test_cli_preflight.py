@@ -19,13 +19,22 @@ class RayWouldStart(Exception):
     pass
 
 
+class _Seen(list):
+    """The configs the commands reached Ray with; `options`: the keywords each passed to init_ray."""
+
+    def __init__(self):
+        super().__init__()
+        self.options = []
+
+
 @pytest.fixture
 def no_ray(monkeypatch):
     """Reaching Ray means every check passed: stop there, keeping the config the command built."""
-    seen = []
+    seen = _Seen()
 
-    def stop(cfg):
+    def stop(cfg, **options):
         seen.append(cfg)
+        seen.options.append(options)  # how the command asked for Ray (state_api: medclf.ops.runs.local_ray_options)
         raise RayWouldStart
 
     for commands in (medclf.cli.training, medclf.cli.scoring):  # the commands that start Ray
@@ -97,6 +106,7 @@ def test_extensions_flag_reaches_the_config(tmp_path, no_ray, model_dir):
         run_command("score", ["--run-root", str(tmp_path / "runs"), "--input", inputs, "--model", model_dir,
                               "--set", "score.extensions=[.png]", "--extensions", ".jpeg", ".jpg"])
     assert no_ray[0].score.extensions == [".jpeg", ".jpg"]
+    assert no_ray.options[0] == {"state_api": False}  # scoring never trains: a local Ray without the dashboard
     from medclf.cli import explain_parser
 
     assert explain_parser().parse_args(["--extensions", ".png", "dicom"]).extensions == [".png", "dicom"]

@@ -61,7 +61,7 @@ def _model(tmp_path):
 def test_bad_output_scheme_exits_2_before_ray_and_leaves_nothing(tmp_path, monkeypatch, capsys, output):
     import medclf.cli as cli
 
-    def no_ray(cfg):
+    def no_ray(cfg, **options):
         raise AssertionError("Ray started for a refused run")
 
     monkeypatch.setattr(cli.scoring, "init_ray", no_ray)
@@ -77,7 +77,7 @@ def test_lease_refusal_exits_3_and_leaves_no_run_folder(tmp_path, monkeypatch, c
     import medclf.cli as cli
     from medclf.score.lease import LEASE_HELD_EXIT, Lease
 
-    monkeypatch.setattr(cli.scoring, "init_ray", lambda cfg: None)  # refused at the lease, before any Ray work
+    monkeypatch.setattr(cli.scoring, "init_ray", lambda cfg, **options: None)  # refused at the lease, before any Ray work
     monkeypatch.setattr(cli.scoring, "use_shared_root", lambda cfg: None)
     monkeypatch.setattr(cli.scoring, "check_shared_storage", lambda *a: None)
     out = str(tmp_path / "pred")
