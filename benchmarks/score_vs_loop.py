@@ -9,9 +9,10 @@ For each archive kind, in one run (so the ratios share the machine's load):
   config's model (EfficientNet-Lite0, 224 px, untrained: weights do not change the cost), local
   files, Parquet committed; its own summary line, stage costs included, is printed.
 Each pair runs `--repeats` times, alternating; the ratio's 95% CI is a percentile bootstrap over the
-per-repeat ratios (with 2 repeats it is only the range). The first repeat is a fresh Ray's first job, as
-every `medclf score` job is (it starts its own Ray), so its start-up (the wall seconds to the first
-answer, paid once per run, printed per repeat) is the longest. Then peak memory (RSS of the whole Ray
+per-repeat ratios (with 2 repeats it is only the range). The first kind's first repeat is a fresh Ray's
+first job, as every `medclf score` job is (it starts its own Ray), so its start-up (the wall seconds to the
+first answer, paid once per run, printed per repeat) is the longest: measure one kind per command to give
+each kind its cold repeat. Then peak memory (RSS of the whole Ray
 process tree) scoring `--memory-n` 224 px films: the ratio of the largest to the smallest N.
 
     python benchmarks/make_fullsize.py /tmp/fs --n 100            # full-size archives first

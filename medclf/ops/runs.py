@@ -75,7 +75,7 @@ def init_ray(cfg: Config, state_api: bool = True) -> None:
         ray.init(address=address, runtime_env={"env_vars": allocator}, **quiet)
     else:
         options = local_ray_options(cfg.ray.num_cpus, state_api)
-        if state_api:  # (without it no runtime_env: the local raylet's workers inherit this environment)
+        if "runtime_env" in options:  # (none without the state API: the local raylet's workers inherit this environment)
             options["runtime_env"]["env_vars"].update(allocator)
         ray.init(**options, **quiet)
     logs.quiet_python_warnings()  # also for library callers (the notebook), not only the CLI's run_command
